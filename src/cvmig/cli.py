@@ -1,0 +1,43 @@
+"""The `cvmig` command.
+
+Each part of cvmig owns its subcommands; this file only wires them into one group, lazily,
+so that `cvmig --help` stays fast and a part's imports load only when it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute" of a click command or group
+_COMMANDS: dict[str, str] = {
+    "migrate": "cvmig.migration.cli:migrate",
+    "vm": "cvmig.migration.cli:vm",
+    "guest": "cvmig.guest.cli:guest",
+    "bench": "cvmig.bench.cli:bench",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        cmd = getattr(importlib.import_module(module), attr)
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cvmig")
+def main() -> None:
+    """Live migration for confidential virtual machines (AMD SEV-style, emulated)."""
+
+
+if __name__ == "__main__":
+    main()
