@@ -205,9 +205,15 @@ class SecureProcessor(Protocol):
         """Send the VMSA page at ``pfn`` (guest policy must have ES)."""
         ...
 
-    def send_finish(self, handle: int) -> bytes:
-        """SUPDATE -> SENT; erases the channel keys. Returns the finish trailer (an extension:
-        the count of scatter-gather pages sent, MAC'd under the TIK) for RECEIVE_FINISH."""
+    def send_trailer(self, handle: int) -> bytes:
+        """Extension, in SUPDATE, no state change: the finish trailer (the count of
+        scatter-gather pages sent, MAC'd under the TIK) that RECEIVE_FINISH checks. Called
+        after the last UPDATE command and BEFORE the destination confirms: SEND_FINISH must
+        wait for that confirmation, since a SENT guest can never run again."""
+        ...
+
+    def send_finish(self, handle: int) -> None:
+        """SUPDATE -> SENT; erases the channel keys. Only after the destination confirms."""
         ...
 
     def send_cancel(self, handle: int) -> None: ...
