@@ -1,0 +1,249 @@
+"""The destination side: receive a guest through the local PSP, run it, confirm.
+
+A half-received guest is discarded whole: its PSP context decommissioned, its memory
+unlinked. The guest runs here only after RECEIVE_FINISH and a digest equal to the source's.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cvmig.guest.memory import GuestMemory
+from cvmig.guest.vm import Guest
+from cvmig.migration.config import config_from_json
+from cvmig.migration.host import Host
+from cvmig.migration.source import MODES, PAGES_META
+from cvmig.psp.api import Batching, PspError, SendSession, packet_size
+from cvmig.psp.mailbox import MailboxClient
+from cvmig.wire.channel import Channel, PeerGone, RemoteError
+from cvmig.wire.frames import VERSION, FrameType, ProtocolError
+
+VERIFY_WAIT_S = 10.0  # how long the workload may take to show progress after resume
+
+
+class IncomingFailed(Exception):
+    """The incoming migration did not complete; nothing of it is kept."""
+
+
+@dataclass
+class IncomingVM:
+    """A guest received by this host and now running here."""
+
+    guest: Guest
+    memory: GuestMemory
+    handle: int
+    report: dict[str, object] = field(default_factory=dict)
+
+    def shutdown(self, host: Host) -> None:
+        self.guest.shutdown()
+        assert host.psp is not None
+        try:
+            host.psp.decommission(self.handle)
+        except PspError:
+            pass
+        self.memory.close()
+        self.memory.unlink()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(1)
+    return srv
+
+
+def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> IncomingVM:
+    """Receive one guest over ``conn``. Raises IncomingFailed (after discarding it)."""
+    conn.settimeout(io_timeout)
+    chan = Channel(conn)
+    psp = hostobj.psp
+    trans = hostobj.transport
+    assert psp is not None and trans is not None
+    memory: GuestMemory | None = None
+    handle: int | None = None
+    guest: Guest | None = None
+    try:
+        chan.send_json(FrameType.HELLO, {"version": VERSION, "role": "destination",
+                                         "capabilities": list(MODES)})
+        hello = chan.expect(FrameType.HELLO).json()
+        if hello.get("role") != "source":
+            raise ProtocolError("peer is not a cvmig source")
+        chan.send(FrameType.CERTS, psp.export_certs().to_bytes())
+        start = chan.expect(FrameType.START, max_data=1 << 16)
+        info = json_head(start.meta, start.header.meta_len)
+        config = config_from_json(info["config"])
+        npages = int(info["npages"])  # type: ignore[call-overload]
+        tail = start.meta[start.header.meta_len:]
+        sender_pdh, session = tail[:-128], tail[-128:]
+        memory = GuestMemory.create(config.memory, populate=True)
+        if memory.npages != npages:
+            raise ProtocolError(f"source guest has {npages} pages, config says {memory.npages}")
+        region = psp.map_region(memory.name, memory.size)
+        handle = psp.receive_start(region, npages, SendSession(
+            int(info["policy"]), bytes(sender_pdh), bytes(session)))  # type: ignore[call-overload]
+        tview = trans.view
+        pages = memory.pages
+        while True:
+            h = chan.recv_header()
+            if h.type is FrameType.PAGES:
+                meta = chan.recv_meta(h)
+                mode_i, queue, ncmds, n = PAGES_META.unpack_from(meta)
+                off = PAGES_META.size
+                pfns = np.frombuffer(meta, np.int64, n, off)
+                bounds = np.frombuffer(meta, np.int64, ncmds + 1, off + 8 * n)
+                if mode_i >= len(MODES) or h.data_len > len(tview):
+                    raise ProtocolError("malformed PAGES frame")
+                _check_pfns(pfns, npages)
+                chan.recv_into(tview[: h.data_len])
+                _receive_packets(psp, handle, Batching(MODES[mode_i]), bool(queue), pfns,
+                                 bounds, trans.region, h.data_len)
+            elif h.type is FrameType.SHARED:
+                meta = chan.recv_meta(h)
+                n = len(meta) // (8 + 4096)
+                pfns = np.frombuffer(meta, np.int64, n)
+                _check_pfns(pfns, npages)
+                pages[pfns] = np.frombuffer(meta, np.uint8, n * 4096, 8 * n).reshape(n, 4096)
+            elif h.type is FrameType.VMSA:
+                meta = chan.recv_meta(h)
+                (pfn,) = struct.unpack("<q", meta)
+                chan.recv_into(tview[: h.data_len])
+                psp.receive_update_vmsa(handle, pfn, trans.region, 0, h.data_len)
+            elif h.type is FrameType.PAGE_STATE:
+                meta = chan.recv_meta(h)
+                if len(meta) != npages:
+                    raise ProtocolError("page-state map has the wrong size")
+                memory.page_state[:] = np.frombuffer(meta, np.uint8)
+            elif h.type is FrameType.FINISH:
+                meta = chan.recv_meta(h)
+                trailer = bytearray(h.data_len)
+                chan.recv_into(memoryview(trailer))
+                source_digest = str(json_head(meta, len(meta)).get("digest", ""))
+                break
+            elif h.type in (FrameType.CANCEL, FrameType.ERROR):
+                meta = chan.recv_meta(h)
+                raise RemoteError(h.type, str(json_head(meta, len(meta)).get("message", "")))
+            else:
+                raise ProtocolError(f"unexpected {h.type.name} frame during the transfer")
+
+        psp.receive_finish(handle, bytes(trailer))
+        guest = Guest(config, memory, hostobj.psp_socket, handle)
+        guest.restore()  # vCPUs up, paused, state imported from the VMSAs
+        digest = guest.digest()
+        if digest != source_digest:
+            raise IncomingFailed(
+                f"memory digest after transfer {digest} differs from the source's "
+                f"{source_digest}")
+        guest.resume()
+        resumed_at = time.monotonic()
+        chan.send_json(FrameType.CONFIRM, {"status": "running", "digest": digest})
+        vm = IncomingVM(guest, memory, handle)
+        released = chan.recv_frame()
+        if released.type is not FrameType.RELEASED:
+            # the source could not complete SEND_FINISH: two copies must never run
+            raise IncomingFailed(f"source did not release the guest ({released.type.name})")
+        vm.report = _verify(guest, resumed_at)
+        try:
+            chan.send_json(FrameType.CONFIRM, vm.report)
+        except (PeerGone, OSError):
+            pass
+        return vm
+    except BaseException as e:
+        reason = _describe(e)
+        try:
+            chan.sock.settimeout(1.0)
+            if not isinstance(e, RemoteError | PeerGone):
+                chan.send_json(FrameType.ERROR, {"message": reason})
+        except (OSError, PeerGone):
+            pass
+        if guest is not None:
+            guest.shutdown()
+        if handle is not None:
+            try:
+                psp.decommission(handle)
+            except PspError:
+                pass
+        if memory is not None:
+            memory.close()
+            memory.unlink()
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise IncomingFailed(reason) from e
+    finally:
+        chan.close()
+
+
+def _receive_packets(psp: MailboxClient, handle: int, mode: Batching, queue: bool,
+                     pfns: np.ndarray, bounds: np.ndarray, region: int, length: int) -> None:
+    ncmds = len(bounds) - 1
+    if ncmds <= 0 or bounds[0] != 0 or bounds[-1] != len(pfns) or np.any(np.diff(bounds) <= 0):
+        raise ProtocolError("PAGES frame has malformed command bounds")
+    counts = np.diff(bounds).tolist()
+    sizes = [packet_size(mode, k) for k in counts]
+    if sum(sizes) != length:
+        raise ProtocolError("PAGES frame data length does not match its commands")
+    if queue:
+        psp.receive_update_data_queue(handle, mode, pfns, bounds, region, 0, length)
+        return
+    off = 0
+    b = bounds.tolist()
+    for i in range(ncmds):
+        psp.receive_update_data(handle, mode, pfns[b[i] : b[i + 1]], region, off, sizes[i])
+        off += sizes[i]
+
+
+def _check_pfns(pfns: np.ndarray, npages: int) -> None:
+    if len(pfns) and (pfns.min() < 0 or pfns.max() >= npages):
+        raise ProtocolError("page frame number outside guest memory")
+
+
+def _verify(guest: Guest, resumed_at: float) -> dict[str, object]:
+    """The workload's own check, once it has shown progress on this host."""
+    before = sum(s.ops for s in guest.stats())
+    deadline = time.monotonic() + VERIFY_WAIT_S
+    first_hb = 0.0
+    while time.monotonic() < deadline:
+        st = guest.stats()
+        if sum(s.ops for s in st) > before:
+            break
+        time.sleep(0.02)  # polling the vCPUs' own counters, with a deadline
+    st = guest.stats()
+    first_hb = min((s.heartbeat for s in st if s.heartbeat >= resumed_at), default=0.0)
+    ops_after = sum(s.ops for s in st) - before
+    guest.pause()
+    check = guest.check()
+    guest.resume()
+    return {"check": check, "resumed_at": resumed_at, "first_heartbeat": first_hb,
+            "ops_after": ops_after, "verify_time": time.monotonic() - resumed_at}
+
+
+def json_head(meta: bytes, n: int) -> dict[str, object]:
+    import json
+
+    try:
+        obj = json.loads(bytes(meta[:n]))
+    except ValueError as e:
+        raise ProtocolError(f"control frame carries invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("control frame must carry a JSON object")
+    return obj
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, IncomingFailed):
+        return str(e)
+    if isinstance(e, PspError):
+        return f"secure processor refused: {e}"
+    if isinstance(e, RemoteError):
+        return f"source {e.message}" if e.ftype is FrameType.ERROR else f"source cancelled: {e.message}"
+    if isinstance(e, PeerGone):
+        return f"source gone: {e}"
+    if isinstance(e, ProtocolError):
+        return f"protocol error: {e}"
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,344 @@
+"""The pre-copy driver: every decision of a migration, as pure logic over a small world.
+
+What to send next, how to batch it, when to throttle, when to stop and copy. The real
+engine binds `World` to the guest, the secure processor and the wire; a model binds it to
+a simulated clock. One driver, two worlds.
+
+The algorithm is QEMU's, by rounds: a bulk round over every page, then iterative rounds
+over the dirty set; after each dirty-log sync, switch over when the remaining bytes fit in
+bandwidth x downtime-limit (``migration_iteration_run``), the bandwidth being what the last
+round actually achieved, firmware time included.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from cvmig.migration.batching import default_cap, plan_batches, validate_cap
+from cvmig.migration.throttle import (
+    Sync,
+    ThrottleKind,
+    ThrottleParams,
+    ThrottlePolicy,
+    make_policy,
+)
+from cvmig.psp.api import PAGE_SIZE, Batching
+
+CHUNK_PAGES = 2048  # pages handed to the world per send: cancel and rate checks between
+RATE_WINDOW_S = 0.1  # QEMU's BUFFER_DELAY: the max-bandwidth budget is per 100 ms
+
+
+class TimeoutAction(enum.StrEnum):
+    CANCEL = "cancel"
+    FORCE = "force"
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    """Everything a user can set; QEMU's names and defaults where QEMU has them."""
+
+    downtime_limit_ms: int = 300
+    max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU's 128 MiB/s would hide the PSP)
+    batching: Batching = Batching.PAGE
+    batch_cap: int = 0  # pages per command; 0 = the mode's default
+    queue: bool = False  # many commands behind one mailbox doorbell
+    throttle: ThrottleKind = ThrottleKind.NONE
+    throttle_params: ThrottleParams = field(default_factory=ThrottleParams)
+    max_rounds: int = 0  # iterative rounds; 0 = no cap (as QEMU)
+    timeout_s: float = 0.0  # 0 = none
+    timeout_action: TimeoutAction = TimeoutAction.CANCEL
+
+    @property
+    def cap(self) -> int:
+        return self.batch_cap or default_cap(self.batching)
+
+    def validate(self) -> None:
+        """Raise ValueError naming what is wrong and what is allowed."""
+        if not 0 <= self.downtime_limit_ms <= 2_000_000:
+            raise ValueError(f"downtime-limit must be 0..2000000 ms, got {self.downtime_limit_ms}")
+        if self.max_bandwidth < 0:
+            raise ValueError("max-bandwidth must be >= 0 bytes/s (0 = unlimited)")
+        validate_cap(self.batching, self.cap)
+        if self.max_rounds < 0:
+            raise ValueError("max-rounds must be >= 0 (0 = no cap)")
+        if self.timeout_s < 0:
+            raise ValueError("timeout must be >= 0 s (0 = none)")
+        self.throttle_params.validate()
+
+
+@dataclass
+class Sent:
+    """What one send achieved, as the world reports it."""
+
+    pages: int = 0
+    bytes: int = 0
+    commands: int = 0  # firmware commands
+    doorbells: int = 0  # mailbox round trips
+    psp_seconds: float = 0.0  # time spent in firmware commands
+
+    def add(self, other: Sent) -> None:
+        self.pages += other.pages
+        self.bytes += other.bytes
+        self.commands += other.commands
+        self.doorbells += other.doorbells
+        self.psp_seconds += other.psp_seconds
+
+
+class World(Protocol):
+    """What the driver needs from a host pair (real) or a simulation (model)."""
+
+    def now(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+    def all_pages(self) -> np.ndarray:
+        """Every page the bulk round sends, sorted (int64 pfns)."""
+        ...
+
+    def shared_mask(self, pfns: np.ndarray) -> np.ndarray:
+        """True where a page is shared (plaintext; sent without the firmware)."""
+        ...
+
+    def start_dirty_log(self) -> None: ...
+
+    def harvest(self) -> np.ndarray:
+        """Get-and-clear the dirty log: sorted unique pfns written since the last harvest."""
+        ...
+
+    def send_private(self, pfns: np.ndarray, bounds: np.ndarray, queue: bool) -> Sent:
+        """Send private pages through the firmware, one command per ``bounds`` slice."""
+        ...
+
+    def send_shared(self, pfns: np.ndarray) -> Sent: ...
+
+    def set_throttle(self, pct: int) -> None: ...
+
+    def set_dirty_limit(self, pages_per_s: float | None) -> None: ...
+
+    def pause_guest(self) -> None:
+        """Stop the vCPUs (acknowledged: no write in flight). Downtime starts here."""
+        ...
+
+    def send_vcpu_state(self) -> Sent:
+        """Send the vCPU state (SEND_UPDATE_VMSA) of the paused guest."""
+        ...
+
+    def complete(self) -> None:
+        """Finish the stream and wait until the destination confirms the guest runs."""
+        ...
+
+
+class MigrationCancelled(Exception):
+    """The user (or the timeout, with action cancel) stopped the migration."""
+
+
+@dataclass
+class Round:
+    """One pass: the bulk pass, an iterative pass over a dirty set, or stop-and-copy."""
+
+    index: int
+    kind: str  # "bulk" | "iterative" | "stop-and-copy"
+    start: float  # seconds since the migration began
+    duration: float = 0.0
+    dirty_pages: int = 0  # harvested by the sync that opened this round
+    pages: int = 0
+    bytes: int = 0
+    commands: int = 0
+    doorbells: int = 0
+    psp_seconds: float = 0.0
+    bandwidth: float = 0.0  # bytes/s achieved in this round
+    throttle_pct: int = 0
+    threshold_bytes: float = 0.0  # bandwidth x downtime-limit after this round
+
+
+@dataclass
+class Progress:
+    """The live state, read by progress bars and query-migrate while the driver runs."""
+
+    status: str = "setup"  # QEMU's MigrationStatus values
+    start: float = 0.0
+    setup_time: float = 0.0
+    total_pages: int = 0
+    transferred: int = 0
+    pages_sent: int = 0
+    remaining_pages: int = 0
+    dirty_sync_count: int = 0
+    dirty_pages_rate: float = 0.0  # pages/s over the last sync period
+    bandwidth: float = 0.0  # bytes/s, last round
+    pages_per_second: float = 0.0
+    expected_downtime_ms: float = 0.0
+    throttle_pct: int = 0
+    psp_commands: int = 0
+    psp_doorbells: int = 0
+    psp_seconds: float = 0.0
+    rounds: list[Round] = field(default_factory=list)
+    downtime: float = 0.0
+    total_time: float = 0.0
+    pause_time: float = 0.0  # world clock at pause (downtime start)
+    error: str = ""
+
+
+Observer = Callable[[str, Progress], None]  # (event, progress): "round", "chunk", "status"
+
+
+def _noop(event: str, progress: Progress) -> None:
+    pass
+
+
+class Driver:
+    """Runs one pre-copy migration against a world. Not reusable."""
+
+    def __init__(
+        self,
+        world: World,
+        params: MigrationParams,
+        observer: Observer = _noop,
+        should_cancel: Callable[[], bool] = lambda: False,
+    ) -> None:
+        params.validate()
+        self.world = world
+        self.params = params
+        self.policy: ThrottlePolicy = make_policy(params.throttle, params.throttle_params)
+        self.observe = observer
+        self.should_cancel = should_cancel
+        self.progress = Progress()
+        self._window_start = 0.0
+        self._window_bytes = 0
+
+    # -- throttle control, as the policy sees it ----------------------------------------
+    def set_throttle(self, pct: int) -> None:
+        self.world.set_throttle(pct)
+        self.progress.throttle_pct = pct
+
+    def set_dirty_limit(self, pages_per_s: float | None) -> None:
+        self.world.set_dirty_limit(pages_per_s)
+
+    # -- the algorithm ------------------------------------------------------------------
+    def run(self) -> Progress:
+        w, p, prog = self.world, self.params, self.progress
+        prog.start = w.now()
+        self._status("setup")
+        w.start_dirty_log()
+        pages = w.all_pages()
+        prog.total_pages = len(pages)
+        prog.remaining_pages = len(pages)
+        prog.setup_time = w.now() - prog.start
+        self._status("active")
+        self.policy.start(self, w.now(), prog.transferred)
+
+        rnd = self._send_round(0, "bulk", pages, dirty=len(pages))
+        while True:
+            dirty = w.harvest()
+            sync_time = w.now()
+            prog.dirty_sync_count += 1
+            prog.remaining_pages = len(dirty)
+            period = max(sync_time - (prog.start + rnd.start), 1e-9)
+            prog.dirty_pages_rate = len(dirty) / period
+            remaining = len(dirty) * PAGE_SIZE
+            bw = max(rnd.bandwidth, 1.0)
+            prog.expected_downtime_ms = remaining / bw * 1000
+            rnd.threshold_bytes = bw * p.downtime_limit_ms / 1000
+            self.observe("sync", prog)
+            if remaining <= rnd.threshold_bytes:
+                break
+            iterative = rnd.index  # rounds done after the bulk one
+            if p.max_rounds and iterative >= p.max_rounds:
+                break  # QEMU has no cap; Cloud Hypervisor's old one paused regardless
+            if p.timeout_s and sync_time - prog.start >= p.timeout_s:
+                if p.timeout_action is TimeoutAction.CANCEL:
+                    raise MigrationCancelled(
+                        f"timeout: not converged after {p.timeout_s:g} s "
+                        f"({remaining >> 20} MiB still dirty, threshold "
+                        f"{int(rnd.threshold_bytes) >> 20} MiB)"
+                    )
+                break
+            self.policy.on_sync(self, Sync(sync_time, len(dirty), prog.transferred))
+            rnd = self._send_round(rnd.index + 1, "iterative", dirty, dirty=len(dirty))
+
+        # stop-and-copy
+        self._status("device")
+        w.pause_guest()
+        prog.pause_time = w.now()
+        final = w.harvest()
+        prog.dirty_sync_count += 1
+        last = self._send_round(rnd.index + 1, "stop-and-copy", final, dirty=len(final),
+                                rate_limited=False)
+        state = w.send_vcpu_state()
+        self._account(last, state)
+        w.complete()
+        end = w.now()
+        last.duration = end - (prog.start + last.start)
+        prog.downtime = end - prog.pause_time
+        prog.total_time = end - prog.start
+        prog.remaining_pages = 0
+        self._status("completed")
+        return prog
+
+    def _send_round(
+        self, index: int, kind: str, pfns: np.ndarray, *, dirty: int, rate_limited: bool = True
+    ) -> Round:
+        w, p, prog = self.world, self.params, self.progress
+        t0 = w.now()
+        rnd = Round(index, kind, start=t0 - prog.start, dirty_pages=dirty,
+                    throttle_pct=prog.throttle_pct)
+        prog.rounds.append(rnd)
+        self._window_start, self._window_bytes = t0, 0
+        shared = w.shared_mask(pfns)
+        if shared.any():
+            self._account(rnd, w.send_shared(pfns[shared]))
+            pfns = pfns[~shared]
+        for lo in range(0, len(pfns), CHUNK_PAGES):
+            if kind != "stop-and-copy" and self.should_cancel():
+                raise MigrationCancelled("migration cancelled")
+            chunk = pfns[lo : lo + CHUNK_PAGES]
+            sent = w.send_private(chunk, plan_batches(chunk, p.batching, p.cap), p.queue)
+            self._account(rnd, sent)
+            prog.remaining_pages = max(0, prog.remaining_pages - sent.pages)
+            if rate_limited and p.max_bandwidth:
+                self._rate_limit(sent.bytes)
+            self.observe("chunk", prog)
+        rnd.duration = w.now() - t0
+        rnd.bandwidth = rnd.bytes / rnd.duration if rnd.duration > 0 else 0.0
+        prog.bandwidth = rnd.bandwidth
+        prog.pages_per_second = rnd.pages / rnd.duration if rnd.duration > 0 else 0.0
+        self.observe("round", prog)
+        return rnd
+
+    def _account(self, rnd: Round, sent: Sent) -> None:
+        prog = self.progress
+        rnd.pages += sent.pages
+        rnd.bytes += sent.bytes
+        rnd.commands += sent.commands
+        rnd.doorbells += sent.doorbells
+        rnd.psp_seconds += sent.psp_seconds
+        prog.transferred += sent.bytes
+        prog.pages_sent += sent.pages
+        prog.psp_commands += sent.commands
+        prog.psp_doorbells += sent.doorbells
+        prog.psp_seconds += sent.psp_seconds
+
+    def _rate_limit(self, nbytes: int) -> None:
+        """QEMU's migration_rate_limit: max-bandwidth/10 bytes per 100 ms window."""
+        w = self.world
+        self._window_bytes += nbytes
+        budget = self.params.max_bandwidth * RATE_WINDOW_S
+        if self._window_bytes >= budget:
+            # sleep until the bytes sent fit the rate, then open a new window
+            due = self._window_start + self._window_bytes / self.params.max_bandwidth
+            now = w.now()
+            if due > now:
+                w.sleep(due - now)
+            self._window_start, self._window_bytes = w.now(), 0
+
+    def _status(self, status: str) -> None:
+        self.progress.status = status
+        self.observe("status", self.progress)
+
+
+def round_records(progress: Progress) -> list[dict[str, object]]:
+    return [asdict(r) for r in progress.rounds]

@@ -1,0 +1,81 @@
+"""A host as the migration engine sees it: its secure processor process, a client to it,
+and a transport buffer the PSP writes packets into and the socket sends from."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from cvmig.guest.memory import GuestMemory
+from cvmig.psp.mailbox import MailboxClient, PspProcess
+
+TRANSPORT_SIZE = 24 << 20  # one chunk of packets (2048 pages of 4 KiB plus headers) fits
+
+
+@dataclass
+class Transport:
+    """A transport buffer: shared memory the PSP maps as a DMA target/source."""
+
+    shm: GuestMemory
+    region: int
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.shm.pages.reshape(-1))
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.shm.pages.reshape(-1)
+
+
+class Host:
+    """One host: a PSP process (one per host) and the hypervisor's client of it."""
+
+    def __init__(self, name: str, psp_profile: str = "none") -> None:
+        self.name = name
+        self._dir = Path(tempfile.mkdtemp(prefix=f"cvmig-{name}-"))
+        self.psp_socket = str(self._dir / "psp.sock")
+        self._psp = PspProcess(self.psp_socket, profile=psp_profile)
+        self.psp: MailboxClient | None = None
+        self.transport: Transport | None = None
+
+    def start(self) -> Host:
+        self._psp.start()
+        self.psp = MailboxClient(self.psp_socket)
+        shm = GuestMemory.create(TRANSPORT_SIZE, populate=True)
+        self.transport = Transport(shm, self.psp.map_region(shm.name, shm.size))
+        return self
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.shm.close()
+            self.transport.shm.unlink()
+            self.transport = None
+        if self.psp is not None:
+            self.psp.close()
+            self.psp = None
+        self._psp.stop()
+        try:
+            for p in self._dir.iterdir():
+                p.unlink()
+            self._dir.rmdir()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Host:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def run_id() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(3)}"

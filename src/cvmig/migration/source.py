@@ -1,0 +1,338 @@
+"""The source side of a migration: binds the driver's world to the guest, the PSP and the
+wire, and keeps the promise that nothing is lost.
+
+Order of the end game: pause, last dirty pages, VMSAs, page states, the finish trailer and
+the source digest; the destination receives, runs RECEIVE_FINISH, resumes and confirms;
+only then SEND_FINISH (after which this guest can never run again) and release. Any
+failure before the confirmation: SEND_CANCEL, and the guest runs on here as before.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cvmig.guest.vm import Guest, GuestConfig
+from cvmig.migration.driver import (
+    Driver,
+    MigrationCancelled,
+    MigrationParams,
+    Observer,
+    Progress,
+    Sent,
+)
+from cvmig.migration.host import Host
+from cvmig.psp.api import GuestState, PspError
+from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
+from cvmig.wire.frames import VERSION, FrameType, ProtocolError
+
+PAGES_META = struct.Struct("<BBxxII")  # mode index, queued, commands, pages
+MODES = ("page", "contig", "sg")
+
+
+class MigrationFailed(Exception):
+    """A migration did not complete; the guest still runs on the source."""
+
+
+@dataclass
+class SourceVM:
+    """A running confidential guest on the source host."""
+
+    host: Host
+    config: GuestConfig
+    guest: Guest
+    handle: int
+    memory: object  # GuestMemory
+
+    @classmethod
+    def boot(cls, host: Host, config: GuestConfig, policy: int) -> SourceVM:
+        from cvmig.guest.memory import GuestMemory
+
+        assert host.psp is not None
+        mem = GuestMemory.create(config.memory, populate=True)
+        try:
+            region = host.psp.map_region(mem.name, mem.size)
+            handle = host.psp.launch(region, mem.npages, policy)
+            guest = Guest(config, mem, host.psp_socket, handle)
+            guest.boot()
+        except BaseException:
+            mem.close()
+            mem.unlink()
+            raise
+        return cls(host, config, guest, handle, mem)
+
+    def shutdown(self) -> None:
+        self.guest.shutdown()
+        assert self.host.psp is not None
+        try:
+            self.host.psp.decommission(self.handle)
+        except PspError:
+            pass
+        self.memory.close()  # type: ignore[attr-defined]
+        self.memory.unlink()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Outcome:
+    """What the source learned from a migration."""
+
+    progress: Progress
+    confirm: dict[str, object] = field(default_factory=dict)
+    verified: dict[str, object] = field(default_factory=dict)
+    source_digest: str = ""
+    guest_before: dict[str, float] = field(default_factory=dict)
+    guest_during: dict[str, float] = field(default_factory=dict)
+    last_heartbeat: float = 0.0
+
+
+class RealWorld:
+    """The driver's world on real processes, a real PSP and a real socket."""
+
+    def __init__(self, vm: SourceVM, chan: Channel, params: MigrationParams) -> None:
+        self.vm = vm
+        self.chan = chan
+        self.params = params
+        assert vm.host.psp is not None and vm.host.transport is not None
+        self.psp = vm.host.psp
+        self.trans = vm.host.transport
+        self.mode = params.batching
+        self.mode_index = MODES.index(str(params.batching))
+        self.outcome: Outcome | None = None
+
+    # -- clock --------------------------------------------------------------------------
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)  # the rate limit itself: this IS the wait
+
+    # -- pages --------------------------------------------------------------------------
+    def all_pages(self) -> np.ndarray:
+        g = self.vm.guest
+        return np.union1d(g.ram_pfns, g.shared_pfns).astype(np.int64)
+
+    def shared_mask(self, pfns: np.ndarray) -> np.ndarray:
+        return np.asarray(self.vm.memory.page_state[pfns] != 0)  # type: ignore[attr-defined]
+
+    def start_dirty_log(self) -> None:
+        self.vm.guest.start_dirty_log()
+
+    def harvest(self) -> np.ndarray:
+        pfns = self.vm.guest.harvest_dirty()
+        # VMSA pages move with SEND_UPDATE_VMSA at the end, not as RAM
+        vmsa = self.vm.guest.vmsa_pfns
+        if len(vmsa):
+            pfns = pfns[~np.isin(pfns, vmsa)]
+        return pfns
+
+    def send_private(self, pfns: np.ndarray, bounds: np.ndarray, queue: bool) -> Sent:
+        ncmds = len(bounds) - 1
+        if ncmds == 0:
+            return Sent()
+        handle, mode, region = self.vm.handle, self.mode, self.trans.region
+        t0 = time.perf_counter()
+        if queue:
+            total = self.psp.send_update_data_queue(handle, mode, pfns, bounds, region, 0)
+            doorbells = 1
+        else:
+            total = 0
+            b = bounds.tolist()
+            for i in range(ncmds):
+                total += self.psp.send_update_data(handle, mode, pfns[b[i] : b[i + 1]], region,
+                                                   total)
+            doorbells = ncmds
+        psp_s = time.perf_counter() - t0
+        meta = PAGES_META.pack(self.mode_index, queue, ncmds, len(pfns)) + pfns.astype(
+            np.int64).tobytes() + bounds.astype(np.int64).tobytes()
+        sent = self.chan.send(FrameType.PAGES, meta, [self.trans.view[:total]])
+        self._peer_check()
+        return Sent(pages=len(pfns), bytes=sent, commands=ncmds, doorbells=doorbells,
+                    psp_seconds=psp_s)
+
+    def send_shared(self, pfns: np.ndarray) -> Sent:
+        pages = self.vm.memory.pages[pfns]  # type: ignore[attr-defined]  # shared: plaintext
+        meta = pfns.astype(np.int64).tobytes() + pages.tobytes()
+        sent = self.chan.send(FrameType.SHARED, meta)
+        return Sent(pages=len(pfns), bytes=sent)
+
+    def _peer_check(self) -> None:
+        """A destination that failed says so; read it rather than writing into the void."""
+        if self.chan.readable():
+            f = self.chan.recv_frame()
+            if f.type in (FrameType.ERROR, FrameType.CANCEL):
+                raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
+            raise ProtocolError(f"unexpected {f.type.name} from the destination mid-stream")
+
+    # -- throttle -----------------------------------------------------------------------
+    def set_throttle(self, pct: int) -> None:
+        self.vm.guest.set_throttle(pct / 100)
+
+    def set_dirty_limit(self, pages_per_s: float | None) -> None:
+        self.vm.guest.set_dirty_limit(pages_per_s)
+
+    # -- end game -----------------------------------------------------------------------
+    def pause_guest(self) -> None:
+        self.vm.guest.pause()
+
+    def send_vcpu_state(self) -> Sent:
+        out = Sent()
+        g, region = self.vm.guest, self.trans.region
+        t0 = time.perf_counter()
+        for pfn in g.vmsa_pfns.tolist():
+            n = self.psp.send_update_vmsa(self.vm.handle, int(pfn), region, 0)
+            out.bytes += self.chan.send(FrameType.VMSA, struct.pack("<q", pfn),
+                                        [self.trans.view[:n]])
+            out.commands += 1
+            out.doorbells += 1
+            out.pages += 1
+        out.psp_seconds = time.perf_counter() - t0
+        state = np.asarray(self.vm.memory.page_state)  # type: ignore[attr-defined]
+        out.bytes += self.chan.send(FrameType.PAGE_STATE, state.tobytes())
+        return out
+
+    def complete(self) -> None:
+        assert self.outcome is not None
+        trailer = self.psp.send_trailer(self.vm.handle)
+        digest = self.vm.guest.digest()
+        self.outcome.source_digest = digest
+        self.outcome.last_heartbeat = max(
+            (s.heartbeat for s in self.vm.guest.stats()), default=0.0)
+        self.chan.send_json(FrameType.FINISH, {"digest": digest}, [trailer])
+        confirm = self.chan.expect(FrameType.CONFIRM).json()
+        self.outcome.confirm = confirm
+        if confirm.get("digest") != digest:
+            raise MigrationFailed(
+                f"destination memory digest {confirm.get('digest')} does not match the "
+                f"source's {digest}: refusing to release the guest")
+
+
+def _psp_state(vm: SourceVM) -> GuestState | None:
+    assert vm.host.psp is not None
+    try:
+        return vm.host.psp.guest_status(vm.handle)[0]
+    except PspError:
+        return None
+
+
+def migrate_out(
+    vm: SourceVM,
+    uri: str,
+    params: MigrationParams,
+    observer: Observer | None = None,
+    should_cancel: Callable[[], bool] = lambda: False,
+    connect_timeout: float = 10.0,
+    io_timeout: float = 60.0,
+) -> Outcome:
+    """Migrate ``vm`` to the destination listening at ``uri``.
+
+    On success the source guest has been released (SENT, shut down). On failure raises
+    MigrationFailed and the guest runs on the source, its memory untouched.
+    """
+    params.validate()
+    host, port = parse_uri(uri)
+    assert vm.host.psp is not None
+    psp = vm.host.psp
+    chan: Channel | None = None
+    world: RealWorld | None = None
+    driver: Driver | None = None
+    try:
+        try:
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except OSError as e:
+            raise MigrationFailed(f"cannot connect to destination {uri}: {e.strerror or e}") from None
+        sock.settimeout(io_timeout)
+        chan = Channel(sock)
+        chan.send_json(FrameType.HELLO, {"version": VERSION, "role": "source",
+                                         "capabilities": MODES})
+        hello = chan.expect(FrameType.HELLO).json()
+        if hello.get("role") != "destination":
+            raise ProtocolError("peer is not a cvmig destination")
+        from cvmig.psp.api import PlatformCerts
+
+        certs = PlatformCerts.from_bytes(chan.expect(FrameType.CERTS, max_data=1 << 20).meta)
+        sess = psp.send_start(vm.handle, certs)  # policy and chain checks happen here
+        chan.send_json(FrameType.START, {
+            "config": vm.config.to_json(),
+            "npages": vm.memory.npages,  # type: ignore[attr-defined]
+            "policy": sess.policy,
+            "batching": str(params.batching),
+            "cap": params.cap,
+        }, [sess.sender_pdh, sess.session])
+        world = RealWorld(vm, chan, params)
+        outcome = Outcome(Progress())
+        world.outcome = outcome
+        outcome.guest_before = _rates(vm.guest)
+        driver = Driver(world, params, observer or (lambda e, p: None), should_cancel)
+        outcome.progress = driver.progress
+        driver.run()
+        # confirmed: the destination runs the guest. Release ours.
+        psp.send_finish(vm.handle)
+        try:
+            chan.send_json(FrameType.RELEASED, {})
+            verified = chan.recv_frame()
+            if verified.type is FrameType.CONFIRM:
+                outcome.verified = verified.json()
+        except (PeerGone, ProtocolError, OSError):
+            pass  # the guest runs there; a late check we could not read changes nothing
+        vm.shutdown()
+        return outcome
+    except BaseException as e:
+        reason = _describe(e)
+        _roll_back(vm, chan, driver, reason)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise MigrationFailed(reason) from e
+    finally:
+        if chan is not None:
+            chan.close()
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, MigrationFailed):
+        return str(e)
+    if isinstance(e, PspError):
+        return f"secure processor refused: {e}"
+    if isinstance(e, MigrationCancelled):
+        return str(e)
+    if isinstance(e, RemoteError):
+        return f"destination {e.message}" if e.ftype.name == "ERROR" else str(e)
+    if isinstance(e, PeerGone):
+        return f"destination gone: {e}"
+    if isinstance(e, ProtocolError):
+        return f"protocol error: {e}"
+    if isinstance(e, OSError):
+        return f"I/O error: {e}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _roll_back(vm: SourceVM, chan: Channel | None, driver: Driver | None, reason: str) -> None:
+    """Leave the guest running on the source as if nothing had happened."""
+    if chan is not None:
+        try:
+            chan.sock.settimeout(1.0)
+            chan.send_json(FrameType.CANCEL, {"message": reason})
+        except (OSError, PeerGone):
+            pass
+    if _psp_state(vm) is GuestState.SUPDATE:
+        assert vm.host.psp is not None
+        vm.host.psp.send_cancel(vm.handle)
+    g = vm.guest
+    g.set_throttle(0.0)
+    g.set_dirty_limit(None)
+    g.stop_dirty_log()
+    g.resume()
+    if driver is not None:
+        driver.progress.status = "failed"
+        driver.progress.error = reason
+
+
+def _rates(guest: Guest) -> dict[str, float]:
+    s = guest.stats()
+    return {"ops": float(sum(x.ops for x in s)),
+            "pages_written": float(sum(x.pages_written for x in s)),
+            "time": time.monotonic()}

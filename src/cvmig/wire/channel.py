@@ -1,0 +1,184 @@
+"""One migration channel over a TCP socket: frames out with scatter-gather, frames in
+straight into the caller's buffers."""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cvmig.wire.frames import (
+    HEADER_SIZE,
+    FrameType,
+    Header,
+    ProtocolError,
+    check_meta,
+    decode_header,
+    encode_header,
+    json_meta,
+    parse_json,
+)
+
+_IOV_MAX = 1024
+
+
+class PeerGone(ConnectionError):
+    """The peer closed the connection or it broke."""
+
+
+@dataclass
+class Frame:
+    header: Header
+    meta: bytes
+
+    @property
+    def type(self) -> FrameType:
+        return self.header.type
+
+    def json(self) -> dict[str, object]:
+        return parse_json(self.header, self.meta)
+
+
+class Channel:
+    """Frames over a connected stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- sending ------------------------------------------------------------------------
+    def send(
+        self,
+        ftype: FrameType,
+        meta: bytes | memoryview = b"",
+        data: Sequence[memoryview | bytes] = (),
+    ) -> int:
+        """Send one frame; ``data`` buffers go out as they are, without being copied."""
+        data_len = sum(len(d) for d in data)
+        bufs: list[bytes | memoryview] = [encode_header(ftype, meta, data_len)]
+        if len(meta):
+            bufs.append(meta)
+        bufs.extend(d for d in data if len(d))
+        total = HEADER_SIZE + len(meta) + data_len
+        self._sendmsg_all(bufs, total)
+        self.bytes_sent += total
+        return total
+
+    def send_json(self, ftype: FrameType, obj: object, data: Sequence[memoryview | bytes] = ()) -> int:
+        return self.send(ftype, json_meta(obj), data)
+
+    def _sendmsg_all(self, bufs: list[bytes | memoryview], total: int) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        left = total
+        try:
+            while left:
+                n = self.sock.sendmsg(views[:_IOV_MAX])
+                left -= n
+                while n:
+                    head = views[0]
+                    if n >= len(head):
+                        n -= len(head)
+                        views.pop(0)
+                    else:
+                        views[0] = head[n:]
+                        n = 0
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise PeerGone(f"peer closed the connection while sending: {e}") from None
+        except TimeoutError:
+            raise PeerGone("peer stopped reading (send timed out)") from None
+
+    # -- receiving ----------------------------------------------------------------------
+    def recv_into(self, buf: memoryview) -> None:
+        """Fill ``buf`` exactly from the stream."""
+        view = buf.cast("B") if buf.format != "B" else buf
+        got = 0
+        try:
+            while got < len(view):
+                n = self.sock.recv_into(view[got:])
+                if n == 0:
+                    raise PeerGone("peer closed the connection")
+                got += n
+        except ConnectionResetError as e:
+            raise PeerGone(f"connection reset: {e}") from None
+        except TimeoutError:
+            raise PeerGone("peer went silent (receive timed out)") from None
+        self.bytes_received += got
+
+    def recv_header(self) -> Header:
+        raw = bytearray(HEADER_SIZE)
+        self.recv_into(memoryview(raw))
+        return decode_header(raw)
+
+    def recv_meta(self, h: Header) -> bytes:
+        meta = bytearray(h.meta_len)
+        if h.meta_len:
+            self.recv_into(memoryview(meta))
+        check_meta(h, meta)
+        return bytes(meta)
+
+    def recv_frame(self, max_data: int = 0) -> Frame:
+        """Receive a frame whose data (at most ``max_data`` bytes) is returned in meta's tail.
+
+        For control frames; bulk frames use recv_header/recv_meta/recv_into directly.
+        """
+        h = self.recv_header()
+        meta = self.recv_meta(h)
+        if h.data_len > max_data:
+            raise ProtocolError(f"unexpected {h.data_len} data bytes on a {h.type.name} frame")
+        if h.data_len:
+            data = bytearray(h.data_len)
+            self.recv_into(memoryview(data))
+            meta += bytes(data)
+        return Frame(h, meta)
+
+    def expect(self, *types: FrameType, max_data: int = 0) -> Frame:
+        f = self.recv_frame(max_data)
+        if f.type is FrameType.ERROR or f.type is FrameType.CANCEL:
+            raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
+        if f.type not in types:
+            names = " or ".join(t.name for t in types)
+            raise ProtocolError(f"expected {names}, got {f.type.name}")
+        return f
+
+    def readable(self) -> bool:
+        """Whether the peer has sent something (e.g. an ERROR) we have not read."""
+        r, _, _ = select.select([self.sock], [], [], 0)
+        return bool(r)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class RemoteError(Exception):
+    """The peer reported an error or cancelled."""
+
+    def __init__(self, ftype: FrameType, message: str) -> None:
+        self.ftype = ftype
+        self.message = message
+        who = "cancelled" if ftype is FrameType.CANCEL else "failed"
+        super().__init__(f"peer {who}: {message}")
+
+
+def parse_uri(uri: str) -> tuple[str, int]:
+    """'tcp:HOST:PORT' -> (host, port), with a clear error otherwise."""
+    if not uri.startswith("tcp:"):
+        raise ValueError(f"migration URI must be tcp:HOST:PORT, got {uri!r}")
+    host, sep, port = uri[4:].rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"migration URI must be tcp:HOST:PORT, got {uri!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"port in {uri!r} must be a number, got {port!r}") from None
+    if not 0 <= p <= 65535:
+        raise ValueError(f"port in {uri!r} must be 0..65535")
+    return host, p

@@ -1,0 +1,233 @@
+"""The pre-copy driver's decisions, on the simulated world (pure logic, deterministic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cvmig.migration.batching import plan_batches
+from cvmig.migration.driver import (
+    Driver,
+    MigrationCancelled,
+    MigrationParams,
+    TimeoutAction,
+)
+from cvmig.migration.throttle import (
+    AutoConverge,
+    Sync,
+    ThrottleKind,
+    ThrottleParams,
+)
+from cvmig.model.world import Costs, GuestModel, SimWorld
+from cvmig.psp.api import PAGE_SIZE, Batching
+
+
+def run(guest: GuestModel, costs: Costs | None = None, **kw: object) -> tuple[SimWorld, Driver]:
+    w = SimWorld(guest, costs or Costs())
+    d = Driver(w, MigrationParams(**kw))  # type: ignore[arg-type]
+    d.run()
+    return w, d
+
+
+# -- batch planning ---------------------------------------------------------------------
+
+pfn_sets = st.lists(st.integers(0, 5000), min_size=0, max_size=400, unique=True).map(
+    lambda xs: np.array(sorted(xs), dtype=np.int64))
+
+
+@given(pfns=pfn_sets, cap=st.integers(1, 64), mode=st.sampled_from(list(Batching)))
+@settings(max_examples=200, deadline=None)
+def test_plan_covers_every_page_once_within_cap(pfns: np.ndarray, cap: int, mode: Batching) -> None:
+    if mode is Batching.PAGE:
+        cap = 1
+    b = plan_batches(pfns, mode, cap)
+    assert b[0] == 0 and b[-1] == len(pfns)
+    sizes = np.diff(b)
+    assert (sizes >= 1).all() and (sizes <= cap).all()
+    if mode is Batching.CONTIG:
+        for lo, hi in zip(b[:-1], b[1:], strict=True):
+            run_ = pfns[lo:hi]
+            assert (np.diff(run_) == 1).all(), "a contig command must cover consecutive frames"
+        # and it is minimal: a command boundary inside a run only at a cap multiple
+        for i in b[1:-1]:
+            if pfns[i] == pfns[i - 1] + 1:
+                assert (i - b[b < i].max()) == cap
+
+
+def test_contig_merges_runs_and_sg_ignores_gaps() -> None:
+    pfns = np.array([0, 1, 2, 3, 4, 5, 9, 10, 20], dtype=np.int64)
+    assert plan_batches(pfns, Batching.CONTIG, 4).tolist() == [0, 4, 6, 8, 9]
+    assert plan_batches(pfns, Batching.SG, 4).tolist() == [0, 4, 8, 9]
+    assert plan_batches(pfns, Batching.PAGE, 1).tolist() == list(range(10))
+
+
+# -- convergence -----------------------------------------------------------------------
+
+
+def test_idle_guest_converges_after_bulk_round_with_small_downtime() -> None:
+    w, d = run(GuestModel(npages=4096, dirty_rate=0, working_set=0))
+    p = d.progress
+    kinds = [r.kind for r in p.rounds]
+    assert kinds == ["bulk", "stop-and-copy"]
+    assert p.rounds[0].pages == 4096
+    assert p.status == "completed"
+    assert p.downtime < 0.3
+    assert p.pages_sent == 4096 + 1  # RAM plus the VMSA of one vCPU
+
+
+def test_switchover_happens_only_when_remaining_fits_bandwidth_times_downtime() -> None:
+    w, d = run(GuestModel(npages=32768, dirty_rate=6000, working_set=8192),
+               downtime_limit_ms=50)
+    p = d.progress
+    last_iter = p.rounds[-2]
+    final = p.rounds[-1]
+    assert final.kind == "stop-and-copy"
+    # the dirty set carried into stop-and-copy fit the threshold of the round before
+    assert final.dirty_pages * PAGE_SIZE <= last_iter.threshold_bytes + 1
+    # every earlier sync did not fit
+    for prev, nxt in zip(p.rounds[:-2], p.rounds[1:-1], strict=True):
+        assert nxt.dirty_pages * PAGE_SIZE > prev.threshold_bytes
+
+
+def test_downtime_estimate_matches_measured_downtime_in_the_model() -> None:
+    w, d = run(GuestModel(npages=32768, dirty_rate=6000, working_set=8192))
+    p = d.progress
+    assert p.downtime * 1000 <= 300 * 1.2  # the limit, plus pause/resume fixed costs
+
+
+def test_non_converging_guest_stops_at_max_rounds() -> None:
+    # dirties faster than page mode can send: never converges on its own
+    w, d = run(GuestModel(npages=16384, dirty_rate=60000, working_set=16384), max_rounds=5,
+               downtime_limit_ms=10)
+    assert [r.kind for r in d.progress.rounds].count("iterative") == 5
+    assert d.progress.status == "completed"
+
+
+def test_timeout_cancel_raises_and_force_completes() -> None:
+    g = GuestModel(npages=16384, dirty_rate=60000, working_set=16384)
+    with pytest.raises(MigrationCancelled, match="not converged"):
+        run(g, timeout_s=3.0, downtime_limit_ms=10)
+    w, d = run(g, timeout_s=3.0, downtime_limit_ms=10, timeout_action=TimeoutAction.FORCE)
+    assert d.progress.status == "completed"
+    assert d.progress.rounds[-1].start >= 3.0
+
+
+def test_user_cancel_stops_between_chunks() -> None:
+    w = SimWorld(GuestModel(npages=65536, dirty_rate=0, working_set=0))
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    d = Driver(w, MigrationParams(), should_cancel=cancel)
+    with pytest.raises(MigrationCancelled):
+        d.run()
+    assert d.progress.pages_sent < 65536
+    assert not w.paused, "a cancelled migration never paused the guest"
+
+
+def test_max_bandwidth_paces_the_bulk_round() -> None:
+    limit = 50 * 2**20
+    w, d = run(GuestModel(npages=16384, dirty_rate=0, working_set=0), max_bandwidth=limit)
+    bulk = d.progress.rounds[0]
+    assert bulk.bytes / bulk.duration <= limit * 1.05
+    w2, d2 = run(GuestModel(npages=16384, dirty_rate=0, working_set=0))
+    assert d2.progress.rounds[0].duration < bulk.duration
+
+
+# -- batching in the driver ------------------------------------------------------------
+
+
+def test_batching_cuts_commands_and_time_on_contiguous_memory() -> None:
+    g = GuestModel(npages=16384, dirty_rate=3000, working_set=4096)
+    _, page = run(g, batching=Batching.PAGE)
+    _, contig = run(g, batching=Batching.CONTIG)
+    _, sg = run(g, batching=Batching.SG)
+    assert page.progress.rounds[0].commands == 16384
+    assert contig.progress.rounds[0].commands == 16384 // 4
+    assert sg.progress.rounds[0].commands == 16384 // 256
+    assert contig.progress.total_time < page.progress.total_time
+    assert sg.progress.total_time <= contig.progress.total_time
+
+
+def test_queue_shares_one_doorbell_per_chunk() -> None:
+    g = GuestModel(npages=8192, dirty_rate=0, working_set=0)
+    _, q = run(g, queue=True)
+    bulk = q.progress.rounds[0]
+    assert bulk.commands == 8192
+    assert bulk.doorbells == 8192 // 2048
+
+
+# -- throttling ------------------------------------------------------------------------
+
+
+def test_auto_converge_follows_qemus_schedule() -> None:
+    ctl_calls: list[int] = []
+
+    class Ctl:
+        def set_throttle(self, pct: int) -> None:
+            ctl_calls.append(pct)
+
+        def set_dirty_limit(self, pages_per_s: float | None) -> None:
+            raise AssertionError("auto-converge never sets a dirty limit")
+
+    pol = AutoConverge(ThrottleParams())
+    ctl = Ctl()
+    pol.start(ctl, 0.0, 0)
+    xfer = 0
+    for t in range(1, 11):  # ten periods of 1.1 s
+        xfer += 100 * PAGE_SIZE  # sent 100 pages per period, dirtied 80 (> 50 %)
+        pol.on_sync(ctl, Sync(t * 1.1, 80, xfer))
+    # every second period triggers: 20, 30, 40, 50, 60
+    assert ctl_calls == [20, 30, 40, 50, 60]
+
+
+def test_auto_converge_needs_one_second_periods_and_high_dirty_ratio() -> None:
+    calls: list[int] = []
+
+    class Ctl:
+        def set_throttle(self, pct: int) -> None:
+            calls.append(pct)
+
+        def set_dirty_limit(self, pages_per_s: float | None) -> None:
+            pass
+
+    pol = AutoConverge(ThrottleParams())
+    pol.start(Ctl(), 0.0, 0)
+    for i in range(1, 20):  # syncs every 0.3 s: periods accumulate to >= 1 s
+        pol.on_sync(Ctl(), Sync(i * 0.3, 10, i * 100 * PAGE_SIZE))  # 10 dirty vs 100 sent
+    assert calls == [], "a dirty rate under 50 % of the transfer never throttles"
+
+
+def test_auto_converge_makes_a_hopeless_guest_converge() -> None:
+    g = GuestModel(npages=16384, dirty_rate=30000, working_set=16384)
+    with pytest.raises(MigrationCancelled):
+        run(g, timeout_s=30.0)
+    w, d = run(g, timeout_s=30.0, throttle=ThrottleKind.AUTO_CONVERGE)
+    assert d.progress.status == "completed"
+    assert d.progress.throttle_pct >= 20
+    assert d.progress.downtime < 0.35
+
+
+def test_precopy_throttle_starts_at_once_and_dirty_limit_caps_rate() -> None:
+    g = GuestModel(npages=16384, dirty_rate=30000, working_set=16384, vcpus=2)
+    w, d = run(g, throttle=ThrottleKind.PRECOPY, timeout_s=30.0)
+    assert w.log[0] == (0.0, "throttle 20")
+    assert d.progress.status == "completed"
+    w2, d2 = run(g, throttle=ThrottleKind.DIRTY_LIMIT, timeout_s=30.0)
+    assert any(e.startswith("dirty-limit") for _, e in w2.log)
+    assert d2.progress.status == "completed"
+
+
+def test_bad_parameters_are_refused_before_work_starts() -> None:
+    w = SimWorld(GuestModel(npages=16, dirty_rate=0, working_set=0))
+    with pytest.raises(ValueError, match="downtime-limit"):
+        Driver(w, MigrationParams(downtime_limit_ms=-1))
+    with pytest.raises(ValueError, match="one page per command"):
+        Driver(w, MigrationParams(batching=Batching.PAGE, batch_cap=4))
+    with pytest.raises(ValueError, match="cpu-throttle-initial"):
+        Driver(w, MigrationParams(throttle_params=ThrottleParams(cpu_throttle_initial=0)))
+    assert w.clock == 0.0
