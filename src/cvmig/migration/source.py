@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cvmig.guest.memory import GuestMemory
 from cvmig.guest.vm import Guest, GuestConfig
+from cvmig.migration.config import config_to_json
 from cvmig.migration.driver import (
     Driver,
     MigrationCancelled,
@@ -47,12 +49,11 @@ class SourceVM:
     config: GuestConfig
     guest: Guest
     handle: int
-    memory: object  # GuestMemory
+    memory: GuestMemory
+    alive: bool = True
 
     @classmethod
     def boot(cls, host: Host, config: GuestConfig, policy: int) -> SourceVM:
-        from cvmig.guest.memory import GuestMemory
-
         assert host.psp is not None
         mem = GuestMemory.create(config.memory, populate=True)
         try:
@@ -67,14 +68,17 @@ class SourceVM:
         return cls(host, config, guest, handle, mem)
 
     def shutdown(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
         self.guest.shutdown()
         assert self.host.psp is not None
         try:
             self.host.psp.decommission(self.handle)
         except PspError:
             pass
-        self.memory.close()  # type: ignore[attr-defined]
-        self.memory.unlink()  # type: ignore[attr-defined]
+        self.memory.close()
+        self.memory.unlink()
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Outcome:
     guest_before: dict[str, float] = field(default_factory=dict)
     guest_during: dict[str, float] = field(default_factory=dict)
     last_heartbeat: float = 0.0
+    ops_at_pause: float = 0.0
 
 
 class RealWorld:
@@ -117,7 +122,7 @@ class RealWorld:
         return np.union1d(g.ram_pfns, g.shared_pfns).astype(np.int64)
 
     def shared_mask(self, pfns: np.ndarray) -> np.ndarray:
-        return np.asarray(self.vm.memory.page_state[pfns] != 0)  # type: ignore[attr-defined]
+        return np.asarray(self.vm.memory.page_state[pfns] != 0)
 
     def start_dirty_log(self) -> None:
         self.vm.guest.start_dirty_log()
@@ -155,7 +160,7 @@ class RealWorld:
                     psp_seconds=psp_s)
 
     def send_shared(self, pfns: np.ndarray) -> Sent:
-        pages = self.vm.memory.pages[pfns]  # type: ignore[attr-defined]  # shared: plaintext
+        pages = self.vm.memory.pages[pfns]  # shared pages: plaintext by design
         meta = pfns.astype(np.int64).tobytes() + pages.tobytes()
         sent = self.chan.send(FrameType.SHARED, meta)
         return Sent(pages=len(pfns), bytes=sent)
@@ -178,6 +183,8 @@ class RealWorld:
     # -- end game -----------------------------------------------------------------------
     def pause_guest(self) -> None:
         self.vm.guest.pause()
+        if self.outcome is not None:
+            self.outcome.ops_at_pause = float(sum(s.ops for s in self.vm.guest.stats()))
 
     def send_vcpu_state(self) -> Sent:
         out = Sent()
@@ -191,7 +198,7 @@ class RealWorld:
             out.doorbells += 1
             out.pages += 1
         out.psp_seconds = time.perf_counter() - t0
-        state = np.asarray(self.vm.memory.page_state)  # type: ignore[attr-defined]
+        state = np.asarray(self.vm.memory.page_state)
         out.bytes += self.chan.send(FrameType.PAGE_STATE, state.tobytes())
         return out
 
@@ -257,8 +264,8 @@ def migrate_out(
         certs = PlatformCerts.from_bytes(chan.expect(FrameType.CERTS, max_data=1 << 20).meta)
         sess = psp.send_start(vm.handle, certs)  # policy and chain checks happen here
         chan.send_json(FrameType.START, {
-            "config": vm.config.to_json(),
-            "npages": vm.memory.npages,  # type: ignore[attr-defined]
+            "config": config_to_json(vm.config),
+            "npages": vm.memory.npages,
             "policy": sess.policy,
             "batching": str(params.batching),
             "cap": params.cap,

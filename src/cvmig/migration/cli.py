@@ -1,0 +1,247 @@
+"""`cvmig migrate` and `cvmig vm`: the user's way in."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cvmig.migration.driver import MigrationParams, TimeoutAction
+from cvmig.migration.throttle import ThrottleKind, ThrottleParams
+from cvmig.psp.api import Batching, Policy
+
+DEFAULT_WORKLOAD = "dirtier:rate=5000,pattern=hotcold"
+
+
+class SizeParam(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from cvmig.migration.config import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value), param.name if param and param.name else "size")
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeParam()
+
+_POLICY_BITS = {"nodbg": Policy.NODBG, "noks": Policy.NOKS, "es": Policy.ES,
+                "nosend": Policy.NOSEND, "domain": Policy.DOMAIN, "sev": Policy.SEV}
+
+
+def parse_policy(text: str) -> int:
+    """'nodbg,es' or a number like 0x5 -> the guest policy."""
+    t = text.strip().lower()
+    try:
+        return int(t, 0)
+    except ValueError:
+        pass
+    bits = 0
+    for part in filter(None, (p.strip() for p in t.split(","))):
+        if part not in _POLICY_BITS:
+            raise ValueError(f"unknown policy flag {part!r}; allowed: "
+                             f"{', '.join(_POLICY_BITS)} or a number")
+        bits |= _POLICY_BITS[part]
+    return bits | Policy.ES  # vCPU state moves as a VMSA: the guest is SEV-ES
+
+
+def guest_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--memory", "-m", type=SIZE, default="256M", show_default=True,
+                     help="Guest memory (K/M/G suffixes)."),
+        click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True),
+        click.option("--workload", "-w", default=DEFAULT_WORKLOAD, show_default=True,
+                     help="idle | dirtier:rate=N,pattern=uniform|hotcold|sequential,... | "
+                          "sqlite:accounts=N"),
+        click.option("--tracker", type=click.Choice(["auto", "uffd", "dmap"]), default="auto",
+                     show_default=True, help="Dirty tracking: kernel uffd or byte map."),
+        click.option("--policy", default="nodbg,es", show_default=True,
+                     help="Guest policy flags (nodbg,noks,es,nosend,domain,sev) or a number."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def psp_option(f: Any) -> Any:
+    return click.option("--psp-profile", default="none", show_default=True,
+                        help="Secure-processor cost profile: none, or a hardware profile "
+                             "(see `cvmig bench psp --help`).")(f)
+
+
+def migration_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--batching", "-b", type=click.Choice([m.value for m in Batching]),
+                     default="page", show_default=True,
+                     help="page: one page per firmware command (baseline); contig: runs of "
+                          "contiguous pages; sg: scatter-gather."),
+        click.option("--cap", type=click.IntRange(0, 4096), default=0,
+                     help="Pages per command (contig default 4 = 16 KiB, the SEV limit; "
+                          "sg default 256)."),
+        click.option("--queue/--no-queue", default=False,
+                     help="Many commands behind one mailbox doorbell (CSV ring style)."),
+        click.option("--throttle", type=click.Choice([k.value for k in ThrottleKind]),
+                     default="none", show_default=True),
+        click.option("--throttle-pct", type=click.IntRange(0, 99), default=None,
+                     help="precopy policy: a fixed throttle instead of an adaptive one."),
+        click.option("--downtime-limit", type=click.IntRange(0, 2_000_000), default=300,
+                     show_default=True, help="ms"),
+        click.option("--max-bandwidth", type=SIZE, default="0",
+                     help="Bytes/s (K/M/G suffixes); 0 = unlimited."),
+        click.option("--max-rounds", type=click.IntRange(0), default=0,
+                     help="Stop-and-copy after this many iterative rounds (0 = no cap)."),
+        click.option("--timeout", type=click.FloatRange(0), default=0.0,
+                     help="Seconds; 0 = none."),
+        click.option("--timeout-action", type=click.Choice(["cancel", "force"]),
+                     default="cancel", show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def build_params(o: dict[str, Any]) -> MigrationParams:
+    tp = ThrottleParams(precopy_throttle=o["throttle_pct"])
+    return MigrationParams(
+        downtime_limit_ms=o["downtime_limit"],
+        max_bandwidth=o["max_bandwidth"],
+        batching=Batching(o["batching"]),
+        batch_cap=o["cap"],
+        queue=o["queue"],
+        throttle=ThrottleKind(o["throttle"]),
+        throttle_params=tp,
+        max_rounds=o["max_rounds"],
+        timeout_s=o["timeout"],
+        timeout_action=TimeoutAction(o["timeout_action"]),
+    )
+
+
+def build_guest(o: dict[str, Any]) -> Any:
+    from cvmig.guest.vm import GuestConfig
+    from cvmig.guest.workloads import parse_workload
+
+    cfg = GuestConfig(memory=o["memory"], vcpus=o["vcpus"],
+                      workload=parse_workload(o["workload"]), tracker=o["tracker"])
+    cfg.validate()
+    return cfg
+
+
+@click.command()
+@guest_options
+@migration_options
+@psp_option
+@click.option("--to", "uri", default=None, metavar="tcp:HOST:PORT",
+              help="Destination started with `cvmig vm --incoming`; default: a local one.")
+@click.option("--warmup", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds the guest runs before migration starts.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the report here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def migrate(**o: Any) -> None:
+    """Live-migrate a confidential guest: boot it here, move it to a destination host.
+
+    With no options: a 256 MiB guest running the dirtier moves over loopback to a
+    destination process with its own secure processor, and a summary is printed.
+    """
+    from cvmig.migration.progress import ProgressView, print_summary
+    from cvmig.migration.session import MigrateOptions, migrate_local_or_remote
+    from cvmig.migration.source import MigrationFailed
+    from cvmig.wire.channel import parse_uri
+
+    try:
+        params = build_params(o)
+        params.validate()
+        guest = build_guest(o)
+        policy = parse_policy(o["policy"])
+        if o["uri"]:
+            parse_uri(o["uri"])
+        _check_profile(o["psp_profile"])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    opts = MigrateOptions(guest=guest, params=params, psp_profile=o["psp_profile"],
+                          policy=policy, warmup_s=o["warmup"])
+    cancel = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    view = ProgressView(enabled=not o["quiet"])
+    try:
+        with view:
+            report = migrate_local_or_remote(opts, o["uri"], view.observe, cancel.is_set)
+    except MigrationFailed as e:
+        click.secho(f"migration failed: {e}", fg="red", err=True)
+        click.echo("the guest kept running on the source; nothing was lost", err=True)
+        sys.exit(1)
+    if o["json_path"]:
+        o["json_path"].write_text(json.dumps(report, indent=2) + "\n")
+    print_summary(report)
+    ok = report["verify"]["memory"] == "match" and report["verify"]["workload"].get("ok", False)
+    sys.exit(0 if ok else 2)
+
+
+def _check_profile(name: str) -> None:
+    from cvmig.psp.cost import profile_names
+
+    if name not in profile_names():
+        raise ValueError(f"unknown PSP profile {name!r}; allowed: {', '.join(profile_names())}")
+
+
+@click.command()
+@click.option("--incoming", metavar="tcp:HOST:PORT", default=None,
+              help="Wait for a migration on this address (port 0: any free port).")
+@psp_option
+@click.option("--once", is_flag=True, help="Exit after one incoming migration (and its check).")
+@click.option("--announce", is_flag=True,
+              help="Print JSON lines (listening, migrated, failed) on stdout for a parent.")
+@click.option("--run-after", type=click.FloatRange(0), default=0.0,
+              help="With --once: let the guest run this long after the check before exiting.")
+def vm(incoming: str | None, psp_profile: str, once: bool, announce: bool,
+       run_after: float) -> None:
+    """Run a VM host: a destination waiting for an incoming migration."""
+    from cvmig.migration.destination import IncomingFailed, listen, migrate_in
+    from cvmig.migration.host import Host
+    from cvmig.wire.channel import parse_uri
+
+    if incoming is None:
+        raise click.UsageError("--incoming tcp:HOST:PORT is required")
+    try:
+        addr, port = parse_uri(incoming)
+        _check_profile(psp_profile)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+    def say(obj: dict[str, Any]) -> None:
+        if announce:
+            print(json.dumps(obj), flush=True)
+        else:
+            click.echo(" ".join(f"{k}={v}" for k, v in obj.items()), err=True)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Host("destination", psp_profile) as host:
+        try:
+            srv = listen(addr, port)
+        except OSError as e:
+            raise click.ClickException(f"cannot listen on {incoming}: {e.strerror or e}") from None
+        say({"event": "listening", "port": srv.getsockname()[1]})
+        while not stop.is_set():
+            conn, peer = srv.accept()
+            try:
+                incoming_vm = migrate_in(host, conn)
+            except IncomingFailed as e:
+                say({"event": "failed", "error": str(e)})
+                if once:
+                    sys.exit(1)
+                continue
+            say({"event": "migrated", "report": incoming_vm.report})
+            if once:
+                stop.wait(run_after)
+                incoming_vm.shutdown(host)
+                return
+            stop.wait()
+            incoming_vm.shutdown(host)

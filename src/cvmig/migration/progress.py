@@ -1,0 +1,107 @@
+"""What a person watching a migration sees: a live bar, then a summary table."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cvmig.migration.driver import Progress as MigrationProgress
+from cvmig.psp.api import PAGE_SIZE
+
+
+def percent(p: MigrationProgress) -> float:
+    """virsh migrate --verbose: 100 - remaining / total (it may step back between rounds)."""
+    if p.total_pages == 0:
+        return 0.0
+    if p.status == "completed":
+        return 100.0
+    return max(0.0, 100.0 - p.remaining_pages * 100.0 / p.total_pages)
+
+
+class ProgressView:
+    """A rich progress bar fed by the driver's observer."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self._bar = Progress(
+            TextColumn("[bold]Migration:[/] {task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f} %"),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self._task = self._bar.add_task("setup", total=100.0, detail="", start=True)
+
+    def __enter__(self) -> ProgressView:
+        if self.enabled:
+            self._bar.start()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+    def observe(self, event: str, p: MigrationProgress) -> None:
+        if not self.enabled:
+            return
+        rnd = p.rounds[-1].kind if p.rounds else "setup"
+        detail = (
+            f"round {len(p.rounds)} ({rnd})  {p.bandwidth * 8 / 1e6:7.1f} Mbit/s  "
+            f"remaining {p.remaining_pages * PAGE_SIZE / 2**20:7.1f} MiB  "
+            f"throttle {p.throttle_pct:2d} %"
+        )
+        self._bar.update(self._task, completed=percent(p), description=p.status, detail=detail)
+
+
+def print_summary(rep: dict[str, Any], console: Console | None = None) -> None:
+    """The report as two tables: the migration, then its rounds."""
+    c = console or Console()
+    ram = rep.get("ram", {})
+    psp = rep.get("psp", {})
+    guest = rep.get("guest", {})
+    verify = rep.get("verify", {})
+    t = Table(title="cvmig migration", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("status", rep.get("status")),
+        ("total time", f"{rep.get('total-time', 0)} ms"),
+        ("downtime", f"{rep.get('downtime', 0)} ms (limit {rep['params']['downtime-limit']} ms)"),
+        ("setup time", f"{rep.get('setup-time', 0)} ms"),
+        ("transferred", f"{ram.get('transferred', 0) / 2**20:.1f} MiB of "
+                        f"{ram.get('total', 0) / 2**20:.0f} MiB guest RAM"),
+        ("throughput", f"{ram.get('mbps', 0):.1f} Mbit/s"),
+        ("rounds (dirty syncs)", ram.get("dirty-sync-count")),
+        ("batching", f"{rep['params']['x-batching']} (cap {rep['params']['x-batch-cap']}, "
+                     f"queue {'on' if rep['params']['x-queue'] else 'off'})"),
+        ("firmware", f"{psp.get('commands', 0)} commands, {psp.get('time-ms', 0):.0f} ms, "
+                     f"{psp.get('us-per-page', 0):.1f} µs/page (profile {psp.get('profile')})"),
+        ("throttle", f"{rep['params']['x-throttle']}, final "
+                     f"{rep.get('cpu-throttle-percentage', 0)} %"),
+        ("guest ops/s", f"before {guest.get('ops-per-s-before')}, during "
+                        f"{guest.get('ops-per-s-during')}, after {guest.get('ops-per-s-after')}"),
+        ("guest-observed gap", f"{guest.get('observed-gap-ms')} ms"),
+        ("memory verified", verify.get("memory")),
+        ("workload check", verify.get("workload", {}).get("ok")),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    c.print(t)
+    r = Table(title="rounds")
+    for col in ("#", "kind", "ms", "dirty pages", "pages sent", "MiB", "commands",
+                "firmware ms", "Mbit/s", "throttle %"):
+        r.add_column(col, justify="right")
+    for x in rep.get("rounds", []):
+        r.add_row(str(x["index"]), x["kind"], f"{x['duration'] * 1000:.0f}",
+                  str(x["dirty_pages"]), str(x["pages"]), f"{x['bytes'] / 2**20:.1f}",
+                  str(x["commands"]), f"{x['psp_seconds'] * 1000:.0f}", f"{x['mbps']:.0f}",
+                  str(x["throttle_pct"]))
+    c.print(r)

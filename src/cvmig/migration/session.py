@@ -1,0 +1,160 @@
+"""One migration from start to report: boot the source, find or start the destination,
+migrate, verify, and describe it all in QEMU's words."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from cvmig.guest.vm import GuestConfig
+from cvmig.migration.driver import MigrationParams, Observer
+from cvmig.migration.host import Host
+from cvmig.migration.report import full_report
+from cvmig.migration.source import MigrationFailed, Outcome, SourceVM, migrate_out
+from cvmig.psp.api import Policy
+
+DEFAULT_POLICY = int(Policy.NODBG | Policy.ES)
+
+
+@dataclass
+class MigrateOptions:
+    guest: GuestConfig
+    params: MigrationParams = field(default_factory=MigrationParams)
+    psp_profile: str = "none"
+    policy: int = DEFAULT_POLICY
+    warmup_s: float = 1.0  # the guest runs this long before migration: "throughput before"
+
+
+class DestinationProcess:
+    """`cvmig vm --incoming` as a child process on this machine (a second host)."""
+
+    def __init__(self, psp_profile: str = "none", host: str = "127.0.0.1",
+                 extra: list[str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "cvmig", "vm", "--incoming", f"tcp:{host}:0",
+               "--psp-profile", psp_profile, "--once", "--announce", *(extra or [])]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=os.environ.copy())
+        line = self._read_event(timeout=60.0)
+        if line.get("event") != "listening":
+            raise MigrationFailed(f"destination did not start: {line}")
+        self.port = int(line["port"])
+        self.uri = f"tcp:{host}:{self.port}"
+        self.pid = self.proc.pid
+
+    def _read_event(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            self.proc.wait(timeout)
+            return {"event": "exited", "code": self.proc.returncode, "stderr": err[-2000:]}
+        return dict(json.loads(line))
+
+    def result(self, timeout: float = 120.0) -> dict[str, Any]:
+        """The destination's last word (migrated or failed), then wait for it to exit."""
+        ev = self._read_event(timeout)
+        self.proc.wait(timeout)
+        return ev
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+def _ops(vm: SourceVM) -> float:
+    return float(sum(s.ops for s in vm.guest.stats()))
+
+
+def migrate_local_or_remote(
+    opts: MigrateOptions,
+    uri: str | None = None,
+    observer: Observer | None = None,
+    should_cancel: Callable[[], bool] = lambda: False,
+    log: IO[str] | None = None,
+) -> dict[str, Any]:
+    """Boot a source guest, migrate it to ``uri`` (or to a fresh local destination
+    process), and return the report. Raises MigrationFailed with the guest left running
+    on the source (and then shut down here, since this call owns it)."""
+    from cvmig.bench.machine import machine_info
+
+    opts.params.validate()
+    opts.guest.validate()
+    dest: DestinationProcess | None = None
+    with Host("source", opts.psp_profile) as host:
+        vm = SourceVM.boot(host, opts.guest, opts.policy)
+        try:
+            if uri is None:
+                dest = DestinationProcess(opts.psp_profile)
+                uri = dest.uri
+            ops0, t0 = _ops(vm), time.monotonic()
+            _run_for(vm, opts.warmup_s)
+            ops1, t1 = _ops(vm), time.monotonic()
+            outcome = migrate_out(vm, uri, opts.params, observer, should_cancel)
+        except BaseException:
+            vm.shutdown()
+            raise
+        finally:
+            dest_result: dict[str, Any] = {}
+            if dest is not None:
+                try:
+                    dest_result = dest.result()
+                except Exception:  # noqa: BLE001 - a report without it is still a report
+                    dest_result = {}
+                dest.close()
+        tracker = vm.guest.tracker_kind
+    return _report(opts, outcome, tracker, (ops0, t0, ops1, t1), dest_result, machine_info())
+
+
+def _run_for(vm: SourceVM, seconds: float) -> None:
+    """Let the guest run for a while: the warm-up is part of the measurement."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+
+
+def _report(opts: MigrateOptions, out: Outcome, tracker: str,
+            before: tuple[float, float, float, float], dest: dict[str, Any],
+            machine: dict[str, Any]) -> dict[str, Any]:
+    ops0, t0, ops1, t1 = before
+    p = out.progress
+    verified = out.verified or dest.get("report", {})
+    during_ops = out.ops_at_pause - ops1
+    during_s = max(p.pause_time - t1, 1e-9) if p.pause_time else 0.0
+    after_s = float(verified.get("verify_time", 0.0) or 0.0)
+    gap = 0.0
+    first_hb = float(verified.get("first_heartbeat", 0.0) or 0.0)
+    if first_hb and out.last_heartbeat:
+        gap = first_hb - out.last_heartbeat
+    guest = {
+        "ops-per-s-before": round((ops1 - ops0) / max(t1 - t0, 1e-9), 1),
+        "ops-per-s-during": round(during_ops / during_s, 1) if during_s else 0.0,
+        "ops-per-s-after": round(float(verified.get("ops_after", 0)) / after_s, 1)
+        if after_s else 0.0,
+        "observed-gap-ms": round(gap * 1000, 3),
+        "workload": str(opts.guest.workload),
+        "memory": opts.guest.memory,
+        "vcpus": opts.guest.vcpus,
+    }
+    dest_digest = str(out.confirm.get("digest", ""))
+    verify = {
+        "memory": "match" if dest_digest and dest_digest == out.source_digest else
+        {"mismatch": {"source": out.source_digest, "destination": dest_digest}},
+        "source-digest": out.source_digest,
+        "destination-digest": dest_digest,
+        "workload": verified.get("check", {}),
+    }
+    return full_report(p, opts.params, psp_profile=opts.psp_profile, tracker=tracker,
+                       guest=guest, verify=verify, machine=machine)
