@@ -52,7 +52,7 @@ class MemoryCipher:
         base = np.asarray(pfns, dtype=np.uint64)[:, None] * np.uint64(PAGE_SIZE)
         np.add(base, _BLOCK_OFFSETS, out=addr[:, :, 0])
         addr[:, :, 1] = 0
-        self._tweak.update_into(addr.view(np.uint8).reshape(-1), self._tbuf)
+        self._tweak.update_into(addr.view(np.uint8).reshape(-1), self._tbuf)  # type: ignore[arg-type]
         return self._tbuf[:need].reshape(n, PAGE_SIZE)
 
     def encrypt_pages(self, pfns: np.ndarray, plaintext: np.ndarray, out: np.ndarray) -> None:

@@ -1,0 +1,194 @@
+"""UPDATE_DATA packets: the 52-byte SEV header, the scatter-gather extension, the trailer.
+
+``page`` and ``contig`` packets are SEV's (sev-protocol.md §1.4): header FLAGS u32 (0),
+IV (16 B, fresh per packet), MAC (32 B), then the ciphertext. The data is AES-128-CTR
+under the TEK with the IV as the initial 128-bit big-endian counter block; the MAC is
+HMAC-SHA-256 under the TIK over (0x02, FLAGS u32, IV, length u32, length u32) followed
+by the ciphertext. Nothing binds the packet to a guest address or to its place in the
+session: that is SEV's gap, reproduced faithfully.
+
+``sg`` packets are this emulator's extension (the TDX / SNP pattern), closing the gap:
+
+    header (52 B)    FLAGS = 0, IV, MAC = HMAC(TIK, 0x12 ‖ FLAGS ‖ IV ‖ sg header ‖ table)
+    sg header (16 B) count u32, reserved u32, first sequence number u64
+    table            count × (GPA u64, page MAC 32 B)
+    data             count × 4096 B, one AES-128-CTR stream from IV under the TEK
+    page MAC         HMAC(TIK, 0x13 ‖ seq u64 ‖ GPA u64 ‖ page ciphertext)
+
+Sequence numbers count the session's scatter-gather pages from 0, so each (page, seq)
+pair is sent once; the receiver refuses a page whose seq is not newer than the last it
+wrote at that address (replay, stale reorder), a page sent to another address (the GPA
+is MAC'd), and at RECEIVE_FINISH a count that differs from the sender's (drops). The
+count travels in the finish trailer: count u64 ‖ HMAC(TIK, 0x15 ‖ count u64).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from cvmig.psp.api import PACKET_HEADER_SIZE, PAGE_SIZE, Batching, PspError, Status
+from cvmig.psp.session import TransportKeys
+
+HDR = PACKET_HEADER_SIZE
+SG_HDR = 16
+SG_ENTRY = 8 + 32  # GPA u64 + page MAC
+TRAILER_SIZE = 8 + 32
+
+CTX_DATA = 0x02  # the firmware's "DATA" channel context (used for VMSA too, as on Genoa)
+CTX_SG = 0x12  # extension: scatter-gather packet header
+CTX_SG_PAGE = 0x13  # extension: one scatter-gather page
+CTX_TRAILER = 0x15  # extension: the finish trailer
+
+_HDR_FMT = struct.Struct("<I16s32s")
+_AAD_FMT = struct.Struct("<BI16sII")  # the 29-byte associated data of a SEV packet
+_SGH_FMT = struct.Struct("<IIQ")
+_PAGE_AAD = struct.Struct("<BQQ")
+
+
+def packet_size(mode: Batching | str, npages: int) -> int:
+    """Bytes one UPDATE_DATA packet of ``npages`` pages occupies in a transport buffer."""
+    if npages < 1:
+        raise ValueError("a packet carries at least one page")
+    mode = Batching(mode)
+    if mode is Batching.SG:
+        return HDR + SG_HDR + npages * (SG_ENTRY + PAGE_SIZE)
+    if mode is Batching.PAGE and npages != 1:
+        raise ValueError("page mode carries exactly one page")
+    return HDR + npages * PAGE_SIZE
+
+
+class Channel:
+    """One session's transport keys, with cipher and MAC objects reused for every packet."""
+
+    __slots__ = ("_ctr", "_mac", "seq")
+
+    def __init__(self, keys: TransportKeys) -> None:
+        self._ctr = Cipher(algorithms.AES(keys.tek), modes.CTR(bytes(16))).encryptor()
+        self._mac = hmac.new(keys.tik, digestmod="sha256")
+        # Sender: next scatter-gather sequence number. Receiver: sg pages accepted.
+        self.seq = 0
+
+    def _ctr_into(self, iv: bytes, src: np.ndarray, dst: np.ndarray) -> None:
+        self._ctr.reset_nonce(iv)
+        self._ctr.update_into(src.reshape(-1), dst.reshape(-1))  # type: ignore[arg-type]
+
+    def _digest(self, *parts: bytes | np.ndarray) -> bytes:
+        h = self._mac.copy()
+        for p in parts:
+            h.update(p)  # type: ignore[arg-type]
+        return h.digest()
+
+    # -- SEV packets (page, contig, VMSA) ----------------------------------------------
+
+    def seal(self, pt: np.ndarray, ct: np.ndarray, out: np.ndarray) -> None:
+        """Encrypt flat plaintext ``pt`` into PSP scratch ``ct``, MAC it there (so the
+        hypervisor cannot change what is MAC'd), then write header and ciphertext to
+        ``out`` (the transport buffer, ``HDR + len(pt)`` bytes)."""
+        n = pt.size
+        iv = os.urandom(16)
+        self._ctr_into(iv, pt, ct)
+        mac = self._digest(_AAD_FMT.pack(CTX_DATA, 0, iv, n, n), ct)
+        out[:HDR] = np.frombuffer(_HDR_FMT.pack(0, iv, mac), dtype=np.uint8)
+        out[HDR:] = ct
+
+    def open(self, cmd: str, pkt: np.ndarray, ct: np.ndarray, pt: np.ndarray) -> None:
+        """Copy packet ``pkt`` into PSP scratch ``ct``, verify its MAC, and only then
+        decrypt into ``pt``. Raises BAD_MEASUREMENT without touching ``pt``."""
+        flags, iv, mac = _HDR_FMT.unpack(pkt[:HDR].tobytes())
+        if flags != 0:
+            raise PspError(cmd, Status.UNSUPPORTED, f"packet FLAGS 0x{flags:x} (compression)")
+        ct[:] = pkt[HDR:]
+        n = ct.size
+        if not hmac.compare_digest(self._digest(_AAD_FMT.pack(CTX_DATA, 0, iv, n, n), ct), mac):
+            raise PspError(cmd, Status.BAD_MEASUREMENT, "packet MAC does not verify")
+        self._ctr_into(iv, ct, pt)
+
+    # -- scatter-gather packets ------------------------------------------------------------
+
+    def seal_sg(self, pfns: np.ndarray, pt: np.ndarray, ct: np.ndarray, out: np.ndarray) -> None:
+        """Scatter-gather packet of pages ``pt`` ((n, 4096)) for guest frames ``pfns``."""
+        n = len(pfns)
+        seq0 = self.seq
+        iv = os.urandom(16)
+        self._ctr_into(iv, pt.reshape(-1), ct.reshape(-1))
+        table = np.empty((n, SG_ENTRY), dtype=np.uint8)
+        gpas = pfns.astype("<u8") * np.uint64(PAGE_SIZE)
+        table[:, :8] = gpas.view(np.uint8).reshape(n, 8)
+        base = self._mac
+        for i in range(n):  # one MAC per page is the design
+            h = base.copy()
+            h.update(_PAGE_AAD.pack(CTX_SG_PAGE, seq0 + i, int(gpas[i])))
+            h.update(ct[i])
+            table[i, 8:] = np.frombuffer(h.digest(), dtype=np.uint8)
+        sgh = _SGH_FMT.pack(n, 0, seq0)
+        mac = self._digest(bytes([CTX_SG]) + _HDR_FMT.pack(0, iv, bytes(32))[:20], sgh, table)
+        out[:HDR] = np.frombuffer(_HDR_FMT.pack(0, iv, mac), dtype=np.uint8)
+        out[HDR : HDR + SG_HDR] = np.frombuffer(sgh, dtype=np.uint8)
+        t_end = HDR + SG_HDR + n * SG_ENTRY
+        out[HDR + SG_HDR : t_end] = table.reshape(-1)
+        out[t_end:] = ct.reshape(-1)
+        self.seq = seq0 + n
+
+    def open_sg(
+        self, cmd: str, pkt: np.ndarray, pfns: np.ndarray, scratch: np.ndarray, pt: np.ndarray
+    ) -> np.ndarray:
+        """Verify a scatter-gather packet for frames ``pfns`` and decrypt it into ``pt``
+        ((n, 4096)). ``scratch`` is PSP memory of the packet's size. Returns the pages'
+        sequence numbers (the caller checks freshness before writing anything)."""
+        n = len(pfns)
+        scratch[:] = pkt  # everything checked below is PSP-private from here on
+        flags, iv, mac = _HDR_FMT.unpack(scratch[:HDR].tobytes())
+        if flags != 0:
+            raise PspError(cmd, Status.UNSUPPORTED, f"packet FLAGS 0x{flags:x}")
+        sgh = scratch[HDR : HDR + SG_HDR].tobytes()
+        t_end = HDR + SG_HDR + n * SG_ENTRY
+        table = scratch[HDR + SG_HDR : t_end].reshape(n, SG_ENTRY)
+        want = self._digest(bytes([CTX_SG]) + _HDR_FMT.pack(0, iv, bytes(32))[:20], sgh, table)
+        if not hmac.compare_digest(want, mac):
+            raise PspError(cmd, Status.BAD_MEASUREMENT, "scatter-gather header MAC does not verify")
+        count, _, seq0 = _SGH_FMT.unpack(sgh)
+        if count != n:
+            raise PspError(cmd, Status.INVALID_LENGTH, f"packet has {count} pages, command {n}")
+        gpas = table[:, :8].copy().view("<u8").reshape(n)
+        if not np.array_equal(gpas, pfns.astype(np.uint64) * np.uint64(PAGE_SIZE)):
+            bad = int(np.flatnonzero(gpas != pfns.astype(np.uint64) * np.uint64(PAGE_SIZE))[0])
+            raise PspError(
+                cmd, Status.INVALID_ADDRESS,
+                f"page {bad} is for GPA 0x{int(gpas[bad]):x}, not pfn {int(pfns[bad])} (redirected)",
+            )
+        ct = scratch[t_end:].reshape(n, PAGE_SIZE)
+        base = self._mac
+        for i in range(n):
+            h = base.copy()
+            h.update(_PAGE_AAD.pack(CTX_SG_PAGE, seq0 + i, int(gpas[i])))
+            h.update(ct[i])
+            if not hmac.compare_digest(h.digest(), table[i, 8:].tobytes()):
+                raise PspError(cmd, Status.BAD_MEASUREMENT, f"page {i}: MAC does not verify")
+        self._ctr_into(iv, ct.reshape(-1), pt.reshape(-1))
+        return np.arange(seq0, seq0 + n, dtype=np.int64)
+
+    # -- finish trailer --------------------------------------------------------------------
+
+    def trailer(self) -> bytes:
+        """Sender: the count of scatter-gather pages sent, MAC'd under the TIK."""
+        c = struct.pack("<Q", self.seq)
+        return c + self._digest(bytes([CTX_TRAILER]), c)
+
+    def check_trailer(self, cmd: str, trailer: bytes) -> None:
+        """Receiver: the trailer is genuine and every sg page sent was received."""
+        if len(trailer) != TRAILER_SIZE:
+            raise PspError(cmd, Status.INVALID_LENGTH, f"trailer is {len(trailer)} bytes, want 40")
+        c = trailer[:8]
+        if not hmac.compare_digest(self._digest(bytes([CTX_TRAILER]), c), trailer[8:]):
+            raise PspError(cmd, Status.BAD_MEASUREMENT, "finish trailer MAC does not verify")
+        sent = struct.unpack("<Q", c)[0]
+        if sent != self.seq:
+            raise PspError(
+                cmd, Status.BAD_MEASUREMENT,
+                f"sender sent {sent} scatter-gather pages, {self.seq} were received (dropped)",
+            )
