@@ -13,6 +13,7 @@ from cvmig.psp.api import PAGE_SIZE, SPEC_MAX_LENGTH, Batching
 
 SPEC_CAP_PAGES = SPEC_MAX_LENGTH // PAGE_SIZE  # 4 pages: what the SEV spec allows
 DEFAULT_SG_PAGES = 256
+MAX_SG_PAGES = 512
 
 
 def default_cap(mode: Batching) -> int:
@@ -30,6 +31,9 @@ def validate_cap(mode: Batching, cap: int) -> None:
         raise ValueError(f"batch cap must be at least 1 page, got {cap}")
     if mode is Batching.PAGE and cap != 1:
         raise ValueError("batching mode 'page' sends exactly one page per command (cap 1)")
+    if mode is Batching.SG and cap > MAX_SG_PAGES:
+        raise ValueError(f"sg batch cap {cap} pages is over the {MAX_SG_PAGES}-page limit "
+                         "(one GPA-list page, as TDX)")
     if cap > 4096:
         raise ValueError(f"batch cap {cap} pages is over the 4096-page (16 MiB) limit")
 

@@ -185,23 +185,27 @@ def migrate(**o: Any) -> None:
 
 
 def _check_profile(name: str) -> None:
-    from cvmig.psp.cost import profile_names
+    from cvmig.psp.cost import parse
 
-    if name not in profile_names():
-        raise ValueError(f"unknown PSP profile {name!r}; allowed: {', '.join(profile_names())}")
+    parse(name)  # ValueError names the profiles allowed
 
 
 @click.command()
 @click.option("--incoming", metavar="tcp:HOST:PORT", default=None,
               help="Wait for a migration on this address (port 0: any free port).")
 @psp_option
+@click.option("--max-contig-pages", type=click.IntRange(1, 4096), default=4, show_default=True,
+              help="Largest contig command this host's PSP accepts (4 = 16 KiB, the SEV "
+                   "spec; more is an extension both hosts must enable).")
+@click.option("--psp-owner", default=None,
+              help="Platform owner (OCA) directory, or 'self' for an unshared owner.")
 @click.option("--once", is_flag=True, help="Exit after one incoming migration (and its check).")
 @click.option("--announce", is_flag=True,
               help="Print JSON lines (listening, migrated, failed) on stdout for a parent.")
 @click.option("--run-after", type=click.FloatRange(0), default=0.0,
               help="With --once: let the guest run this long after the check before exiting.")
-def vm(incoming: str | None, psp_profile: str, once: bool, announce: bool,
-       run_after: float) -> None:
+def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner: str | None,
+       once: bool, announce: bool, run_after: float) -> None:
     """Run a VM host: a destination waiting for an incoming migration."""
     from cvmig.migration.destination import IncomingFailed, listen, migrate_in
     from cvmig.migration.host import Host
@@ -223,7 +227,8 @@ def vm(incoming: str | None, psp_profile: str, once: bool, announce: bool,
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Host("destination", psp_profile) as host:
+    with Host("destination", psp_profile, contig_cap=max_contig_pages,
+              psp_owner=psp_owner) as host:
         try:
             srv = listen(addr, port)
         except OSError as e:

@@ -13,6 +13,7 @@ from types import TracebackType
 import numpy as np
 
 from cvmig.guest.memory import GuestMemory
+from cvmig.psp.api import PAGE_SIZE
 from cvmig.psp.mailbox import MailboxClient, PspProcess
 
 TRANSPORT_SIZE = 24 << 20  # one chunk of packets (2048 pages of 4 KiB plus headers) fits
@@ -37,11 +38,16 @@ class Transport:
 class Host:
     """One host: a PSP process (one per host) and the hypervisor's client of it."""
 
-    def __init__(self, name: str, psp_profile: str = "none") -> None:
+    def __init__(self, name: str, psp_profile: str = "none", *, contig_cap: int = 4,
+                 psp_owner: str | None = None) -> None:
+        """``contig_cap``: pages one contig command may carry here (4 = 16 KiB, the SEV
+        spec; more is an extension both hosts must enable). ``psp_owner``: the platform
+        owner (OCA) directory, or "self" for a platform owned by no one else."""
         self.name = name
         self._dir = Path(tempfile.mkdtemp(prefix=f"cvmig-{name}-"))
         self.psp_socket = str(self._dir / "psp.sock")
-        self._psp = PspProcess(self.psp_socket, profile=psp_profile)
+        self._psp = PspProcess(self.psp_socket, profile=psp_profile,
+                               max_contig_bytes=contig_cap * PAGE_SIZE, owner=psp_owner)
         self.psp: MailboxClient | None = None
         self.transport: Transport | None = None
 

@@ -17,7 +17,7 @@ from cvmig.migration.driver import MigrationParams, Observer
 from cvmig.migration.host import Host
 from cvmig.migration.report import full_report
 from cvmig.migration.source import MigrationFailed, Outcome, SourceVM, migrate_out
-from cvmig.psp.api import Policy
+from cvmig.psp.api import Batching, Policy
 
 DEFAULT_POLICY = int(Policy.NODBG | Policy.ES)
 
@@ -35,9 +35,10 @@ class DestinationProcess:
     """`cvmig vm --incoming` as a child process on this machine (a second host)."""
 
     def __init__(self, psp_profile: str = "none", host: str = "127.0.0.1",
-                 extra: list[str] | None = None) -> None:
+                 contig_cap: int = 4, extra: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "cvmig", "vm", "--incoming", f"tcp:{host}:0",
-               "--psp-profile", psp_profile, "--once", "--announce", *(extra or [])]
+               "--psp-profile", psp_profile, "--max-contig-pages", str(contig_cap),
+               "--once", "--announce", *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=os.environ.copy())
         line = self._read_event(timeout=60.0)
@@ -74,6 +75,11 @@ class DestinationProcess:
                 f.close()
 
 
+def contig_cap(params: MigrationParams) -> int:
+    """The contig cap both PSPs must allow for these parameters (at least the spec's)."""
+    return max(4, params.cap) if params.batching is Batching.CONTIG else 4
+
+
 def _ops(vm: SourceVM) -> float:
     return float(sum(s.ops for s in vm.guest.stats()))
 
@@ -93,11 +99,12 @@ def migrate_local_or_remote(
     opts.params.validate()
     opts.guest.validate()
     dest: DestinationProcess | None = None
-    with Host("source", opts.psp_profile) as host:
+    cap = contig_cap(opts.params)
+    with Host("source", opts.psp_profile, contig_cap=cap) as host:
         vm = SourceVM.boot(host, opts.guest, opts.policy)
         try:
             if uri is None:
-                dest = DestinationProcess(opts.psp_profile)
+                dest = DestinationProcess(opts.psp_profile, contig_cap=cap)
                 uri = dest.uri
             ops0, t0 = _ops(vm), time.monotonic()
             _run_for(vm, opts.warmup_s)
