@@ -1,0 +1,48 @@
+"""Helpers for tests and benchmarks of the secure processor (not used by the engine).
+
+`ShmRegion` creates a POSIX shared-memory object by name, as the hypervisor does for guest
+memory and transport buffers, and views it as numpy; the PSP maps the same object by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+
+import numpy as np
+
+from cvmig.psp.api import PAGE_SIZE
+
+
+class ShmRegion:
+    """A named shared-memory object (/dev/shm/<name>) of ``size`` bytes, mapped here."""
+
+    def __init__(self, size: int, prefix: str = "cvmig-psp") -> None:
+        self.name = f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.size = size
+        fd = os.open("/dev/shm/" + self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.arr = np.frombuffer(self._mm, dtype=np.uint8)
+
+    def pages(self, npages: int | None = None) -> np.ndarray:
+        n = self.size // PAGE_SIZE if npages is None else npages
+        return self.arr[: n * PAGE_SIZE].reshape(n, PAGE_SIZE)
+
+    def close(self) -> None:
+        self.arr = np.empty(0, dtype=np.uint8)
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink("/dev/shm/" + self.name)
+
+    def __enter__(self) -> ShmRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,209 @@
+"""KDF, session blob and certificate chain of the emulated secure processor."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cvmig.psp import certs as C
+from cvmig.psp.api import SEV_CERT_SIZE, PlatformCerts, PspError, Status
+from cvmig.psp.kdf import derive_kek_kik, kdf
+from cvmig.psp.session import shared_secret, unwrap, wrap
+
+
+def test_kdf_published_vector() -> None:
+    # virtee/sev's test vector for the firmware's nist_kdf.
+    out = kdf(bytes(16), b"sev-master-secret", bytes(16))
+    assert out.hex() == "ab4d269fcc62bedb4511d56c386ce706"
+
+
+def test_kdf_counter_blocks_and_separation() -> None:
+    long = kdf(b"k" * 16, b"label", b"ctx", 48)
+    assert len(long) == 48
+    # Block 1 of a 48-byte output differs from a 16-byte output: L is in the input.
+    assert long[:16] != kdf(b"k" * 16, b"label", b"ctx", 16)
+    # Bytes 32.. are the second HMAC block: counter 2, little-endian, as the firmware does.
+    tail = b"label\x00ctx" + (48 * 8).to_bytes(4, "little")
+    assert long[32:48] == hmac.digest(b"k" * 16, (2).to_bytes(4, "little") + tail, "sha256")[:16]
+    kek, kik = derive_kek_kik(b"z" * 48, b"n" * 16)
+    assert kek != kik and len(kek) == len(kik) == 16
+
+
+@pytest.fixture(scope="module")
+def pki() -> tuple[C.AmdRoot, C.Owner]:
+    return C.AmdRoot.generate(), C.Owner.generate()
+
+
+@pytest.fixture(scope="module")
+def ident(pki: tuple[C.AmdRoot, C.Owner]) -> C.PlatformIdentity:
+    return C.PlatformIdentity.generate(*pki)
+
+
+def _z_pair() -> tuple[bytes, bytes]:
+    a, b = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    return shared_secret(a, b.public_key()), shared_secret(b, a.public_key())
+
+
+def test_session_wrap_unwrap_and_layout() -> None:
+    za, zb = _z_pair()
+    assert za == zb and len(za) == 48
+    blob, keys = wrap(za, 0x1)
+    assert len(blob) == 128
+    got = unwrap(zb, 0x1, blob)
+    assert got == keys
+    # POLICY_MAC at 0x60 is HMAC(TIK, policy LE); WRAP_MAC at 0x40 is HMAC(KIK, WRAP_TK).
+    assert blob[0x60:] == hmac.digest(keys.tik, (1).to_bytes(4, "little"), "sha256")
+    kek, kik = derive_kek_kik(za, blob[:16])
+    assert blob[0x40:0x60] == hmac.digest(kik, blob[0x10:0x30], "sha256")
+    # The wrapped keys are not the keys in clear.
+    assert keys.tek not in blob and keys.tik not in blob
+
+
+@settings(max_examples=40, deadline=None)
+@given(pos=st.integers(0, 127), bit=st.integers(0, 7))
+def test_session_blob_any_bit_flip_is_refused(pos: int, bit: int) -> None:
+    za, zb = _z_pair()
+    blob, _ = wrap(za, 0x21)
+    bad = bytearray(blob)
+    bad[pos] ^= 1 << bit
+    with pytest.raises(PspError) as e:
+        unwrap(zb, 0x21, bytes(bad))
+    assert e.value.status == Status.BAD_MEASUREMENT
+
+
+def test_session_policy_change_and_wrong_length() -> None:
+    za, zb = _z_pair()
+    blob, _ = wrap(za, 0x1)
+    with pytest.raises(PspError) as e:
+        unwrap(zb, 0x1 | 0x8, blob)  # hypervisor clears NOSEND... or sets anything else
+    assert e.value.status == Status.BAD_MEASUREMENT and "POLICY_MAC" in str(e.value)
+    with pytest.raises(PspError) as e:
+        unwrap(zb, 0x1, blob[:127])
+    assert e.value.status == Status.INVALID_LENGTH
+
+
+def test_chain_formats(ident: C.PlatformIdentity) -> None:
+    c = ident.certs
+    for raw in (c.pdh, c.pek, c.oca, c.cek):
+        assert len(raw) == SEV_CERT_SIZE
+    assert C.SevCert.parse(c.pdh).usage == C.USAGE_PDH
+    assert C.SevCert.parse(c.pek).usage == C.USAGE_PEK
+    assert C.SevCert.parse(c.cek).usage == C.USAGE_CEK
+    assert C.AmdCert.parse(c.ark, "ARK").usage == C.USAGE_ARK
+    assert C.AmdCert.parse(c.ask, "ASK").usage == C.USAGE_ASK
+    # RSA-2048: 64-byte fixed part + exponent, modulus, signature of 256 bytes each.
+    assert len(c.ask) == 64 + 3 * 256
+    assert PlatformCerts.from_bytes(c.to_bytes()) == c
+
+
+def test_chain_validates(pki: tuple[C.AmdRoot, C.Owner], ident: C.PlatformIdentity) -> None:
+    pek = C.validate_sev_chain(ident.certs, [pki[0].ark_cert])
+    assert (pek.api_major, pek.api_minor) == (C.API_MAJOR, C.API_MINOR)
+    C.validate_domain(ident.certs, pki[1].oca_cert)
+
+
+def _flip(raw: bytes, pos: int) -> bytes:
+    b = bytearray(raw)
+    b[pos] ^= 0x01
+    return bytes(b)
+
+
+@pytest.mark.parametrize(
+    "field,pos",
+    [
+        ("pdh", 0x41C + 5),  # the PEK's signature on the PDH
+        ("pdh", 0x20),  # the PDH's public key (signed body)
+        ("pek", 0x624 + 5),  # the CEK's signature on the PEK (second slot)
+        ("cek", 0x41C + 5),  # the ASK's RSA signature on the CEK
+        ("ask", 100),  # ASK modulus area
+        ("ask", -3),  # ASK signature
+    ],
+)
+def test_chain_bad_signature(
+    pki: tuple[C.AmdRoot, C.Owner], ident: C.PlatformIdentity, field: str, pos: int
+) -> None:
+    bad = dataclasses.replace(ident.certs, **{field: _flip(getattr(ident.certs, field), pos)})
+    with pytest.raises(C.CertError) as e:
+        C.validate_sev_chain(bad, [pki[0].ark_cert])
+    if pos in (0x20, 100):
+        # A changed key may not even be a valid key any more; either way it is refused.
+        assert e.value.status in (Status.BAD_SIGNATURE, Status.INVALID_CERTIFICATE)
+    else:
+        assert e.value.status == Status.BAD_SIGNATURE
+
+
+def test_domain_bad_oca_signature(pki: tuple[C.AmdRoot, C.Owner], ident: C.PlatformIdentity) -> None:
+    # The PEK's first slot is the OCA's signature: only DOMAIN checks it.
+    bad = dataclasses.replace(ident.certs, pek=_flip(ident.certs.pek, 0x41C + 5))
+    C.validate_sev_chain(bad, [pki[0].ark_cert])
+    with pytest.raises(C.CertError) as e:
+        C.validate_domain(bad, pki[1].oca_cert)
+    assert e.value.status == Status.BAD_SIGNATURE
+    bad = dataclasses.replace(ident.certs, oca=_flip(ident.certs.oca, 0x41C + 5))
+    with pytest.raises(C.CertError) as e:
+        C.validate_domain(bad, pki[1].oca_cert)
+    assert e.value.status == Status.BAD_SIGNATURE
+
+
+def test_chain_wrong_root(pki: tuple[C.AmdRoot, C.Owner]) -> None:
+    other = C.AmdRoot.generate()
+    foreign = C.PlatformIdentity.generate(other, pki[1])
+    with pytest.raises(C.CertError) as e:
+        C.validate_sev_chain(foreign.certs, [pki[0].ark_cert])
+    assert e.value.status == Status.BAD_SIGNATURE and "trust" in e.value.detail
+    # A trusted ARK with a foreign ASK and CEK: the ASK is not certified by that ARK.
+    mixed = dataclasses.replace(foreign.certs, ark=pki[0].ark_cert)
+    with pytest.raises(C.CertError) as e:
+        C.validate_sev_chain(mixed, [pki[0].ark_cert])
+    assert e.value.status == Status.BAD_SIGNATURE
+    # And it validates once that root is trusted.
+    C.validate_sev_chain(foreign.certs, [pki[0].ark_cert, other.ark_cert])
+
+
+def test_chain_wrong_usage(pki: tuple[C.AmdRoot, C.Owner], ident: C.PlatformIdentity) -> None:
+    c = ident.certs
+    for bad in (
+        dataclasses.replace(c, pdh=c.pek),
+        dataclasses.replace(c, pek=c.cek),
+        dataclasses.replace(c, cek=c.oca),
+        dataclasses.replace(c, ask=c.ark),
+    ):
+        with pytest.raises(C.CertError) as e:
+            C.validate_sev_chain(bad, [pki[0].ark_cert])
+        assert e.value.status == Status.INVALID_CERTIFICATE, e.value
+    with pytest.raises(C.CertError) as e:
+        C.validate_domain(dataclasses.replace(c, oca=c.pek), pki[1].oca_cert)
+    assert e.value.status == Status.INVALID_CERTIFICATE
+    with pytest.raises(C.CertError) as e:
+        C.parse_pdh(c.pdh[:-1])
+    assert e.value.status == Status.INVALID_CERTIFICATE
+
+
+def test_domain_other_owner(pki: tuple[C.AmdRoot, C.Owner], ident: C.PlatformIdentity) -> None:
+    stranger = C.PlatformIdentity.generate(pki[0], C.Owner.generate())
+    C.validate_sev_chain(stranger.certs, [pki[0].ark_cert])  # a genuine AMD platform...
+    with pytest.raises(C.CertError) as e:
+        C.validate_domain(stranger.certs, pki[1].oca_cert)  # ...of another owner
+    assert e.value.status == Status.POLICY_FAILURE
+    # Swapping in our OCA does not help: the PEK is not signed by it.
+    with pytest.raises(C.CertError) as e:
+        C.validate_domain(dataclasses.replace(stranger.certs, oca=pki[1].oca_cert), pki[1].oca_cert)
+    assert e.value.status == Status.BAD_SIGNATURE
+
+
+def test_identity_save_load(tmp_path: object, pki: tuple[C.AmdRoot, C.Owner]) -> None:
+    import pathlib
+
+    d = pathlib.Path(str(tmp_path))
+    pki[0].save(d / "r")
+    pki[1].save(d / "o")
+    r, o = C.AmdRoot.load(d / "r"), C.Owner.load(d / "o")
+    assert r.ark_cert == pki[0].ark_cert and o.oca_cert == pki[1].oca_cert
+    ident = C.PlatformIdentity.generate(r, o)
+    C.validate_sev_chain(ident.certs, [pki[0].ark_cert])
+    C.validate_domain(ident.certs, pki[1].oca_cert)
