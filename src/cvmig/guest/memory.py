@@ -1,0 +1,150 @@
+"""Guest memory: one POSIX shared-memory object of 4 KiB pages, plus the page-state map.
+
+Layout of the object ``/dev/shm/<name>``::
+
+    [0, size)                 the guest's pages: ciphertext for private pages (under the
+                              VEK, address-tweaked), plaintext for shared pages
+    [size, size + state_len)  page_state: one byte per page, PRIVATE=0 / SHARED=1
+
+The PSP maps ``(name, size)``, i.e. only the pages; the hypervisor and the vCPUs map both.
+``PRIVATE == 0`` so a fresh object is all private, as SEV launches a guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+
+import numpy as np
+
+PAGE_SIZE = 4096
+PRIVATE = 0
+SHARED = 1
+
+MIN_MEMORY = 16 * 1024 * 1024
+_MADV_POPULATE_WRITE = 23  # not exported by Python 3.11's mmap module
+_SHM_DIR = "/dev/shm"
+
+
+def machine_memory() -> int:
+    """Bytes of guest memory this machine can hold: MemAvailable (no swap here)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _state_len(npages: int) -> int:
+    return -(-npages // PAGE_SIZE) * PAGE_SIZE
+
+
+def check_size(size_bytes: int) -> None:
+    """Raise ValueError when ``size_bytes`` cannot be a guest's memory here."""
+    if size_bytes % PAGE_SIZE:
+        raise ValueError(f"guest memory must be a multiple of {PAGE_SIZE} bytes, got {size_bytes}")
+    if size_bytes < MIN_MEMORY:
+        raise ValueError(f"guest memory must be at least {MIN_MEMORY >> 20} MiB, got {size_bytes} bytes")
+    avail = machine_memory()
+    if size_bytes > avail:
+        raise ValueError(
+            f"guest memory of {size_bytes >> 20} MiB exceeds what this machine has available "
+            f"({avail >> 20} MiB)"
+        )
+
+
+def populate_mapping(mm: mmap.mmap) -> None:
+    """Fault every page of a mapping in now, off the critical path (platform.md §7)."""
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except OSError:
+        # Older kernels: touch one byte per page instead.
+        view = np.frombuffer(mm, dtype=np.uint8)
+        view[::PAGE_SIZE] |= 0
+        del view
+
+
+class GuestMemory:
+    """A guest's memory as every party maps it."""
+
+    def __init__(self, name: str, npages: int, fd: int, owner: bool) -> None:
+        self.name = name
+        self.npages = npages
+        self.size = npages * PAGE_SIZE
+        self.owner = owner
+        self._mm: mmap.mmap | None = mmap.mmap(fd, self.size + _state_len(npages), mmap.MAP_SHARED)
+        os.close(fd)
+        self.pages: np.ndarray = np.frombuffer(self._mm, dtype=np.uint8, count=self.size).reshape(
+            npages, PAGE_SIZE
+        )
+        self.page_state: np.ndarray = np.frombuffer(
+            self._mm, dtype=np.uint8, count=npages, offset=self.size
+        )
+
+    @classmethod
+    def create(cls, size_bytes: int, *, populate: bool = True, name: str | None = None) -> GuestMemory:
+        """A new, zero-filled guest memory of ``size_bytes`` (all pages private)."""
+        check_size(size_bytes)
+        npages = size_bytes // PAGE_SIZE
+        name = name or f"cvmig-guest-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size_bytes + _state_len(npages))
+        except BaseException:
+            os.close(fd)
+            os.unlink(os.path.join(_SHM_DIR, name))
+            raise
+        mem = cls(name, npages, fd, owner=True)
+        if populate:
+            assert mem._mm is not None
+            populate_mapping(mem._mm)
+        return mem
+
+    @classmethod
+    def attach(cls, name: str, npages: int) -> GuestMemory:
+        """Map an existing guest memory by its shm name."""
+        fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDWR)
+        need = npages * PAGE_SIZE + _state_len(npages)
+        if os.fstat(fd).st_size < need:
+            os.close(fd)
+            raise ValueError(f"shm {name!r} is smaller than {npages} pages plus their page state")
+        return cls(name, npages, fd, owner=False)
+
+    @property
+    def address(self) -> int:
+        """Virtual address of page 0 in this process (for uffd registration)."""
+        return int(self.pages.ctypes.data)
+
+    def close(self) -> None:
+        """Unmap (numpy views taken from ``pages``/``page_state`` must be dropped first)."""
+        if self._mm is None:
+            return
+        self.pages = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+        self.page_state = np.empty(0, dtype=np.uint8)
+        mm, self._mm = self._mm, None
+        try:
+            mm.close()
+        except BufferError:
+            # A view is still alive somewhere; the mapping goes when it does.
+            pass
+
+    def unlink(self) -> None:
+        """Remove the shm name (the mappings stay valid until closed)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(_SHM_DIR, self.name))
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        if self.owner:
+            self.unlink()
+
+    def __repr__(self) -> str:
+        return f"GuestMemory({self.name!r}, npages={self.npages})"

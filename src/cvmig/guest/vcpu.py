@@ -1,0 +1,406 @@
+"""A vCPU: one OS process inside the guest's trust boundary.
+
+It fetches the guest's VEK from the PSP itself (emulating the memory controller: only
+vCPUs ever hold it), maps guest memory, and runs its workload in 10 ms timeslices. Between
+slices, and only there, it serves the hypervisor's commands (pause, resume, digest, check,
+stop), so a paused vCPU never has a write in flight. At pause it saves its state blob into
+its VMSA page, encrypted like any private page (SEV-ES: the hypervisor never sees
+registers); `restore` starts from that blob.
+
+Throttle is QEMU's: after each 10 ms slice of run time, sleep p/(1-p) x 10 ms. Workload
+rates are per second of *run time*, so throttle p cuts a dirtier's rate to (1-p) x rate.
+The dirty limit is a wall-clock quota of pages/s (QEMU dirty-limit), a token bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from cvmig.guest import control as ctl
+from cvmig.guest.memory import PAGE_SIZE, SHARED, GuestMemory
+from cvmig.guest.workloads import MAGIC_IO, WorkloadSpec, bad_pages, make_pages, make_workload
+from cvmig.psp.memcrypt import MemoryCipher
+
+SLICE = 0.010
+VMSA_MAGIC = b"CVMIGVMSA\x00"
+_CHUNK = 2048  # pages per vectorised decrypt when walking memory
+
+# Testing without a PSP process: "vek:<hex>" as the socket carries the key itself.
+TEST_KEY_PREFIX = "vek:"
+
+
+def fetch_vek(psp_socket: str, handle: int) -> bytes:
+    """The memory controller's key fetch: only vCPU processes call this."""
+    if psp_socket.startswith(TEST_KEY_PREFIX):
+        return bytes.fromhex(psp_socket[len(TEST_KEY_PREFIX) :])
+    from cvmig.psp.mailbox import fetch_memory_key  # type: ignore[import-not-found,unused-ignore]
+
+    return bytes(fetch_memory_key(psp_socket, handle))
+
+
+@dataclass(frozen=True)
+class VcpuSpec:
+    """Everything a vCPU process needs (picklable, no secrets)."""
+
+    index: int
+    nvcpus: int
+    mem_name: str
+    npages: int
+    ctl_name: str
+    psp_socket: str
+    handle: int
+    tracker: str  # "uffd" | "dmap"
+    mode: str  # "boot" | "restore"
+    workload: WorkloadSpec
+    ram_start: int
+    ram_count: int
+    io_pfns: tuple[int, ...]
+    vmsa_pfn: int
+
+
+class VcpuContext:
+    """A workload's window on guest memory: private pages go through the VEK."""
+
+    def __init__(self, spec: VcpuSpec, mem: GuestMemory, cipher: MemoryCipher, dmap: np.ndarray | None) -> None:
+        self.index = spec.index
+        self.nvcpus = spec.nvcpus
+        self.mem = mem
+        self.pages = mem.pages
+        self.cipher = cipher
+        self.dmap = dmap  # byte-per-page dirty map, marked after each write (dmap tracker)
+        self.ram = np.arange(spec.ram_start, spec.ram_start + spec.ram_count, dtype=np.int64)
+        self.io = np.asarray(spec.io_pfns, dtype=np.int64)
+        self.vmsa_pfn = spec.vmsa_pfn
+        self.ops = 0
+        self.pages_written = 0
+        self.io_count = 0
+        self._ct = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+
+    def _buf(self, n: int) -> np.ndarray:
+        if len(self._ct) < n:
+            self._ct = np.empty((max(n, 256), PAGE_SIZE), dtype=np.uint8)
+        return self._ct[:n]
+
+    def _mark(self, pfns: np.ndarray | slice) -> None:
+        # writer marks after writing (the harvester clears before reading)
+        if self.dmap is not None:
+            self.dmap[pfns] = 1
+
+    def write_private(self, pfns: np.ndarray, plain: np.ndarray) -> None:
+        """Encrypt ``plain`` (n, 4096) under the VEK into private frames ``pfns``."""
+        n = len(pfns)
+        if n == 0:
+            return
+        first = int(pfns[0])
+        if int(pfns[-1]) - first == n - 1 and (n == 1 or bool(np.all(np.diff(pfns) == 1))):
+            # contiguous: encrypt straight into guest memory
+            self.cipher.encrypt_pages(pfns, plain, self.pages[first : first + n])
+            self._mark(slice(first, first + n))
+        else:
+            ct = self._buf(n)
+            self.cipher.encrypt_pages(pfns, plain, ct)
+            self.pages[pfns] = ct
+            self._mark(pfns)
+        self.pages_written += n
+
+    def read_private(self, pfns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        n = len(pfns)
+        if out is None:
+            out = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+        first = int(pfns[0]) if n else 0
+        if n and int(pfns[-1]) - first == n - 1:
+            src = self.pages[first : first + n]
+        else:
+            src = self.pages[pfns]
+        self.cipher.decrypt_pages(pfns, src, out)
+        return out
+
+    def iter_private(self, pfns: np.ndarray, chunk: int = _CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        buf = np.empty((min(chunk, max(1, len(pfns))), PAGE_SIZE), dtype=np.uint8)
+        for i in range(0, len(pfns), chunk):
+            p = pfns[i : i + chunk]
+            yield p, self.read_private(p, buf[: len(p)])
+
+    # -- shared "I/O buffer" pages: plaintext, like a virtio ring the guest exposes
+    def io_write(self) -> None:
+        m = len(self.io)
+        if m == 0:
+            return
+        pfn = self.io[self.io_count % m : self.io_count % m + 1]
+        buf = self._buf(1)
+        make_pages(MAGIC_IO, pfn, np.array([self.io_count + 1], dtype=np.uint64), self.index, buf)
+        self.pages[pfn] = buf
+        self._mark(pfn)
+        self.io_count += 1
+        self.pages_written += 1
+
+    def io_check(self) -> dict[str, Any]:
+        m = len(self.io)
+        if m == 0:
+            return {"ok": True, "io_pages": 0}
+        k = np.arange(m, dtype=np.int64)
+        c = self.io_count
+        # page k holds the last I/O record number v (1-based) with (v - 1) % m == k
+        ver = np.where(k < c, c - 1 - ((c - 1 - k) % m) + 1, 0)
+        mask = bad_pages(MAGIC_IO, self.io, ver, self.index, self.pages[self.io])
+        states_ok = bool(np.all(self.mem.page_state[self.io] == SHARED))
+        return {"ok": (not mask.any()) and states_ok, "io_pages": m, "io_bad": int(mask.sum())}
+
+    # -- the VMSA page: the vCPU state blob, encrypted as a private page
+    def save_vmsa(self, state: dict[str, Any]) -> None:
+        body = json.dumps(state, sort_keys=True).encode()
+        page = np.zeros((1, PAGE_SIZE), dtype=np.uint8)
+        head = VMSA_MAGIC + len(body).to_bytes(4, "little")
+        if len(head) + len(body) > PAGE_SIZE:
+            raise ValueError(f"vCPU state blob of {len(body)} bytes does not fit the VMSA page")
+        page[0, : len(head) + len(body)] = np.frombuffer(head + body, dtype=np.uint8)
+        self.write_private(np.array([self.vmsa_pfn], dtype=np.int64), page)
+
+    def load_vmsa(self) -> dict[str, Any]:
+        page = self.read_private(np.array([self.vmsa_pfn], dtype=np.int64))[0].tobytes()
+        if not page.startswith(VMSA_MAGIC):
+            raise ValueError(f"VMSA page {self.vmsa_pfn} holds no vCPU state (wrong key or never saved)")
+        n = int.from_bytes(page[len(VMSA_MAGIC) : len(VMSA_MAGIC) + 4], "little")
+        start = len(VMSA_MAGIC) + 4
+        state: dict[str, Any] = json.loads(page[start : start + n])
+        return state
+
+
+def digest(mem: GuestMemory, cipher: MemoryCipher) -> str:
+    """SHA-256 over every page's plaintext (private pages decrypted) and the page states."""
+    h = hashlib.sha256()
+    buf = np.empty((_CHUNK, PAGE_SIZE), dtype=np.uint8)
+    for i in range(0, mem.npages, _CHUNK):
+        pfns = np.arange(i, min(i + _CHUNK, mem.npages), dtype=np.int64)
+        out = buf[: len(pfns)]
+        cipher.decrypt_pages(pfns, mem.pages[i : i + len(pfns)], out)
+        shared = mem.page_state[i : i + len(pfns)] == SHARED
+        if shared.any():
+            out[shared] = mem.pages[i : i + len(pfns)][shared]
+        h.update(memoryview(out))
+    h.update(memoryview(mem.page_state))
+    return h.hexdigest()
+
+
+class _Vcpu:
+    def __init__(self, spec: VcpuSpec, conn: Connection) -> None:
+        self.spec = spec
+        self.conn = conn
+        self.block = ctl.ControlBlock.attach(spec.ctl_name, spec.nvcpus, spec.npages)
+        self.me = self.block.vcpu[spec.index : spec.index + 1]
+        self.ring = self.block.ring[spec.index]
+        self.mem = GuestMemory.attach(spec.mem_name, spec.npages)
+        self.cipher = MemoryCipher(fetch_vek(spec.psp_socket, spec.handle))
+        self.writer = None
+        if spec.tracker == "uffd":
+            from cvmig.guest.uffd import UffdWriter
+
+            # our own registration of our own mapping; the fd stays open until we exit
+            self.writer = UffdWriter(self.mem.address, self.mem.size)
+        self.ctx = VcpuContext(spec, self.mem, self.cipher, self.block.dmap if spec.tracker == "dmap" else None)
+        self.workload = make_workload(spec.workload, self.ctx)
+        self.run_time = 0.0
+        self.throttle_time = 0.0
+        self.last_hb = 0.0
+        self.paused = False
+        self.stop = False
+        self.tokens = 0.0
+        self.tokens_at = time.monotonic()
+        self.error: str | None = None
+
+    # -- state
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "index": self.spec.index,
+            "workload": str(self.spec.workload),
+            "wl": self.workload.export_state(),
+            "ops": self.ctx.ops,
+            "pages_written": self.ctx.pages_written,
+            "io_count": self.ctx.io_count,
+            "run_time": self.run_time,
+            "throttle_time": self.throttle_time,
+            "last_heartbeat": self.last_hb,
+        }
+
+    def import_state(self, st: dict[str, Any]) -> None:
+        if st.get("index") != self.spec.index or st.get("workload") != str(self.spec.workload):
+            raise ValueError(
+                f"VMSA of vCPU {st.get('index')} running {st.get('workload')!r} does not match "
+                f"vCPU {self.spec.index} running {str(self.spec.workload)!r}"
+            )
+        self.ctx.ops = int(st["ops"])
+        self.ctx.pages_written = int(st["pages_written"])
+        self.ctx.io_count = int(st["io_count"])
+        self.run_time = float(st["run_time"])
+        self.throttle_time = float(st["throttle_time"])
+        self.workload.import_state(st["wl"])
+        # the source's last heartbeat opens our ring: the first gap is the switchover gap
+        self.last_hb = float(st["last_heartbeat"])
+        if self.last_hb > 0:
+            self._heartbeat(self.last_hb)
+
+    def _publish(self) -> None:
+        m = self.me
+        m["ops"] = self.ctx.ops
+        m["pages_written"] = self.ctx.pages_written
+        m["run_time"] = self.run_time
+        m["throttle_time"] = self.throttle_time
+
+    def _heartbeat(self, now: float) -> None:
+        n = int(self.me["hb_count"][0])
+        self.ring[n % ctl.RING] = now
+        self.me["heartbeat"] = now
+        self.me["hb_count"] = n + 1
+        self.last_hb = now
+
+    # -- commands (served only between slices)
+    def _serve(self, cmd: tuple[Any, ...]) -> None:
+        op = cmd[0]
+        if op == "pause":
+            if not self.paused:
+                self.ctx.save_vmsa(self.export_state())
+                self.paused = True
+                self._publish()
+                self.me["state"] = ctl.PAUSED
+            self.conn.send(("paused", None))
+        elif op == "resume":
+            if self.paused:
+                self.paused = False
+                self.tokens_at = time.monotonic()
+                self.me["state"] = ctl.RUNNING
+            self.conn.send(("ok", None))
+        elif op == "digest":
+            self.conn.send(("ok", digest(self.mem, self.cipher)))
+        elif op == "check":
+            try:
+                res = self.workload.check()
+            except Exception as e:  # a check that cannot run is a failed check
+                res = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            io = self.ctx.io_check()
+            res["io"] = io
+            res["ok"] = bool(res["ok"]) and bool(io["ok"]) and self.error is None
+            if self.error is not None:
+                res["error"] = self.error
+            self.conn.send(("ok", res))
+        elif op == "unprotect":
+            if self.writer is not None:
+                self.writer.unprotect()
+            self.conn.send(("ok", None))
+        elif op == "stop":
+            self.stop = True
+            self.conn.send(("ok", None))
+        else:
+            self.conn.send(("error", f"unknown vCPU command {op!r}"))
+
+    def _wait(self, until: float) -> None:
+        """Sleep until ``until`` but serve commands meanwhile (pause interrupts the wait)."""
+        while not self.stop:
+            if self.paused:
+                self._serve(self.conn.recv())
+                continue
+            # poll even when the time is up: commands are served at every slice boundary
+            if self.conn.poll(max(0.0, until - time.monotonic())):
+                self._serve(self.conn.recv())
+            else:
+                return
+
+    def run(self) -> None:
+        spec = self.spec
+        if spec.mode == "boot":
+            if len(self.ctx.io):
+                # the guest converts its I/O buffers to shared (plaintext) pages
+                self.mem.pages[self.ctx.io] = 0
+                self.mem.page_state[self.ctx.io] = SHARED
+            self.workload.boot()
+            self.me["state"] = ctl.RUNNING
+        else:
+            self.import_state(self.ctx.load_vmsa())
+            self.paused = True
+            self.me["state"] = ctl.PAUSED
+        self.me["pid"] = os.getpid()
+        self._publish()
+        self.conn.send(("ready", {"pid": os.getpid(), "addr": self.mem.address, "len": self.mem.size}))
+        while not self.stop:
+            self._wait(0)  # commands, blocking while paused
+            if self.stop:
+                break
+            self.slice()
+        self.me["state"] = ctl.STOPPED
+
+    def slice(self) -> None:
+        t0 = time.monotonic()
+        me = self.me[0]
+        limit = float(me["dirty_limit"])
+        quota: int | None = None
+        if limit >= 0:
+            # wall-clock token bucket, at most 100 ms of burst
+            self.tokens = min(self.tokens + limit * (t0 - self.tokens_at), max(1.0, limit * 0.1))
+            self.tokens_at = t0
+            quota = int(self.tokens)
+        else:
+            self.tokens, self.tokens_at = 0.0, t0
+        deadline = t0 + SLICE
+        before = self.ctx.pages_written
+        if self.error is None:
+            try:
+                self.workload.step(self.run_time, deadline, quota)
+            except Exception:
+                self.error = traceback.format_exc(limit=4)
+                self.me["failed"] = 1
+        if quota is not None:
+            self.tokens -= self.ctx.pages_written - before
+        self._publish()
+        self._wait(deadline)  # idle for the rest of the slice
+        t1 = time.monotonic()
+        ran = t1 - t0
+        self.run_time += ran
+        self._heartbeat(t1)
+        p = float(me["throttle"])
+        if p > 0:
+            # QEMU cpu-throttle: sleep p/(1-p) of each timeslice
+            self._wait(t1 + ran * p / (1.0 - p))
+            self.throttle_time += time.monotonic() - t1
+        self._publish()
+
+
+def vcpu_main(spec: VcpuSpec, conn: Connection) -> None:
+    """Entry point of a vCPU process."""
+    try:
+        vcpu = _Vcpu(spec, conn)
+    except BaseException as e:
+        conn.send(("error", f"vCPU {spec.index} failed to start: {type(e).__name__}: {e}"))
+        return
+    try:
+        vcpu.run()
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the hypervisor went away
+    except BaseException:
+        try:
+            conn.send(("error", f"vCPU {spec.index} crashed:\n{traceback.format_exc()}"))
+        except OSError:
+            pass
+    finally:
+        vcpu.workload.close()
+        if vcpu.writer is not None:
+            vcpu.writer.close()
+
+
+if __name__ == "__main__":
+    import faulthandler
+    import signal
+    import sys
+
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <vcpu pid> dumps its stacks
+
+    _conn = Connection(int(sys.argv[1]))
+    vcpu_main(_conn.recv(), _conn)
