@@ -203,7 +203,9 @@ def test_round_trip_every_mode_and_vmsa(fws: tuple[Firmware, Firmware]) -> None:
         off += n
         vn = w.src.send_update_vmsa(w.h, 30, w.ts, off)
         src_vek = w.src.memory_key(w.h)
-        trailer = w.src.send_finish(w.h)
+        trailer = w.src.send_trailer(w.h)
+        assert w.src.guest_status(w.h)[0] == GuestState.SUPDATE  # the trailer changes nothing
+        w.src.send_finish(w.h)
         assert w.src.guest_status(w.h)[0] == GuestState.SENT
         for mode, pfns, o, n in plan:
             w.recv(mode, pfns, n, o)
@@ -255,10 +257,11 @@ def test_property_send_here_receive_there(fws: tuple[Firmware, Firmware], data: 
             n = w.send(mode, pfns, off)
             plan.append((mode, pfns, off, n))
             off += n
-        trailer = w.src.send_finish(w.h)
+        trailer = w.src.send_trailer(w.h)
         for mode, pfns, o, n in plan:
             w.recv(mode, pfns, n, o)
         w.dst.receive_finish(w.hd, trailer)
+        w.src.send_finish(w.h)
         got = w.read(w.dst, w.hd, w.dmem)
         sent = sorted({p for _, pfns in batches for p in pfns})
         assert np.array_equal(got[sent], pt[sent])
@@ -274,7 +277,7 @@ def test_state_machine_errors(world: World) -> None:
     with pytest.raises(PspError) as e:
         world.send(Batching.PAGE, [0])  # RUNNING: no session yet
     assert status_of(e) == Status.INVALID_GUEST_STATE
-    for f in (src.send_finish, src.send_cancel):
+    for f in (src.send_finish, src.send_cancel, src.send_trailer):
         with pytest.raises(PspError) as e:
             f(world.h)
         assert status_of(e) == Status.INVALID_GUEST_STATE
@@ -297,9 +300,10 @@ def test_state_machine_errors(world: World) -> None:
     assert status_of(e) == Status.INVALID_GUEST_STATE
     # The guest keeps running during SUPDATE: its vCPUs still get the key.
     assert len(src.memory_key(world.h)) == 32
-    trailer = src.send_finish(world.h)
+    trailer = src.send_trailer(world.h)
+    src.send_finish(world.h)
     # SENT never runs again and cannot be sent again.
-    for f in (src.memory_key, src.send_finish, src.send_cancel):
+    for f in (src.memory_key, src.send_finish, src.send_cancel, src.send_trailer):
         with pytest.raises(PspError) as e:
             f(world.h)
         assert status_of(e) == Status.INVALID_GUEST_STATE
@@ -332,7 +336,8 @@ def test_send_cancel_returns_to_running_and_retries(world: World) -> None:
     world.start()
     n = world.send(Batching.CONTIG, [3, 4])
     world.recv(Batching.CONTIG, [3, 4], n)
-    world.dst.receive_finish(world.hd, world.src.send_finish(world.h))
+    world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
+    world.src.send_finish(world.h)
     assert np.array_equal(world.read(world.dst, world.hd, world.dmem)[[3, 4]], pt)
 
 
@@ -574,7 +579,8 @@ def test_sg_reorder_of_distinct_pages_is_fine(world: World) -> None:
     b = world.send(Batching.SG, [2], a)
     world.recv(Batching.SG, [2], b, a)
     world.recv(Batching.SG, [1], a, 0)
-    world.dst.receive_finish(world.hd, world.src.send_finish(world.h))
+    world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
+    world.src.send_finish(world.h)
     assert np.array_equal(world.read(world.dst, world.hd, world.dmem)[[1, 2]], pt)
 
 
@@ -602,7 +608,7 @@ def test_sg_drop_detected_at_finish(world: World) -> None:
     world.start()
     a = world.send(Batching.SG, [1, 2], 0)
     b = world.send(Batching.SG, [3], a)
-    trailer = world.src.send_finish(world.h)
+    trailer = world.src.send_trailer(world.h)
     world.recv(Batching.SG, [1, 2], a, 0)  # packet b never delivered
     with pytest.raises(PspError) as e:
         world.dst.receive_finish(world.hd, trailer)
@@ -626,5 +632,6 @@ def test_page_mode_has_seves_gap(world: World) -> None:
     n = world.send(Batching.PAGE, [1])
     world.recv(Batching.PAGE, [7], n)  # redirected to pfn 7
     world.recv(Batching.PAGE, [7], n)  # and replayed
-    world.dst.receive_finish(world.hd, world.src.send_finish(world.h))
+    world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
+    world.src.send_finish(world.h)
     assert np.array_equal(world.read(world.dst, world.hd, world.dmem)[7], pt[0])

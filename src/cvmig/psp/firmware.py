@@ -367,15 +367,22 @@ class Firmware:
         self.last_work = (1, PAGE_SIZE)
         return size
 
-    def send_finish(self, handle: int) -> bytes:
-        cmd = "SEND_FINISH"
+    def send_trailer(self, handle: int) -> bytes:
+        """Extension, SUPDATE, no state change: the count of sg pages sent so far, MAC'd
+        under the TIK, for RECEIVE_FINISH. Taken after the last UPDATE command and before
+        SEND_FINISH, which must wait until the destination has confirmed."""
+        cmd = "SEND_TRAILER"
         g = self._guest(cmd, handle)
         self._need_state(cmd, g, GuestState.SUPDATE)
         assert g.channel is not None
-        trailer = g.channel.trailer()
+        return g.channel.trailer()
+
+    def send_finish(self, handle: int) -> None:
+        cmd = "SEND_FINISH"
+        g = self._guest(cmd, handle)
+        self._need_state(cmd, g, GuestState.SUPDATE)
         g.channel = None  # channel keys erased
         g.state = GuestState.SENT
-        return trailer
 
     def send_cancel(self, handle: int) -> None:
         cmd = "SEND_CANCEL"

@@ -62,6 +62,7 @@ SEND_UPDATE_DATA = 0x41
 SEND_UPDATE_VMSA = 0x42
 SEND_FINISH = 0x43
 SEND_CANCEL = 0x44
+SEND_TRAILER = 0xE4  # extension: the sg page count, MAC'd, for RECEIVE_FINISH
 RECEIVE_START = 0x50
 RECEIVE_UPDATE_DATA = 0x51
 RECEIVE_UPDATE_VMSA = 0x52
@@ -183,7 +184,8 @@ def _handlers(fw: Firmware, status: Callable[[], dict[str, object]]) -> dict[int
         SEND_UPDATE_DATA: send_update,
         SEND_UPDATE_DATA_QUEUE: send_queue,
         SEND_UPDATE_VMSA: send_vmsa,
-        SEND_FINISH: lambda b: fw.send_finish(_U32.unpack_from(b, 0)[0]),
+        SEND_TRAILER: lambda b: fw.send_trailer(_U32.unpack_from(b, 0)[0]),
+        SEND_FINISH: unit(fw.send_finish),
         SEND_CANCEL: unit(fw.send_cancel),
         RECEIVE_START: receive_start,
         RECEIVE_UPDATE_DATA: receive_update,
@@ -404,8 +406,12 @@ class MailboxClient:
         r = self._call(SEND_UPDATE_VMSA, _VMSA.pack(handle, pfn, trans, 0, offset, 0))
         return int(struct.unpack_from("<Q", r, 0)[0])
 
-    def send_finish(self, handle: int) -> bytes:
-        return bytes(self._call(SEND_FINISH, _U32.pack(handle)))
+    def send_trailer(self, handle: int) -> bytes:
+        """The finish trailer (SUPDATE, no state change) for the destination's RECEIVE_FINISH."""
+        return bytes(self._call(SEND_TRAILER, _U32.pack(handle)))
+
+    def send_finish(self, handle: int) -> None:
+        self._call(SEND_FINISH, _U32.pack(handle))
 
     def send_cancel(self, handle: int) -> None:
         self._call(SEND_CANCEL, _U32.pack(handle))
