@@ -187,8 +187,8 @@ def digest(mem: GuestMemory, cipher: MemoryCipher) -> str:
         shared = mem.page_state[i : i + len(pfns)] == SHARED
         if shared.any():
             out[shared] = mem.pages[i : i + len(pfns)][shared]
-        h.update(memoryview(out))
-    h.update(memoryview(mem.page_state))
+        h.update(out.data)
+    h.update(mem.page_state.data)
     return h.hexdigest()
 
 
