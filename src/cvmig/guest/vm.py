@@ -94,6 +94,7 @@ class VcpuStats:
     ops: int
     pages_written: int
     heartbeat: float  # CLOCK_MONOTONIC (time.monotonic) of the last slice boundary
+    heartbeats: int  # slice boundaries passed (ring entries written)
     throttle: float
     dirty_limit: float | None
     run_time: float
@@ -354,6 +355,7 @@ class Guest:
                     ops=int(r["ops"]),
                     pages_written=int(r["pages_written"]),
                     heartbeat=float(r["heartbeat"]),
+                    heartbeats=int(r["hb_count"]),
                     throttle=float(r["throttle"]),
                     dirty_limit=None if lim < 0 else lim,
                     run_time=float(r["run_time"]),
