@@ -84,7 +84,7 @@ _SOCK_BUF = 4 << 20
 
 _U32 = struct.Struct("<I")
 _MODES = list(Batching)
-_MODE_ID = {m: i for i, m in enumerate(_MODES)}
+_MODE_ID: dict[str, int] = {m: i for i, m in enumerate(_MODES)}  # Batching is a str enum
 # handle u32, mode u8, pad 3, trans u32, pad 4, offset u64, length u64, npfns u32, nbounds u32
 _XFER = struct.Struct("<IB3xI4xQQII")
 _VMSA = struct.Struct("<I4xQIIQQ")  # handle, pfn, trans, pad, offset, length
@@ -93,8 +93,10 @@ _VMSA = struct.Struct("<I4xQIIQQ")  # handle, pfn, trans, pad, offset, length
 def _xfer(handle: int, mode: Batching, trans: int, offset: int, length: int,
           pfns: np.ndarray, bounds: np.ndarray | None = None) -> bytes:
     p = np.ascontiguousarray(pfns, dtype="<i8").reshape(-1)
-    b = np.empty(0, dtype="<i8") if bounds is None else np.ascontiguousarray(bounds, dtype="<i8")
-    head = _XFER.pack(handle, _MODE_ID[Batching(mode)], trans, offset, length, len(p), len(b))
+    if bounds is None:
+        return _XFER.pack(handle, _MODE_ID[mode], trans, offset, length, len(p), 0) + p.tobytes()
+    b = np.ascontiguousarray(bounds, dtype="<i8").reshape(-1)
+    head = _XFER.pack(handle, _MODE_ID[mode], trans, offset, length, len(p), len(b))
     return head + p.tobytes() + b.tobytes()
 
 
