@@ -204,26 +204,35 @@ def _check_profile(name: str) -> None:
               help="Print JSON lines (listening, migrated, failed) on stdout for a parent.")
 @click.option("--run-after", type=click.FloatRange(0), default=0.0,
               help="With --once: let the guest run this long after the check before exiting.")
+@click.option("--qmp", metavar="unix:PATH", default=None,
+              help="Serve a QMP monitor on this UNIX socket until `quit`. Without "
+                   "--incoming: boot a source VM from the guest options and wait for "
+                   "commands (`migrate`, ...).")
+@guest_options
 def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner: str | None,
-       once: bool, announce: bool, run_after: float) -> None:
-    """Run a VM host: a destination waiting for an incoming migration."""
+       once: bool, announce: bool, run_after: float, qmp: str | None, **guest: Any) -> None:
+    """Run a VM host: a destination waiting for an incoming migration, or (with --qmp)
+    a VM controlled through a QMP monitor. Guest options apply to a --qmp source only."""
     from cvmig.migration.destination import IncomingFailed, listen, migrate_in
     from cvmig.migration.host import Host
     from cvmig.wire.channel import parse_uri
-
-    if incoming is None:
-        raise click.UsageError("--incoming tcp:HOST:PORT is required")
-    try:
-        addr, port = parse_uri(incoming)
-        _check_profile(psp_profile)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
 
     def say(obj: dict[str, Any]) -> None:
         if announce:
             print(json.dumps(obj), flush=True)
         else:
             click.echo(" ".join(f"{k}={v}" for k, v in obj.items()), err=True)
+
+    if qmp is not None:
+        _vm_with_monitor(qmp, incoming, psp_profile, max_contig_pages, psp_owner, guest, say)
+        return
+    if incoming is None:
+        raise click.UsageError("--incoming tcp:HOST:PORT or --qmp unix:PATH is required")
+    try:
+        addr, port = parse_uri(incoming)
+        _check_profile(psp_profile)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -250,3 +259,24 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
                 return
             stop.wait()
             incoming_vm.shutdown(host)
+
+
+def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_cap: int,
+                     psp_owner: str | None, guest: dict[str, Any], say: Any) -> None:
+    """`cvmig vm --qmp`: a source (boots the guest) or, with --incoming, a destination."""
+    from cvmig.monitor.run import StartError, parse_qmp_address, run_vm
+    from cvmig.wire.channel import parse_uri
+
+    try:
+        path = parse_qmp_address(qmp)
+        addr = parse_uri(incoming) if incoming is not None else None
+        config = None if addr is not None else build_guest(guest)
+        policy = parse_policy(guest["policy"])
+        _check_profile(psp_profile)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        run_vm(path, psp_profile, say, guest=config, policy=policy, incoming=addr,
+               contig_cap=contig_cap, psp_owner=psp_owner)
+    except StartError as e:
+        raise click.ClickException(str(e)) from None

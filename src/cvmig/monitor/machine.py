@@ -1,0 +1,312 @@
+"""The VM behind a monitor: its run state, its guest, and at most one migration at a time.
+
+Monitor commands and the migration thread meet here, under one lock. A command that does
+not fit the state is refused with a QMPError and changes nothing. Where cvmig differs
+from QEMU it is stricter, because its guest cannot do what QEMU's could:
+
+- ``stop``/``cont`` are refused while a migration is in progress (QEMU allows them): the
+  migration owns the vCPUs, and a guest paused by the user would be resumed by a
+  rollback or at the destination.
+- ``migrate`` needs a running guest, for the same reason.
+- after a completed migration the guest is released (its PSP context is SENT): ``cont``
+  is refused instead of starting a second copy.
+- migration parameters are fixed once ``migrate`` starts (QEMU changes some live).
+
+Events go through ``emit`` (name, data); the monitor sends them to its clients. MIGRATION
+and MIGRATION_PASS need the ``events`` capability, as in QEMU; STOP and RESUME do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from cvmig.guest.vm import GuestConfig
+from cvmig.migration.destination import listen, migrate_in
+from cvmig.migration.driver import MigrationParams, Progress
+from cvmig.migration.host import Host
+from cvmig.migration.source import MigrationFailed, SourceVM, migrate_out
+from cvmig.monitor.info import IN_PROGRESS, RateMeter, migration_info
+from cvmig.monitor.params import Settings
+from cvmig.monitor.protocol import QMPError
+from cvmig.psp.api import Batching
+from cvmig.wire.channel import parse_uri
+
+Emit = Callable[[str, dict[str, Any] | None], None]
+
+
+def _no_emit(name: str, data: dict[str, Any] | None) -> None:
+    pass
+
+
+@dataclass
+class Job:
+    """One migration, outgoing or incoming, as query-migrate reports it."""
+
+    incoming: bool = False
+    status: str = "none"
+    progress: Progress = field(default_factory=Progress)
+    params: MigrationParams | None = None
+    meter: RateMeter = field(default_factory=RateMeter)
+    error: str = ""
+    passes: int = 0  # MIGRATION_PASS events sent
+
+    @property
+    def outgoing_in_progress(self) -> bool:
+        return not self.incoming and self.status in IN_PROGRESS
+
+
+class Machine:
+    """A source VM (boot) or a destination waiting for one (listen); either can later
+    migrate its guest out."""
+
+    def __init__(self, host: Host, emit: Emit = _no_emit, contig_cap: int = 4) -> None:
+        self.host = host
+        self.contig_cap = contig_cap  # the largest contig command this host's PSP takes
+        self.emit = emit
+        self.lock = threading.RLock()
+        self.settings = Settings()
+        self.vm: SourceVM | None = None
+        self.runstate = "prelaunch"
+        self.job = Job()
+        self._worker: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._closing = threading.Event()
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+
+    # -- state changes (caller holds the lock) ------------------------------------------
+    def _status(self, status: str) -> None:
+        if status != self.job.status:
+            self.job.status = status
+            if self.settings.caps["events"]:
+                self.emit("MIGRATION", {"status": status})
+
+    def _runstate(self, state: str, event: str | None = None) -> None:
+        self.runstate = state
+        if event is not None:
+            self.emit(event, None)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def boot(self, config: GuestConfig, policy: int) -> None:
+        """A source: boot a fresh guest here."""
+        vm = SourceVM.boot(self.host, config, policy)
+        with self.lock:
+            self.vm = vm
+            self._runstate("running")
+
+    def listen(self, addr: str, port: int) -> int:
+        """A destination: wait for a guest on addr:port (0: any free port); the port."""
+        srv = listen(addr, port)
+        self._listener = srv
+        with self.lock:
+            self.runstate = "inmigrate"
+            self.job = Job(incoming=True)
+            self._status("setup")  # QEMU: -incoming puts the migration in setup at once
+        self._worker = threading.Thread(target=self._incoming, args=(srv,),
+                                        name="cvmig-incoming", daemon=True)
+        self._worker.start()
+        return int(srv.getsockname()[1])
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Quit: cancel what runs, wait for it to roll back, shut the guest down."""
+        self._closing.set()
+        self._cancel.set()
+        for s in (self._listener, self._conn):
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)  # wakes accept() and recv() at once
+        if self._worker is not None:
+            self._worker.join(timeout)  # not under the lock: the worker needs it to finish
+        with self.lock:
+            if self.vm is not None:
+                self.vm.shutdown()
+                self.vm = None
+            self.runstate = "shutdown"
+        if self._listener is not None:
+            self._listener.close()
+
+    # -- run state ----------------------------------------------------------------------
+    def query_status(self) -> dict[str, Any]:
+        with self.lock:
+            return {"running": self.runstate == "running", "status": self.runstate}
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.job.outgoing_in_progress:
+                raise QMPError(f"Cannot stop the guest while a migration is in progress "
+                               f"(status '{self.job.status}'); use migrate_cancel first")
+            if self.runstate == "inmigrate":
+                raise QMPError("The guest has not arrived yet: cvmig starts an incoming "
+                               "guest when its migration completes; stop it after that")
+            if self.runstate != "running" or self.vm is None:
+                return  # QEMU: stopping a stopped VM does nothing
+            self.vm.guest.pause()
+            self._runstate("paused", "STOP")
+
+    def cont(self) -> None:
+        with self.lock:
+            if self.job.outgoing_in_progress:
+                raise QMPError(f"Cannot resume the guest while a migration is in progress "
+                               f"(status '{self.job.status}')")
+            if self.runstate == "inmigrate":
+                return  # QEMU sets autostart; cvmig always starts an incoming guest
+            if self.runstate == "postmigrate":
+                raise QMPError("The guest has migrated away: its secure-processor context "
+                               "here is SENT and can never run again")
+            if self.runstate == "running":
+                return  # QEMU: nothing to do
+            if self.vm is None:
+                raise QMPError(f"There is no guest to resume (status '{self.runstate}')")
+            self.vm.guest.resume()
+            self._runstate("running", "RESUME")
+
+    # -- migration ----------------------------------------------------------------------
+    def migrate(self, uri: str) -> None:
+        with self.lock:
+            if self.job.outgoing_in_progress:
+                raise QMPError("There's a migration process in progress")  # QEMU's words
+            if self.runstate == "inmigrate":
+                raise QMPError("Guest is waiting for an incoming migration")  # QEMU's words
+            if self.runstate == "postmigrate" or self.vm is None:
+                raise QMPError(f"There is no guest here to migrate (status '{self.runstate}')")
+            if self.runstate != "running":
+                raise QMPError("cvmig migrates a running guest only: 'cont' it first")
+            if self._closing.is_set():
+                raise QMPError("The VM is shutting down")
+            try:
+                parse_uri(uri)
+            except ValueError as e:
+                raise QMPError(str(e)) from None
+            params = self.settings.params()
+            if params.batching is Batching.CONTIG and params.cap > self.contig_cap:
+                raise QMPError(f"x-batch-cap {params.cap} is over this host's contig limit of "
+                               f"{self.contig_cap} pages (cvmig vm --max-contig-pages)")
+            job = Job(params=params)
+            self.job = job
+            self._cancel.clear()
+            self._status("setup")
+            self._worker = threading.Thread(target=self._outgoing, args=(job, self.vm, uri),
+                                            name="cvmig-migrate", daemon=True)
+            self._worker.start()
+
+    def migrate_cancel(self) -> None:
+        with self.lock:
+            # QEMU: always succeeds. Stop-and-copy cannot be cancelled here: the driver
+            # no longer looks, and the destination may already run the guest.
+            if not self.job.incoming and self.job.status in ("setup", "active"):
+                self._cancel.set()
+                self._status("cancelling")
+
+    def query_migrate(self) -> dict[str, Any]:
+        with self.lock:
+            job = self.job
+        if job.incoming:  # QEMU's destination reports its status only
+            info: dict[str, Any] = {} if job.status == "none" else {"status": job.status}
+            if job.status == "failed" and job.error:
+                info["error-desc"] = job.error
+            return info
+        return migration_info(job.status, job.progress, job.params, job.meter, error=job.error)
+
+    def set_parameters(self, args: dict[str, Any]) -> None:
+        with self.lock:
+            if self.job.outgoing_in_progress:
+                raise QMPError("Parameters cannot change while a migration is in progress "
+                               "in cvmig; they apply from the next 'migrate'")
+            self.settings.set_parameters(args)
+
+    def set_capabilities(self, items: list[Any]) -> None:
+        with self.lock:
+            if self.job.outgoing_in_progress:
+                raise QMPError("There's a migration process in progress")  # QEMU's words
+            self.settings.set_capabilities(items)
+
+    # -- workers ------------------------------------------------------------------------
+    def _observe(self, job: Job, event: str, p: Progress) -> None:
+        """The driver's observer, on the migration thread: keep it short."""
+        job.progress = p
+        if event == "chunk":
+            job.meter.add(time.monotonic(), p.transferred, p.pages_sent)
+        with self.lock:
+            if job is not self.job:
+                return
+            while job.passes < p.dirty_sync_count:
+                job.passes += 1  # QEMU: one MIGRATION_PASS per bitmap sync, from 1
+                if self.settings.caps["events"]:
+                    self.emit("MIGRATION_PASS", {"pass": job.passes})
+            if event != "status":
+                return
+            if p.status == "device":  # stop-and-copy: the guest is being paused
+                self._status("device")
+                self._runstate("finish-migrate", "STOP")
+            elif p.status in ("setup", "active") and job.status != "cancelling":
+                self._status(p.status)
+            # "completed" waits for migrate_out: only then is the source guest released
+
+    def _outgoing(self, job: Job, vm: SourceVM, uri: str) -> None:
+        assert job.params is not None
+        try:
+            outcome = migrate_out(vm, uri, job.params, partial(self._observe, job),
+                                  self._cancel.is_set)
+        except BaseException as e:  # noqa: BLE001 - every end must leave a queryable state
+            with self.lock:
+                if self._cancel.is_set():
+                    self._status("cancelled")
+                else:
+                    job.error = str(e) if isinstance(e, MigrationFailed) else \
+                        f"{type(e).__name__}: {e}"
+                    self._status("failed")
+                if self.runstate == "finish-migrate":  # rolled back: the guest runs here
+                    if vm.guest.paused:
+                        self._runstate("paused")
+                    else:
+                        self._runstate("running", "RESUME")
+            return
+        with self.lock:
+            job.progress = outcome.progress
+            self.vm = None  # SEND_FINISH done; the guest runs at the destination now
+            self._runstate("postmigrate")
+            self._status("completed")
+
+    def _incoming(self, srv: socket.socket) -> None:
+        try:
+            while not self._closing.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return  # the listener was shut down: quitting
+                with self.lock:
+                    if self._closing.is_set():
+                        conn.close()
+                        return
+                    self._conn = conn
+                    job = Job(incoming=True, status="setup")
+                    self.job = job
+                    self._status("active")
+                try:
+                    ivm = migrate_in(self.host, conn)
+                except BaseException as e:  # noqa: BLE001 - keep listening for another try
+                    with self.lock:
+                        self._conn = None
+                        job.error = str(e)
+                        self._status("failed")
+                    continue
+                with self.lock:
+                    self._conn = None
+                    if self._closing.is_set():
+                        ivm.shutdown(self.host)
+                        return
+                    # the received guest is a source-to-be: it may migrate on from here
+                    self.vm = SourceVM(self.host, ivm.guest.config, ivm.guest, ivm.handle,
+                                       ivm.memory)
+                    self._status("completed")
+                    self._runstate("running", "RESUME")
+                return
+        finally:
+            srv.close()

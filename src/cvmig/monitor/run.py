@@ -1,0 +1,81 @@
+"""A long-lived VM process with a QMP monitor: ``cvmig vm --qmp unix:PATH``.
+
+A source boots its guest first, then opens the monitor; a destination opens the monitor
+and its migration listener, then waits. Either runs until ``quit``, SIGTERM or SIGINT,
+and shuts its guest and secure processor down on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from cvmig.guest.vm import GuestConfig
+from cvmig.migration.host import Host
+from cvmig.monitor.machine import Machine
+from cvmig.monitor.server import Server
+
+Say = Callable[[dict[str, Any]], None]
+_SOCKET_OPTIONS = ("server", "server=on", "nowait", "wait=off")
+
+
+def parse_qmp_address(text: str) -> str:
+    """'unix:PATH' (QEMU's ',server=on,wait=off' accepted and implied) -> PATH."""
+    if not text.startswith("unix:") or len(text) <= 5:
+        raise ValueError(f"the QMP address must be unix:PATH, got {text!r}")
+    path, *opts = text[5:].split(",")
+    for o in opts:
+        if o not in _SOCKET_OPTIONS:
+            raise ValueError(f"unknown QMP socket option {o!r} (this monitor always listens)")
+    if not path:
+        raise ValueError(f"the QMP address must be unix:PATH, got {text!r}")
+    return path
+
+
+class StartError(Exception):
+    """The monitor socket or the migration listener could not be opened."""
+
+
+def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | None = None,
+           policy: int = 0, incoming: tuple[str, int] | None = None, contig_cap: int = 4,
+           psp_owner: str | None = None) -> None:
+    """Serve until quit. ``incoming``: a destination on (addr, port); else boot ``guest``."""
+    role = "destination" if incoming else "source"
+    with Host(role, psp_profile, contig_cap=contig_cap, psp_owner=psp_owner) as host:
+        machine = Machine(host, contig_cap=contig_cap)
+        try:
+            port = None
+            if incoming is not None:
+                try:
+                    port = machine.listen(*incoming)
+                except OSError as e:
+                    raise StartError(f"cannot listen on {incoming[0]}:{incoming[1]}: "
+                                     f"{e.strerror or e}") from None
+            else:
+                assert guest is not None
+                machine.boot(guest, policy)
+            asyncio.run(_serve(machine, qmp_path, say, port))
+        finally:
+            machine.close()
+
+
+async def _serve(machine: Machine, path: str, say: Say, port: int | None) -> None:
+    server = Server(machine)
+    try:
+        await server.start(path)
+    except OSError as e:
+        raise StartError(f"cannot serve QMP on unix:{path}: {e.strerror or e}") from None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_quit, "host-signal")
+    if port is None:
+        say({"event": "running", "qmp": path})
+    else:
+        say({"event": "listening", "port": port, "qmp": path})
+    try:
+        await server.quit_requested.wait()
+        await asyncio.to_thread(machine.close)
+    finally:
+        await server.close()
