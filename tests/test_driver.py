@@ -28,6 +28,7 @@ def run(guest: GuestModel, costs: Costs | None = None, **kw: object) -> tuple[Si
     w = SimWorld(guest, costs or Costs())
     d = Driver(w, MigrationParams(**kw))  # type: ignore[arg-type]
     d.run()
+    assert w.destination_matches(), "a page written during pre-copy never reached the destination"
     return w, d
 
 

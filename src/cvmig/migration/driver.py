@@ -264,7 +264,8 @@ class Driver:
         self._status("device")
         w.pause_guest()
         prog.pause_time = w.now()
-        final = w.harvest()
+        # what the last sync found is still unsent: it goes now, with what came since
+        final = np.union1d(dirty, w.harvest())
         prog.dirty_sync_count += 1
         last = self._send_round(rnd.index + 1, "stop-and-copy", final, dirty=len(final),
                                 rate_limited=False)

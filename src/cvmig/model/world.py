@@ -53,6 +53,17 @@ class SimWorld:
     _writes: float = 0.0  # writes since the last harvest
     _carry: float = 0.0  # fractional page left over from the last harvest
     log: list[tuple[float, str]] = field(default_factory=list)
+    # page versions on each side: a write bumps the source's, a send copies it across
+    src_version: np.ndarray = field(init=False)
+    dst_version: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.src_version = np.zeros(self.guest.npages, dtype=np.int64)
+        self.dst_version = np.full(self.guest.npages, -1, dtype=np.int64)
+
+    def destination_matches(self) -> bool:
+        """Whether every page arrived in its latest version (the engine's digest check)."""
+        return bool(np.array_equal(self.src_version, self.dst_version))
 
     # -- clock --------------------------------------------------------------------------
     def now(self) -> float:
@@ -95,7 +106,9 @@ class SimWorld:
         n = int(unique)
         self._carry = 0.0 if n else writes
         start = self.guest.npages - ws
-        return np.arange(start, start + n, dtype=np.int64)
+        pfns = np.arange(start, start + n, dtype=np.int64)
+        self.src_version[pfns] += 1
+        return pfns
 
     def send_private(self, pfns: np.ndarray, bounds: np.ndarray, queue: bool) -> Sent:
         c = self.costs
@@ -104,11 +117,13 @@ class SimWorld:
         doorbells = 1 if queue else ncmds
         psp = doorbells * c.t_doorbell + ncmds * c.t_cmd + nbytes / c.psp_bw
         self.clock += psp + nbytes / c.link_bw
+        self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes, ncmds, doorbells, psp)
 
     def send_shared(self, pfns: np.ndarray) -> Sent:
         nbytes = len(pfns) * PAGE_SIZE
         self.clock += nbytes / self.costs.link_bw
+        self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes)
 
     # -- throttle -----------------------------------------------------------------------
@@ -131,8 +146,12 @@ class SimWorld:
         self.log.append((self.clock, "pause"))
 
     def send_vcpu_state(self) -> Sent:
-        return self.send_private(np.arange(self.guest.vcpus, dtype=np.int64),
-                                 np.arange(self.guest.vcpus + 1, dtype=np.int64), False)
+        c = self.costs
+        n = self.guest.vcpus
+        psp = n * (c.t_doorbell + c.t_cmd)
+        nbytes = n * (PAGE_SIZE + PACKET_HEADER_SIZE)
+        self.clock += psp + nbytes / c.link_bw
+        return Sent(n, nbytes, n, n, psp)
 
     def complete(self) -> None:
         self.clock += self.costs.t_resume
