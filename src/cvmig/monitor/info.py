@@ -72,7 +72,7 @@ def migration_info(status: str, progress: Progress, params: MigrationParams | No
     ram = info.get("ram")
     if live and ram is not None and meter is not None and (r := meter.rates()) is not None:
         ram["mbps"] = round(r[0] * 8 / 1e6, 3)
-        ram["pages-per-second"] = int(r[1])
+        ram["pages-per-second"] = round(r[1])
     if ram is not None:
         # what only cvmig knows: the secure processor's share of the work
         info["x-rounds"] = len(p.rounds)

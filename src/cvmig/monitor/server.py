@@ -85,8 +85,9 @@ class Server:
                 os.unlink(self.path)
 
     def request_quit(self, reason: str) -> None:
+        """On the loop: SHUTDOWN goes out now, before any connection closes."""
         if not self.quit_requested.is_set():
-            self.emit("SHUTDOWN", {"guest": False, "reason": reason})
+            self._broadcast(protocol.event("SHUTDOWN", {"guest": False, "reason": reason}))
             self.quit_requested.set()
 
     # -- one connection -----------------------------------------------------------------
