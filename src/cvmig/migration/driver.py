@@ -180,6 +180,7 @@ class Progress:
     downtime: float = 0.0
     total_time: float = 0.0
     pause_time: float = 0.0  # world clock at pause (downtime start)
+    switchover: str = ""  # why pre-copy ended: converged | max-rounds | timeout
     error: str = ""
 
 
@@ -245,9 +246,11 @@ class Driver:
             rnd.threshold_bytes = bw * p.downtime_limit_ms / 1000
             self.observe("sync", prog)
             if remaining <= rnd.threshold_bytes:
+                prog.switchover = "converged"
                 break
             iterative = rnd.index  # rounds done after the bulk one
             if p.max_rounds and iterative >= p.max_rounds:
+                prog.switchover = "max-rounds"
                 break  # QEMU has no cap; Cloud Hypervisor's old one paused regardless
             if p.timeout_s and sync_time - prog.start >= p.timeout_s:
                 if p.timeout_action is TimeoutAction.CANCEL:
@@ -256,6 +259,7 @@ class Driver:
                         f"({remaining >> 20} MiB still dirty, threshold "
                         f"{int(rnd.threshold_bytes) >> 20} MiB)"
                     )
+                prog.switchover = "timeout"
                 break
             self.policy.on_sync(self, Sync(sync_time, len(dirty), prog.transferred))
             rnd = self._send_round(rnd.index + 1, "iterative", dirty, dirty=len(dirty))

@@ -78,6 +78,7 @@ def full_report(
         "us-per-page": round(p.psp_seconds * 1e6 / psp_pages, 3) if psp_pages else 0.0,
         "profile": psp_profile,
     }
+    rep["x-switchover"] = p.switchover
     rep["guest"] = guest
     rep["verify"] = verify
     rep["params"] = {

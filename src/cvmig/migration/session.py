@@ -151,6 +151,8 @@ def _report(opts: MigrateOptions, out: Outcome, tracker: str,
         "ops-per-s-after": round(float(verified.get("ops_after", 0)) / after_s, 1)
         if after_s else 0.0,
         "observed-gap-ms": round(gap * 1000, 3),
+        # (seconds since migration start, guest operations so far), one point per chunk sent
+        "timeline": [[round(t - p.start, 4), o - ops1] for t, o in out.timeline],
         "workload": str(opts.guest.workload),
         "memory": opts.guest.memory,
         "vcpus": opts.guest.vcpus,

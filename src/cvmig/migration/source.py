@@ -93,6 +93,7 @@ class Outcome:
     guest_during: dict[str, float] = field(default_factory=dict)
     last_heartbeat: float = 0.0
     ops_at_pause: float = 0.0
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (time, guest ops)
 
 
 class RealWorld:
@@ -156,6 +157,8 @@ class RealWorld:
             np.int64).tobytes() + bounds.astype(np.int64).tobytes()
         sent = self.chan.send(FrameType.PAGES, meta, [self.trans.view[:total]])
         self._peer_check()
+        if self.outcome is not None:
+            self.outcome.timeline.append((time.monotonic(), _ops(self.vm.guest)))
         return Sent(pages=len(pfns), bytes=sent, commands=ncmds, doorbells=doorbells,
                     psp_seconds=psp_s)
 
@@ -184,7 +187,7 @@ class RealWorld:
     def pause_guest(self) -> None:
         self.vm.guest.pause()
         if self.outcome is not None:
-            self.outcome.ops_at_pause = float(sum(s.ops for s in self.vm.guest.stats()))
+            self.outcome.ops_at_pause = _ops(self.vm.guest)
 
     def send_vcpu_state(self) -> Sent:
         out = Sent()
@@ -336,6 +339,10 @@ def _roll_back(vm: SourceVM, chan: Channel | None, driver: Driver | None, reason
     if driver is not None:
         driver.progress.status = "failed"
         driver.progress.error = reason
+
+
+def _ops(guest: Guest) -> float:
+    return float(sum(s.ops for s in guest.stats()))
 
 
 def _rates(guest: Guest) -> dict[str, float]:
