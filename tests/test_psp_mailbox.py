@@ -180,19 +180,22 @@ def test_process_start_errors(tmp_path: pathlib.Path) -> None:
 def test_cost_profile_is_applied_per_message(pki_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
     root, owner = C.AmdRoot.load(pki_dir / "amd-root"), C.Owner.load(pki_dir / "owner")
     fw = Firmware(C.PlatformIdentity.generate(root, owner), trusted_arks=[root.ark_cert])
-    # 2 ms per command, 1 ms per doorbell, 8 MB/s.
-    server = PspServer(fw, str(tmp_path / "c.sock"), "2000:1000:8")
+    # 15 ms per command, 5 ms per doorbell, 8 MB/s.
+    server = PspServer(fw, str(tmp_path / "c.sock"), "15000:5000:8")
     serve_in_thread(server)
     try:
         with MailboxClient(server.socket_path) as c, ShmRegion(4 * PAGE_SIZE) as m:
             r = c.map_region(m.name, m.size)
             t = time.perf_counter()
             h = c.launch(r, 4, 0)
-            for _ in range(5):
+            for _ in range(3):
                 c.guest_status(h)
-            per = (time.perf_counter() - t) / 6
-            assert per >= 3e-3  # doorbell + one command
-            assert server.busy_s >= 6 * 3e-3
+            per = (time.perf_counter() - t) / 4
+            assert per >= 20e-3  # doorbell + one command
+            # The memory controller is not the PSP: no firmware cost on a key fetch.
+            t = time.perf_counter()
+            fetch_memory_key(server.socket_path, h)
+            assert time.perf_counter() - t < 20e-3
     finally:
         server.stop()
 

@@ -79,6 +79,9 @@ COMMAND_NAMES = {
     if k.isupper() and isinstance(v, int) and (k.startswith(("SEND_", "RECEIVE_", "LAUNCH_", "PDH_", "PLATFORM_", "GUEST_", "FETCH_")) or k in ("DECOMMISSION", "MAP_REGION", "UNMAP_REGION"))
 }
 
+# Not firmware commands on hardware (DMA mapping; the memory controller): no PSP cost.
+_FREE = frozenset({MAP_REGION, UNMAP_REGION, FETCH_MEMORY_KEY})
+
 MAX_MESSAGE = 4 << 20  # bytes; a queue of 4094 one-page commands needs ~64 KiB
 _SOCK_BUF = 4 << 20
 
@@ -260,7 +263,7 @@ class PspServer:
             reply = _U32.pack(e.status) + f"{e.command}\0{e.detail}".encode()
         except Exception as e:  # a malformed buffer must not take the PSP down
             reply = _U32.pack(Status.INVALID_PARAM) + f"{name}\0{type(e).__name__}: {e}".encode()
-        if not self.profile.is_free:
+        if not self.profile.is_free and cmd_id not in _FREE:
             ncmd, nbytes = self.firmware.last_work
             wait_until(t0 + self.profile.duration(ncmd, nbytes))
         self.busy_s += time.perf_counter() - t0
