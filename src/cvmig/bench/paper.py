@@ -1,0 +1,253 @@
+"""`cvmig bench paper`: the IPSJ report's evaluation, rerun on this machine.
+
+A grid of batching mode x throttle policy x workload, each cell a real live migration
+(PSP processes, guest processes, TCP), repeated; the `page` mode with no throttle is the
+baseline every ratio is measured against, in the same run. The dirtier runs at dirty
+rates relative to the transfer rate the baseline achieves here, measured first.
+Writes runs.json (every report), runs.csv (one row per run), summary.csv (medians and
+ratios) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cvmig.bench.machine import machine_info, machine_line
+from cvmig.migration.driver import MigrationParams, TimeoutAction
+from cvmig.migration.throttle import ThrottleKind, ThrottleParams
+from cvmig.psp.api import PAGE_SIZE, Batching
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A batching configuration under test."""
+
+    name: str
+    batching: Batching
+    cap: int = 0
+    queue: bool = False
+
+    def params(self, base: MigrationParams) -> MigrationParams:
+        return replace(base, batching=self.batching, batch_cap=self.cap, queue=self.queue)
+
+
+MODES = {
+    "page": Mode("page", Batching.PAGE),
+    "contig": Mode("contig", Batching.CONTIG),  # 16 KiB: what the SEV spec allows
+    "contig64": Mode("contig64", Batching.CONTIG, cap=64),  # extension: 256 KiB commands
+    "sg": Mode("sg", Batching.SG),
+    "queue": Mode("queue", Batching.PAGE, queue=True),  # one-page commands, one doorbell
+}
+THROTTLES = [k.value for k in ThrottleKind]
+
+
+@dataclass(frozen=True)
+class Grid:
+    modes: tuple[str, ...]
+    throttles: tuple[str, ...]
+    dirty_fractions: tuple[float, ...]  # dirtier rates as fractions of the baseline rate
+    idle: bool
+    sqlite: bool
+    reps: int
+    memory: int
+    profiles: tuple[str, ...]
+    hw_memory: int  # guest size for hardware-profile runs (they are slow by design)
+    hw_modes: tuple[str, ...]
+    timeout_s: float
+
+
+QUICK = Grid(modes=("page", "contig", "sg"), throttles=("none", "auto-converge", "precopy"),
+             dirty_fractions=(1.0,), idle=True, sqlite=True, reps=1, memory=64 * MiB,
+             profiles=("none", "sev-2020"), hw_memory=16 * MiB,
+             hw_modes=("page", "contig", "sg"), timeout_s=20.0)
+FULL = Grid(modes=tuple(MODES), throttles=tuple(THROTTLES), dirty_fractions=(0.5, 1.0, 2.0),
+            idle=True, sqlite=True, reps=3, memory=128 * MiB, profiles=("none", "sev-2020"),
+            hw_memory=16 * MiB, hw_modes=("page", "contig", "contig64", "sg"), timeout_s=40.0)
+
+
+def _run(workload: str, mode: Mode, throttle: str, profile: str, memory: int,
+         timeout_s: float, rep: int) -> dict[str, Any]:
+    from cvmig.guest.vm import GuestConfig
+    from cvmig.guest.workloads import parse_workload
+    from cvmig.migration.session import MigrateOptions, migrate_local_or_remote
+    from cvmig.migration.source import MigrationFailed
+
+    base = MigrationParams(throttle=ThrottleKind(throttle), throttle_params=ThrottleParams(),
+                           timeout_s=timeout_s, timeout_action=TimeoutAction.FORCE)
+    opts = MigrateOptions(
+        guest=GuestConfig(memory=memory, vcpus=2, workload=parse_workload(workload)),
+        params=mode.params(base), psp_profile=profile, warmup_s=0.5)
+    row: dict[str, Any] = {"workload": workload, "mode": mode.name, "throttle": throttle,
+                           "profile": profile, "memory_mib": memory // MiB, "rep": rep}
+    try:
+        rep_ = migrate_local_or_remote(opts)
+    except MigrationFailed as e:
+        row.update(status="failed", error=str(e))
+        return {"row": row, "report": None}
+    g = rep_["guest"]
+    row.update(
+        status=rep_["status"],
+        switchover=rep_["x-switchover"],
+        total_ms=rep_["total-time"],
+        downtime_ms=rep_["downtime"],
+        rounds=rep_["ram"]["dirty-sync-count"],
+        transferred_mib=round(rep_["ram"]["transferred"] / MiB, 2),
+        mbps=rep_["ram"]["mbps"],
+        psp_commands=rep_["psp"]["commands"],
+        psp_ms=rep_["psp"]["time-ms"],
+        psp_us_per_page=rep_["psp"]["us-per-page"],
+        pages_per_command=round(sum(r["pages"] for r in rep_["rounds"]) /
+                                max(1, rep_["psp"]["commands"]), 2),
+        final_throttle=rep_.get("cpu-throttle-percentage", 0),
+        ops_before=g["ops-per-s-before"], ops_during=g["ops-per-s-during"],
+        ops_after=g["ops-per-s-after"], gap_ms=g["observed-gap-ms"],
+        verified=rep_["verify"]["memory"] == "match" and
+        bool(rep_["verify"]["workload"].get("ok")),
+    )
+    return {"row": row, "report": rep_}
+
+
+def _baseline_rate(memory: int, profile: str) -> float:
+    """Pages/s the baseline (page mode, no throttle) moves here: an idle migration's bulk."""
+    r = _run("idle", MODES["page"], "none", profile, memory, 0.0, 0)
+    rep = r["report"]
+    if rep is None:
+        raise click.ClickException(f"calibration migration failed: {r['row'].get('error')}")
+    bulk = rep["rounds"][0]
+    return float(bulk["pages"] / bulk["duration"])
+
+
+def _workloads(grid: Grid, rate: float) -> list[str]:
+    out = ["idle"] if grid.idle else []
+    out += [f"dirtier:rate={max(1, round(f * rate))},pattern=uniform"
+            for f in grid.dirty_fractions]
+    if grid.sqlite:
+        out.append("sqlite:accounts=200")
+    return out
+
+
+def run_grid(grid: Grid, out: Path, echo: Any = click.echo) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for profile in grid.profiles:
+        hw = profile != "none"
+        memory = grid.hw_memory if hw else grid.memory
+        modes = grid.hw_modes if hw else grid.modes
+        throttles = ("none",) if hw else grid.throttles
+        rate = _baseline_rate(memory, profile)
+        echo(f"[{profile}] baseline transfer rate here: {rate:,.0f} pages/s "
+             f"({rate * PAGE_SIZE / MiB:.1f} MiB/s) for a {memory // MiB} MiB guest")
+        fractions = grid.dirty_fractions if not hw else (0.5,)
+        g = replace(grid, dirty_fractions=fractions, sqlite=grid.sqlite and not hw)
+        for workload in _workloads(g, rate):
+            for mode in modes:
+                for throttle in throttles:
+                    for rep in range(grid.reps if not hw else 1):
+                        r = _run(workload, MODES[mode], throttle, profile, memory,
+                                 grid.timeout_s * (4 if hw else 1), rep)
+                        r["row"]["dirty_fraction"] = _fraction(workload, rate)
+                        r["row"]["baseline_pages_per_s"] = round(rate, 1)
+                        results.append(r)
+                        row = r["row"]
+                        echo(f"  {profile:8} {workload:38} {mode:8} {throttle:13} "
+                             f"total {row.get('total_ms', '-'):>6} ms  downtime "
+                             f"{row.get('downtime_ms', '-'):>5} ms  {row.get('switchover', row['status'])}")
+    echo(f"grid done in {time.monotonic() - started:.0f} s")
+    return results
+
+
+def _fraction(workload: str, rate: float) -> float:
+    if not workload.startswith("dirtier"):
+        return 0.0
+    r = float(workload.split("rate=")[1].split(",")[0])
+    return round(r / rate, 2)
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians per configuration, and ratios to page/none of the same workload+profile."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        row = r["row"]
+        if row["status"] != "completed":
+            continue
+        key = (row["profile"], row["workload"], row["mode"], row["throttle"])
+        groups.setdefault(key, []).append(row)
+    med: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for key, rows in groups.items():
+        med[key] = {
+            "profile": key[0], "workload": key[1], "mode": key[2], "throttle": key[3],
+            "runs": len(rows),
+            "total_ms": statistics.median(x["total_ms"] for x in rows),
+            "downtime_ms": statistics.median(x["downtime_ms"] for x in rows),
+            "psp_us_per_page": statistics.median(x["psp_us_per_page"] for x in rows),
+            "ops_during": statistics.median(x["ops_during"] for x in rows),
+            "ops_before": statistics.median(x["ops_before"] for x in rows),
+            "converged": sum(x["switchover"] == "converged" for x in rows),
+            "dirty_fraction": rows[0]["dirty_fraction"],
+        }
+    for key, m in med.items():
+        base = med.get((key[0], key[1], "page", "none"))
+        if base:
+            m["time_vs_page"] = round(m["total_ms"] / max(base["total_ms"], 1e-9), 3)
+            m["downtime_vs_page"] = round(m["downtime_ms"] / max(base["downtime_ms"], 1e-9), 3)
+        m["guest_kept"] = round(m["ops_during"] / m["ops_before"], 3) if m["ops_before"] else None
+    return list(med.values())
+
+
+def _write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    rows = list(rows)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="The small grid (about 5 minutes here).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("docs/results"), show_default=True)
+@click.option("--reps", type=click.IntRange(1, 20), default=None,
+              help="Repetitions per cell (default: 1 quick, 3 full).")
+@click.option("--profiles", default=None,
+              help="Comma list of PSP cost profiles (default: none,sev-2020).")
+def paper(quick: bool, out: Path, reps: int | None, profiles: str | None) -> None:
+    """Batching x throttling x workload, measured side by side against the page baseline."""
+    from cvmig.bench.plots import plot_all
+    from cvmig.psp.cost import parse
+
+    grid = QUICK if quick else FULL
+    if reps:
+        grid = replace(grid, reps=reps)
+    if profiles:
+        names = tuple(p.strip() for p in profiles.split(",") if p.strip())
+        for n in names:
+            try:
+                parse(n)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--profiles") from None
+        grid = replace(grid, profiles=names)
+    out.mkdir(parents=True, exist_ok=True)
+    click.echo(machine_line())
+    results = run_grid(grid, out)
+    summary = summarize(results)
+    meta = {"machine": machine_info(), "grid": {**grid.__dict__}, "quick": quick}
+    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1) + "\n")
+    _write_csv(out / "runs.csv", (r["row"] for r in results))
+    _write_csv(out / "summary.csv", summary)
+    for p in plot_all(results, summary, out):
+        click.echo(f"wrote {p}")
+    click.echo(f"wrote {out / 'runs.json'}, {out / 'runs.csv'}, {out / 'summary.csv'}")
