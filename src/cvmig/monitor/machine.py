@@ -231,7 +231,8 @@ class Machine:
     def _observe(self, job: Job, event: str, p: Progress) -> None:
         """The driver's observer, on the migration thread: keep it short."""
         job.progress = p
-        if event == "chunk":
+        if event == "chunk" or (event == "status" and p.status == "active"):
+            # "active" is the baseline: the first chunk then already gives a rate
             job.meter.add(time.monotonic(), p.transferred, p.pages_sent)
         with self.lock:
             if job is not self.job:
