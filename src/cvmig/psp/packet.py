@@ -119,12 +119,9 @@ class Channel:
         table = np.empty((n, SG_ENTRY), dtype=np.uint8)
         gpas = pfns.astype("<u8") * np.uint64(PAGE_SIZE)
         table[:, :8] = gpas.view(np.uint8).reshape(n, 8)
-        base = self._mac
-        for i in range(n):  # one MAC per page is the design
-            h = base.copy()
-            h.update(_PAGE_AAD.pack(CTX_SG_PAGE, seq0 + i, int(gpas[i])))
-            h.update(ct[i])
-            table[i, 8:] = np.frombuffer(h.digest(), dtype=np.uint8)
+        table[:, 8:] = np.frombuffer(
+            b"".join(self._page_macs(seq0, gpas.tolist(), ct)), dtype=np.uint8
+        ).reshape(n, 32)
         sgh = _SGH_FMT.pack(n, 0, seq0)
         mac = self._digest(bytes([CTX_SG]) + _HDR_FMT.pack(0, iv, bytes(32))[:20], sgh, table)
         out[:HDR] = np.frombuffer(_HDR_FMT.pack(0, iv, mac), dtype=np.uint8)
@@ -133,6 +130,19 @@ class Channel:
         out[HDR + SG_HDR : t_end] = table.reshape(-1)
         out[t_end:] = ct.reshape(-1)
         self.seq = seq0 + n
+
+    def _page_macs(self, seq0: int, gpas: list[int], ct: np.ndarray) -> list[bytes]:
+        """HMAC(TIK, 0x13 ‖ seq ‖ GPA ‖ page) for each page: one MAC per page is the design."""
+        copy = self._mac.copy
+        pack = _PAGE_AAD.pack
+        flat = memoryview(ct.reshape(-1))  # type: ignore[arg-type]
+        out = []
+        for i, gpa in enumerate(gpas):
+            h = copy()
+            h.update(pack(CTX_SG_PAGE, seq0 + i, gpa))
+            h.update(flat[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+            out.append(h.digest())
+        return out
 
     def open_sg(
         self, cmd: str, pkt: np.ndarray, pfns: np.ndarray, scratch: np.ndarray, pt: np.ndarray
@@ -162,12 +172,9 @@ class Channel:
                 f"page {bad} is for GPA 0x{int(gpas[bad]):x}, not pfn {int(pfns[bad])} (redirected)",
             )
         ct = scratch[t_end:].reshape(n, PAGE_SIZE)
-        base = self._mac
-        for i in range(n):
-            h = base.copy()
-            h.update(_PAGE_AAD.pack(CTX_SG_PAGE, seq0 + i, int(gpas[i])))
-            h.update(ct[i])
-            if not hmac.compare_digest(h.digest(), table[i, 8:].tobytes()):
+        macs = table[:, 8:].tobytes()
+        for i, mac_i in enumerate(self._page_macs(seq0, gpas.tolist(), ct)):
+            if not hmac.compare_digest(mac_i, macs[32 * i : 32 * i + 32]):
                 raise PspError(cmd, Status.BAD_MEASUREMENT, f"page {i}: MAC does not verify")
         self._ctr_into(iv, ct.reshape(-1), pt.reshape(-1))
         return np.arange(seq0, seq0 + n, dtype=np.int64)
