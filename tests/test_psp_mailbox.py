@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import select
 import socket
 import struct
 import threading
@@ -305,3 +307,32 @@ def test_hypervisor_side_sees_no_plaintext_and_no_key(pki_dir: pathlib.Path, tmp
 def test_fetch_memory_key_is_not_a_client_method() -> None:
     # The hypervisor's binding has no way to ask for a VEK.
     assert not any("key" in name for name in dir(MailboxClient) if not name.startswith("_"))
+
+
+def test_psp_exits_when_its_host_process_dies(pki_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    sock = tmp_path / "orphan.sock"
+    code = (
+        "import sys; from cvmig.psp.mailbox import PspProcess; "
+        f"p = PspProcess({str(sock)!r}, pki={str(pki_dir)!r}).start(); "
+        "print(p.pid, flush=True); sys.stdin.readline()"
+    )
+    host = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert host.stdout is not None and host.stdin is not None
+    psp_pid = int(host.stdout.readline())
+    host.kill()  # the host dies without stopping its PSP
+    host.wait()
+    host.stdin.close()
+    host.stdout.close()
+    # Wait on the PSP process itself (a pidfd becomes readable when it exits).
+    fd = os.pidfd_open(psp_pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], 15)
+    finally:
+        os.close(fd)
+    if not ready:
+        os.kill(psp_pid, 9)
+        pytest.fail("the PSP outlived its host")
+    assert not sock.exists()

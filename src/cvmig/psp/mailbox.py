@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import select
@@ -274,13 +275,18 @@ class PspServer:
             return False
         return True
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, parent_pid: int | None = None) -> None:
+        """Serve until `stop`, or (if ``parent_pid`` is given) until that process is gone,
+        so that a PSP whose host process died does not linger."""
         sel = selectors.DefaultSelector()
         sel.register(self._listen, selectors.EVENT_READ, "listen")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        timeout = None if parent_pid is None else 1.0
         try:
             while not self._stopping:
-                for key, _ in sel.select():
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    return
+                for key, _ in sel.select(timeout):
                     if key.data == "wake":
                         return
                     if key.data == "listen":
@@ -346,7 +352,16 @@ class MailboxClient:
 
     def _call(self, cmd: int, payload: bytes = b"") -> memoryview:
         with self._lock:
-            self._sock.send(_U32.pack(cmd) + payload)
+            try:
+                self._sock.send(_U32.pack(cmd) + payload)
+            except OSError as e:
+                if e.errno != errno.EMSGSIZE:
+                    raise
+                raise PspError(
+                    COMMAND_NAMES.get(cmd, hex(cmd)), Status.INVALID_LENGTH,
+                    f"a {len(payload)}-byte command buffer is over the mailbox's message limit "
+                    "(net.core.wmem_max); split the queue",
+                ) from None
             n = self._sock.recv_into(self._rbuf)
             if n == 0:
                 raise ConnectionError("the PSP closed the mailbox")
@@ -508,6 +523,7 @@ class PspProcess:
         self._args = [
             "--socket", socket_path, "--profile", profile,
             "--max-contig-bytes", str(max_contig_bytes), "--max-sg-pages", str(max_sg_pages),
+            "--parent-pid", str(os.getpid()),
         ]
         if pki:
             self._args += ["--pki", pki]
@@ -569,6 +585,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-sg-pages", type=int, default=DEFAULT_MAX_SG_PAGES)
     ap.add_argument("--pki", default=None)
     ap.add_argument("--owner", default=None)
+    ap.add_argument("--parent-pid", type=int, default=None,
+                    help="exit when this process (the host that started the PSP) is gone")
     a = ap.parse_args(argv)
     if a.pki:
         os.environ["CVMIG_PKI_DIR"] = a.pki
@@ -585,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     print("ready", flush=True)
-    server.serve_forever()
+    server.serve_forever(parent_pid=a.parent_pid)
 
 
 if __name__ == "__main__":
