@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,6 +47,7 @@ from cvmig.psp.api import (
     GuestState,
     PlatformCerts,
     PspError,
+    SecureProcessor,
     SendSession,
     Status,
 )
@@ -604,6 +606,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     print("ready", flush=True)
     server.serve_forever(parent_pid=a.parent_pid)
+
+
+if TYPE_CHECKING:  # mypy proves both bindings implement the contract
+
+    def _conforms(c: MailboxClient, f: Firmware) -> tuple[SecureProcessor, SecureProcessor]:
+        return c, f
 
 
 if __name__ == "__main__":
