@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from cvmig.monitor.testing import VmProcess
+from cvmig.monitor.testing import RawQMP, VmProcess
 
 GUEST = ["--memory", "32M", "--vcpus", "2", "--workload", "dirtier:rate=2000,pattern=hotcold"]
 DEADLINE_S = 60.0
@@ -108,6 +108,7 @@ def test_qemu_qmp_drives_a_whole_migration(pair: tuple[VmProcess, VmProcess]) ->
         assert ram["dirty-sync-count"] == passes[-1]
         assert ram["page-size"] == 4096 and ram["mbps"] > 0
         assert info["x-psp"]["commands"] > 0
+        assert info["x-throttle"] == "auto-converge"  # from the capability
 
         # the source has released the guest; the destination runs it
         assert await src.execute("query-status") == {"running": False,
@@ -177,3 +178,57 @@ def test_cancel_mid_migration_then_migrate_again(pair: tuple[VmProcess, VmProces
         await dst.disconnect()
 
     asyncio.run(main())
+
+
+def test_a_received_guest_migrates_on(tmp_path: Path,
+                                      pair: tuple[VmProcess, VmProcess]) -> None:
+    """The destination's guest is a source-to-be: it moves on to a third host."""
+    src_proc, dst_proc = pair
+    third = VmProcess(str(tmp_path / "third.sock"), ["--incoming", "tcp:127.0.0.1:0"])
+    try:
+        with RawQMP(src_proc.qmp_path) as src, RawQMP(dst_proc.qmp_path) as dst, \
+                RawQMP(third.qmp_path) as far:
+            src.ok("migrate", {"uri": f"tcp:127.0.0.1:{dst_proc.port}"})
+            assert _finished(src)["status"] == "completed"
+            dst.poll("query-status", lambda s: s["running"])
+            dst.ok("migrate-set-parameters", {"x-batching": "sg"})
+            dst.ok("migrate", {"uri": f"tcp:127.0.0.1:{third.port}"})
+            info = _finished(dst)
+            assert info["status"] == "completed", info
+            assert info["ram"]["transferred"] >= info["ram"]["total"]
+            assert dst.ok("query-status") == {"running": False, "status": "postmigrate"}
+            far.poll("query-status", lambda s: s["running"])
+    finally:
+        third.close()
+
+
+def _finished(q: RawQMP) -> dict[str, Any]:
+    return dict(q.poll("query-migrate", lambda i: i.get("status") in ("completed", "failed"),
+                       timeout=DEADLINE_S))
+
+
+def test_quit_mid_migration_rolls_back_and_exits(pair: tuple[VmProcess, VmProcess]) -> None:
+    src_proc, dst_proc = pair
+    with RawQMP(src_proc.qmp_path) as src, RawQMP(src_proc.qmp_path) as watcher, \
+            RawQMP(dst_proc.qmp_path) as dst:
+        watcher.ok("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": True}]})
+        src.ok("migrate-set-parameters", {"max-bandwidth": 16 << 20})
+        src.ok("migrate", {"uri": f"tcp:127.0.0.1:{dst_proc.port}"})
+        watcher.wait_event("MIGRATION", lambda d: d["status"] == "active")
+        assert src.cmd("quit") == {"return": {}}
+        assert watcher.wait_event("SHUTDOWN")["data"]["reason"] == "host-qmp-quit"
+        watcher.wait_event("MIGRATION", lambda d: d["status"] == "cancelled")
+        assert src_proc.wait(DEADLINE_S) == 0
+        # the destination discarded what it had and waits for another try
+        dst.poll("query-migrate", lambda i: i.get("status") == "failed")
+        assert dst.ok("query-status") == {"running": False, "status": "inmigrate"}
+
+
+def test_sigterm_shuts_down_cleanly(pair: tuple[VmProcess, VmProcess]) -> None:
+    src_proc, _ = pair
+    with RawQMP(src_proc.qmp_path) as q:
+        src_proc.proc.terminate()
+        assert q.wait_event("SHUTDOWN")["data"] == {"guest": False, "reason": "host-signal"}
+    assert src_proc.wait(DEADLINE_S) == 0
+    assert not Path(src_proc.qmp_path).exists()

@@ -8,6 +8,8 @@ test where the test needs a VM that has never migrated.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -328,3 +330,17 @@ def test_quit_replies_then_shuts_down(fresh_vm: VmProcess) -> None:
             q.recv()
     assert fresh_vm.wait(60) == 0
     assert not Path(fresh_vm.qmp_path).exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--qmp", "tcp:127.0.0.1:4444"], "unix:PATH"),
+    (["--qmp", "unix:/nonexistent-cvmig-dir/vm.sock"], "no folder"),
+    (["--qmp", "unix:/tmp/cvmig-x.sock", "--incoming", "udp:1:2"], "tcp:HOST:PORT"),
+    (["--qmp", "unix:/tmp/cvmig-x.sock", "--memory", "12345"], "multiple of 4096"),
+    ([], "--qmp unix:PATH"),
+])
+def test_cli_refuses_bad_options_before_starting(args: list[str], needle: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "cvmig", "vm", *args], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode in (1, 2), r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr

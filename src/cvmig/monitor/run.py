@@ -8,6 +8,7 @@ and shuts its guest and secure processor down on the way out.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,9 @@ def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | No
            policy: int = 0, incoming: tuple[str, int] | None = None, contig_cap: int = 4,
            psp_owner: str | None = None) -> None:
     """Serve until quit. ``incoming``: a destination on (addr, port); else boot ``guest``."""
+    folder = os.path.dirname(os.path.abspath(qmp_path))
+    if not os.path.isdir(folder):  # say so before a guest boots for nothing
+        raise StartError(f"cannot serve QMP on unix:{qmp_path}: no folder {folder}")
     role = "destination" if incoming else "source"
     with Host(role, psp_profile, contig_cap=contig_cap, psp_owner=psp_owner) as host:
         machine = Machine(host, contig_cap=contig_cap)
