@@ -48,6 +48,9 @@ _HDR_FMT = struct.Struct("<I16s32s")
 _AAD_FMT = struct.Struct("<BI16sII")  # the 29-byte associated data of a SEV packet
 _SGH_FMT = struct.Struct("<IIQ")
 _PAGE_AAD = struct.Struct("<BQQ")
+_SG_AAD = struct.Struct("<BI16s")  # context, FLAGS, IV: the sg header MAC's prefix
+_GPA_FMT = struct.Struct("<Q")
+_ENTRY_DT = np.dtype([("gpa", "<u8"), ("mac", "V32")])  # one sg table entry
 
 
 def packet_size(mode: Batching | str, npages: int) -> int:
@@ -93,7 +96,7 @@ class Channel:
         iv = os.urandom(16)
         self._ctr_into(iv, pt, ct)
         mac = self._digest(_AAD_FMT.pack(CTX_DATA, 0, iv, n, n), ct)
-        out[:HDR] = np.frombuffer(_HDR_FMT.pack(0, iv, mac), dtype=np.uint8)
+        memoryview(out)[:HDR] = _HDR_FMT.pack(0, iv, mac)  # type: ignore[arg-type]
         out[HDR:] = ct
 
     def open(self, cmd: str, pkt: np.ndarray, ct: np.ndarray, pt: np.ndarray) -> None:
@@ -115,20 +118,17 @@ class Channel:
         n = len(pfns)
         seq0 = self.seq
         iv = os.urandom(16)
-        self._ctr_into(iv, pt.reshape(-1), ct.reshape(-1))
-        table = np.empty((n, SG_ENTRY), dtype=np.uint8)
-        gpas = pfns.astype("<u8") * np.uint64(PAGE_SIZE)
-        table[:, :8] = gpas.view(np.uint8).reshape(n, 8)
-        table[:, 8:] = np.frombuffer(
-            b"".join(self._page_macs(seq0, gpas.tolist(), ct)), dtype=np.uint8
-        ).reshape(n, 32)
+        self._ctr_into(iv, pt, ct)
+        gpas = (pfns * PAGE_SIZE).tolist()
+        pack = _GPA_FMT.pack
+        table = b"".join(
+            [pack(g) + m for g, m in zip(gpas, self._page_macs(seq0, gpas, ct), strict=True)]
+        )
         sgh = _SGH_FMT.pack(n, 0, seq0)
-        mac = self._digest(bytes([CTX_SG]) + _HDR_FMT.pack(0, iv, bytes(32))[:20], sgh, table)
-        out[:HDR] = np.frombuffer(_HDR_FMT.pack(0, iv, mac), dtype=np.uint8)
-        out[HDR : HDR + SG_HDR] = np.frombuffer(sgh, dtype=np.uint8)
-        t_end = HDR + SG_HDR + n * SG_ENTRY
-        out[HDR + SG_HDR : t_end] = table.reshape(-1)
-        out[t_end:] = ct.reshape(-1)
+        mac = self._digest(_SG_AAD.pack(CTX_SG, 0, iv), sgh, table)
+        head = _HDR_FMT.pack(0, iv, mac) + sgh + table
+        memoryview(out)[: len(head)] = head  # type: ignore[arg-type]
+        out[len(head) :] = ct.reshape(-1)
         self.seq = seq0 + n
 
     def _page_macs(self, seq0: int, gpas: list[int], ct: np.ndarray) -> list[bytes]:
@@ -152,31 +152,32 @@ class Channel:
         sequence numbers (the caller checks freshness before writing anything)."""
         n = len(pfns)
         scratch[:] = pkt  # everything checked below is PSP-private from here on
-        flags, iv, mac = _HDR_FMT.unpack(scratch[:HDR].tobytes())
+        t_end = HDR + SG_HDR + n * SG_ENTRY
+        head = scratch[:t_end].tobytes()
+        flags, iv, mac = _HDR_FMT.unpack_from(head, 0)
         if flags != 0:
             raise PspError(cmd, Status.UNSUPPORTED, f"packet FLAGS 0x{flags:x}")
-        sgh = scratch[HDR : HDR + SG_HDR].tobytes()
-        t_end = HDR + SG_HDR + n * SG_ENTRY
-        table = scratch[HDR + SG_HDR : t_end].reshape(n, SG_ENTRY)
-        want = self._digest(bytes([CTX_SG]) + _HDR_FMT.pack(0, iv, bytes(32))[:20], sgh, table)
-        if not hmac.compare_digest(want, mac):
+        sgh, table = head[HDR : HDR + SG_HDR], head[HDR + SG_HDR :]
+        if not hmac.compare_digest(self._digest(_SG_AAD.pack(CTX_SG, 0, iv), sgh, table), mac):
             raise PspError(cmd, Status.BAD_MEASUREMENT, "scatter-gather header MAC does not verify")
         count, _, seq0 = _SGH_FMT.unpack(sgh)
         if count != n:
             raise PspError(cmd, Status.INVALID_LENGTH, f"packet has {count} pages, command {n}")
-        gpas = table[:, :8].copy().view("<u8").reshape(n)
-        if not np.array_equal(gpas, pfns.astype(np.uint64) * np.uint64(PAGE_SIZE)):
-            bad = int(np.flatnonzero(gpas != pfns.astype(np.uint64) * np.uint64(PAGE_SIZE))[0])
+        entries = np.frombuffer(table, dtype=_ENTRY_DT)
+        want = pfns.astype(np.uint64) * np.uint64(PAGE_SIZE)
+        if not np.array_equal(entries["gpa"], want):
+            bad = int(np.flatnonzero(entries["gpa"] != want)[0])
             raise PspError(
                 cmd, Status.INVALID_ADDRESS,
-                f"page {bad} is for GPA 0x{int(gpas[bad]):x}, not pfn {int(pfns[bad])} (redirected)",
+                f"page {bad} is for GPA 0x{int(entries['gpa'][bad]):x}, not pfn {int(pfns[bad])} "
+                "(redirected)",
             )
-        ct = scratch[t_end:].reshape(n, PAGE_SIZE)
-        macs = table[:, 8:].tobytes()
-        for i, mac_i in enumerate(self._page_macs(seq0, gpas.tolist(), ct)):
-            if not hmac.compare_digest(mac_i, macs[32 * i : 32 * i + 32]):
+        ct = scratch[t_end:]
+        got = self._page_macs(seq0, want.tolist(), ct)
+        for i, mac_i in enumerate(got):
+            if not hmac.compare_digest(mac_i, table[SG_ENTRY * i + 8 : SG_ENTRY * (i + 1)]):
                 raise PspError(cmd, Status.BAD_MEASUREMENT, f"page {i}: MAC does not verify")
-        self._ctr_into(iv, ct.reshape(-1), pt.reshape(-1))
+        self._ctr_into(iv, ct, pt)
         return np.arange(seq0, seq0 + n, dtype=np.int64)
 
     # -- finish trailer --------------------------------------------------------------------
