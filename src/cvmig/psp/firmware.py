@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -99,7 +99,6 @@ class GuestContext:
     state: GuestState
     channel: Channel | None = None
     last_seq: np.ndarray | None = None  # receiver: newest sg sequence number per page
-    sent_sg: int = field(default=0)
 
 
 def _api_version(policy: int) -> tuple[int, int]:
@@ -313,7 +312,6 @@ class Firmware:
             np.take(g.pages, pfns, axis=0, out=pt)
             g.cipher.decrypt_pages(pfns, pt, pt)
             g.channel.seal_sg(pfns, pt, ct, out)
-            g.sent_sg += n
             return
         pt, ct = self._scratch_bufs(nbytes, 2)
         p0 = int(pfns[0])
