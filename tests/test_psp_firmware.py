@@ -635,3 +635,30 @@ def test_page_mode_has_seves_gap(world: World) -> None:
     world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
     world.src.send_finish(world.h)
     assert np.array_equal(world.read(world.dst, world.hd, world.dmem)[7], pt[0])
+
+
+def test_queue_is_many_full_commands(world: World) -> None:
+    pt = random_pages(6, 12)
+    pfns = np.array([9, 2, 30, 4, 5, 17])
+    world.write(pfns, pt)
+    world.start()
+    bounds = np.array([0, 1, 3, 6])
+    total = world.src.send_update_data_queue(world.h, Batching.SG, pfns, bounds, world.ts, 0)
+    sizes = [packet_size(Batching.SG, k) for k in (1, 2, 3)]
+    assert total == sum(sizes)
+    offs = np.cumsum([0, *sizes[:-1]])
+    ivs = {world.trans.arr[o + 4 : o + 20].tobytes() for o in offs}
+    assert len(ivs) == 3  # each queued command has its own IV (and MAC)
+    # A queue refused at its second packet reports which one; the first was applied.
+    world.trans.arr[offs[1] + 30] ^= 1
+    with pytest.raises(PspError) as e:
+        world.dst.receive_update_data_queue(world.hd, Batching.SG, pfns, bounds, world.td, 0, total)
+    assert status_of(e) == Status.BAD_MEASUREMENT and "queued command 1 of 3" in str(e.value)
+    world.trans.arr[offs[1] + 30] ^= 1
+    with pytest.raises(PspError) as e:  # replaying the whole queue: its first packet is stale
+        world.dst.receive_update_data_queue(world.hd, Batching.SG, pfns, bounds, world.td, 0, total)
+    assert "queued command 0 of 3" in str(e.value)
+    for i in (1, 2):
+        world.recv(Batching.SG, pfns[bounds[i] : bounds[i + 1]], sizes[i], int(offs[i]))
+    world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
+    assert np.array_equal(world.read(world.dst, world.hd, world.dmem)[pfns], pt)
