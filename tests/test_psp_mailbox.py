@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cvmig.psp import certs as C
 from cvmig.psp.api import PAGE_SIZE, Batching, GuestState, PspError, Status
@@ -336,3 +338,50 @@ def test_psp_exits_when_its_host_process_dies(pki_dir: pathlib.Path, tmp_path: p
         os.kill(psp_pid, 9)
         pytest.fail("the PSP outlived its host")
     assert not sock.exists()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_process_to_process(hosts: tuple[PspProcess, PspProcess], data: st.DataObject) -> None:
+    """Random pages and pfns, every mode, queued or not, at random transport offsets:
+    what the destination guest reads is exactly what the source guest wrote."""
+    npages = data.draw(st.integers(4, 48), label="npages")
+    a_host, b_host = hosts
+    with ShmRegion(npages * PAGE_SIZE) as gm, ShmRegion(npages * PAGE_SIZE) as dm, \
+            ShmRegion(TRANS) as wire, a_host.client() as a, b_host.client() as b:
+        regions = [a.map_region(gm.name, gm.size), a.map_region(wire.name, TRANS)]
+        regions_b = [b.map_region(dm.name, dm.size), b.map_region(wire.name, TRANS)]
+        h = a.launch(regions[0], npages, 0)
+        pt = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).integers(
+            0, 256, (npages, PAGE_SIZE), dtype=np.uint8
+        )
+        guest_write(a_host.socket_path, h, gm, np.arange(npages), pt)
+        hd = b.receive_start(regions_b[0], npages, a.send_start(h, b.export_certs()))
+        off = data.draw(st.integers(0, 4096), label="offset")
+        sent: set[int] = set()
+        for _ in range(data.draw(st.integers(1, 4), label="ncmds")):
+            mode = data.draw(st.sampled_from(list(Batching)), label="mode")
+            k = 1 if mode is Batching.PAGE else data.draw(st.integers(1, 4))
+            if mode is Batching.SG:
+                pfns = np.array(data.draw(st.lists(st.integers(0, npages - 1), min_size=k, max_size=k)))
+            else:
+                p0 = data.draw(st.integers(0, npages - k))
+                pfns = np.arange(p0, p0 + k)
+            if data.draw(st.booleans(), label="queue"):
+                bounds = np.array([0, len(pfns)])
+                n = a.send_update_data_queue(h, mode, pfns, bounds, regions[1], off)
+                b.receive_update_data_queue(hd, mode, pfns, bounds, regions_b[1], off, n)
+            else:
+                n = a.send_update_data(h, mode, pfns, regions[1], off)
+                b.receive_update_data(hd, mode, pfns, regions_b[1], off, n)
+            sent.update(pfns.tolist())
+        b.receive_finish(hd, a.send_trailer(h))
+        a.send_finish(h)
+        got = guest_read(b_host.socket_path, hd, dm, npages)
+        idx = sorted(sent)
+        assert np.array_equal(got[idx], pt[idx])
+        a.decommission(h)
+        b.decommission(hd)
+        for c, rs in ((a, regions), (b, regions_b)):
+            for r in rs:
+                c.unmap_region(r)
