@@ -115,6 +115,11 @@ class GuestMemory:
             raise ValueError(f"shm {name!r} is smaller than {npages} pages plus their page state")
         return cls(name, npages, fd, owner=False)
 
+    def populate(self) -> None:
+        """Pre-fault this process's mapping of the pages (each process has its own PTEs)."""
+        if self._mm is not None:
+            populate_mapping(self._mm)
+
     @property
     def address(self) -> int:
         """Virtual address of page 0 in this process (for uffd registration)."""

@@ -327,7 +327,10 @@ class Guest:
                 return parts[0]
             return np.unique(np.concatenate(parts))
         d = self.control.dmap
-        idx = np.flatnonzero(d)
+        # snapshot first: vCPUs keep marking while we look. A mark set again between the
+        # snapshot and the clear is safe to drop: its write finished before it was marked,
+        # so the caller's copy, which follows the clear, sees it.
+        idx = np.flatnonzero(d.copy())
         d[idx] = 0  # clear before the caller reads the pages; writers mark after writing
         return idx.astype(np.int64)
 
