@@ -14,7 +14,6 @@ The dirty limit is a wall-clock quota of pages/s (QEMU dirty-limit), a token buc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -27,23 +26,19 @@ from typing import Any
 import numpy as np
 
 from cvmig.guest import control as ctl
-from cvmig.guest.memory import PAGE_SIZE, SHARED, GuestMemory
+from cvmig.guest.memory import PAGE_SIZE, PRIVATE, SHARED, GuestMemory
 from cvmig.guest.workloads import MAGIC_IO, WorkloadSpec, bad_pages, make_pages, make_workload
+from cvmig.psp.measure import compose, measure_digest, page_measure
 from cvmig.psp.memcrypt import MemoryCipher
 
 SLICE = 0.010
 VMSA_MAGIC = b"CVMIGVMSA\x00"
 _CHUNK = 2048  # pages per vectorised decrypt when walking memory
 
-# Testing without a PSP process: "vek:<hex>" as the socket carries the key itself.
-TEST_KEY_PREFIX = "vek:"
-
-
 def fetch_vek(psp_socket: str, handle: int) -> bytes:
-    """The memory controller's key fetch: only vCPU processes call this."""
-    if psp_socket.startswith(TEST_KEY_PREFIX):
-        return bytes.fromhex(psp_socket[len(TEST_KEY_PREFIX) :])
-    from cvmig.psp.mailbox import fetch_memory_key  # type: ignore[import-not-found,unused-ignore]
+    """The memory controller's key fetch, straight from the PSP: only vCPU processes call
+    this, so the key never passes through the hypervisor."""
+    from cvmig.psp.mailbox import fetch_memory_key
 
     return bytes(fetch_memory_key(psp_socket, handle))
 
@@ -177,19 +172,18 @@ class VcpuContext:
 
 
 def digest(mem: GuestMemory, cipher: MemoryCipher) -> str:
-    """SHA-256 over every page's plaintext (private pages decrypted) and the page states."""
-    h = hashlib.sha256()
+    """The guest's memory digest (`cvmig.psp.measure`): every private page's plaintext
+    measured, shared pages and the page states hashed as they are. A destination's PSP
+    computes the same while importing pages, so the two can be compared."""
+    values = np.zeros((mem.npages, 2), dtype=np.uint64)
     buf = np.empty((_CHUNK, PAGE_SIZE), dtype=np.uint8)
     for i in range(0, mem.npages, _CHUNK):
         pfns = np.arange(i, min(i + _CHUNK, mem.npages), dtype=np.int64)
         out = buf[: len(pfns)]
         cipher.decrypt_pages(pfns, mem.pages[i : i + len(pfns)], out)
-        shared = mem.page_state[i : i + len(pfns)] == SHARED
-        if shared.any():
-            out[shared] = mem.pages[i : i + len(pfns)][shared]
-        h.update(out.data)
-    h.update(mem.page_state.data)
-    return h.hexdigest()
+        private = mem.page_state[i : i + len(pfns)] == PRIVATE
+        values[pfns[private]] = page_measure(out[private], pfns[private])
+    return compose(measure_digest(values), mem.pages, mem.page_state)
 
 
 class _Vcpu:
@@ -200,6 +194,7 @@ class _Vcpu:
         self.me = self.block.vcpu[spec.index : spec.index + 1]
         self.ring = self.block.ring[spec.index]
         self.mem = GuestMemory.attach(spec.mem_name, spec.npages)
+        self.mem.populate()  # our page tables, now: no first-touch faults while running
         self.cipher = MemoryCipher(fetch_vek(spec.psp_socket, spec.handle))
         self.writer = None
         if spec.tracker == "uffd":

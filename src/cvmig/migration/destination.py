@@ -20,6 +20,7 @@ from cvmig.migration.host import Host
 from cvmig.migration.source import MODES, PAGES_META
 from cvmig.psp.api import Batching, PspError, SendSession, packet_size
 from cvmig.psp.mailbox import MailboxClient
+from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError
 
@@ -121,10 +122,9 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
                     raise ProtocolError("page-state map has the wrong size")
                 memory.page_state[:] = np.frombuffer(meta, np.uint8)
             elif h.type is FrameType.FINISH:
-                meta = chan.recv_meta(h)
+                chan.recv_meta(h)
                 trailer = bytearray(h.data_len)
                 chan.recv_into(memoryview(trailer))
-                source_digest = str(json_head(meta, len(meta)).get("digest", ""))
                 break
             elif h.type in (FrameType.CANCEL, FrameType.ERROR):
                 meta = chan.recv_meta(h)
@@ -132,22 +132,21 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
             else:
                 raise ProtocolError(f"unexpected {h.type.name} frame during the transfer")
 
-        psp.receive_finish(handle, bytes(trailer))
+        private = psp.receive_finish(handle, bytes(trailer))
+        # measured by our PSP as it imported the pages: no pass over memory in the downtime
+        digest = compose(private, memory.pages, memory.page_state)
         guest = Guest(config, memory, hostobj.psp_socket, handle)
         guest.restore()  # vCPUs up, paused, state imported from the VMSAs
-        digest = guest.digest()
-        if digest != source_digest:
-            raise IncomingFailed(
-                f"memory digest after transfer {digest} differs from the source's "
-                f"{source_digest}")
         guest.resume()
         resumed_at = time.monotonic()
         chan.send_json(FrameType.CONFIRM, {"status": "running", "digest": digest})
         vm = IncomingVM(guest, memory, handle)
         released = chan.recv_frame()
         if released.type is not FrameType.RELEASED:
-            # the source could not complete SEND_FINISH: two copies must never run
-            raise IncomingFailed(f"source did not release the guest ({released.type.name})")
+            # the source found the digests differ, or could not release: two copies must
+            # never run, and the source's is the one that stays
+            why = released.json().get("message", released.type.name)
+            raise IncomingFailed(f"source did not release the guest: {why}")
         vm.report = _verify(guest, resumed_at)
         try:
             chan.send_json(FrameType.CONFIRM, vm.report)

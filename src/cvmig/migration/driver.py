@@ -128,8 +128,9 @@ class World(Protocol):
         """Send the vCPU state (SEND_UPDATE_VMSA) of the paused guest."""
         ...
 
-    def complete(self) -> None:
-        """Finish the stream and wait until the destination confirms the guest runs."""
+    def complete(self) -> float:
+        """Finish the stream and wait until the destination confirms the guest runs.
+        Returns the time (world clock) the destination confirmed: the end of downtime."""
         ...
 
 
@@ -275,10 +276,10 @@ class Driver:
                                 rate_limited=False)
         state = w.send_vcpu_state()
         self._account(last, state)
-        w.complete()
+        running_at = w.complete()
         end = w.now()
-        last.duration = end - (prog.start + last.start)
-        prog.downtime = end - prog.pause_time
+        last.duration = running_at - (prog.start + last.start)
+        prog.downtime = running_at - prog.pause_time
         prog.total_time = end - prog.start
         prog.remaining_pages = 0
         self._status("completed")

@@ -205,20 +205,25 @@ class RealWorld:
         out.bytes += self.chan.send(FrameType.PAGE_STATE, state.tobytes())
         return out
 
-    def complete(self) -> None:
+    def complete(self) -> float:
+        """Finish the stream; return when the destination runs the guest (the end of the
+        downtime). Then, with the destination running, the paused source measures its own
+        memory: the digests must match before anything is released."""
         assert self.outcome is not None
         trailer = self.psp.send_trailer(self.vm.handle)
-        digest = self.vm.guest.digest()
-        self.outcome.source_digest = digest
         self.outcome.last_heartbeat = max(
             (s.heartbeat for s in self.vm.guest.stats()), default=0.0)
-        self.chan.send_json(FrameType.FINISH, {"digest": digest}, [trailer])
+        self.chan.send_json(FrameType.FINISH, {}, [trailer])
         confirm = self.chan.expect(FrameType.CONFIRM).json()
+        running_at = time.monotonic()
         self.outcome.confirm = confirm
+        digest = self.vm.guest.digest()
+        self.outcome.source_digest = digest
         if confirm.get("digest") != digest:
             raise MigrationFailed(
                 f"destination memory digest {confirm.get('digest')} does not match the "
                 f"source's {digest}: refusing to release the guest")
+        return running_at
 
 
 def _psp_state(vm: SourceVM) -> GuestState | None:

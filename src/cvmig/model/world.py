@@ -153,6 +153,7 @@ class SimWorld:
         self.clock += psp + nbytes / c.link_bw
         return Sent(n, nbytes, n, n, psp)
 
-    def complete(self) -> None:
+    def complete(self) -> float:
         self.clock += self.costs.t_resume
         self.log.append((self.clock, "complete"))
+        return self.clock

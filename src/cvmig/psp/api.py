@@ -238,6 +238,7 @@ class SecureProcessor(Protocol):
         self, handle: int, pfn: int, trans: int, offset: int, length: int
     ) -> None: ...
 
-    def receive_finish(self, handle: int, trailer: bytes) -> None:
-        """RUPDATE -> RUNNING; checks the trailer (no scatter-gather page dropped at the end)."""
+    def receive_finish(self, handle: int, trailer: bytes) -> bytes:
+        """RUPDATE -> RUNNING; checks the trailer (no scatter-gather page dropped at the end).
+        Returns the measurement of the private pages imported (`cvmig.psp.measure`)."""
         ...

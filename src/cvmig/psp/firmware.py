@@ -30,6 +30,7 @@ from cvmig.psp.api import (
     SendSession,
     Status,
 )
+from cvmig.psp.measure import measure_digest, page_measure
 from cvmig.psp.memcrypt import VEK_SIZE, MemoryCipher
 from cvmig.psp.packet import Channel, packet_size
 from cvmig.psp.session import shared_secret, unwrap, wrap
@@ -99,6 +100,7 @@ class GuestContext:
     state: GuestState
     channel: Channel | None = None
     last_seq: np.ndarray | None = None  # receiver: newest sg sequence number per page
+    measure: np.ndarray | None = None  # receiver: per-page measurement of what was imported
 
 
 def _api_version(policy: int) -> tuple[int, int]:
@@ -419,12 +421,13 @@ class Firmware:
         g = self._new_guest(cmd, region, npages, session.policy, GuestState.RUPDATE)
         g.channel = Channel(keys)
         g.last_seq = np.full(npages, -1, dtype=np.int64)
+        g.measure = np.zeros((npages, 2), dtype=np.uint64)
         return g.handle
 
     def _receive_one(
         self, cmd: str, g: GuestContext, mode: Batching, pfns: np.ndarray, pkt: np.ndarray
     ) -> None:
-        assert g.channel is not None and g.last_seq is not None
+        assert g.channel is not None and g.last_seq is not None and g.measure is not None
         n = len(pfns)
         if mode is Batching.SG:
             scratch, pt = self._scratch_bufs(pkt.size, 2)
@@ -437,6 +440,7 @@ class Firmware:
                     f"page {bad} (pfn {int(pfns[bad])}) has sequence {int(seqs[bad])}, not newer "
                     f"than {int(g.last_seq[pfns[bad]])} already written (replayed or reordered)",
                 )
+            g.measure[pfns] = page_measure(pt, pfns)
             g.cipher.encrypt_pages(pfns, pt, pt)
             g.pages[pfns] = pt
             g.last_seq[pfns] = seqs
@@ -445,6 +449,7 @@ class Firmware:
         ct, pt = self._scratch_bufs(n * PAGE_SIZE, 2)
         g.channel.open(cmd, pkt, ct, pt)
         p0 = int(pfns[0])
+        g.measure[p0 : p0 + n] = page_measure(pt.reshape(n, PAGE_SIZE), pfns)
         g.cipher.encrypt_pages(pfns, pt.reshape(n, PAGE_SIZE), g.pages[p0 : p0 + n])
 
     def receive_update_data(
@@ -504,12 +509,17 @@ class Firmware:
         self._receive_one(cmd, g, Batching.PAGE, pfns, pkt)
         self.last_work = (1, PAGE_SIZE)
 
-    def receive_finish(self, handle: int, trailer: bytes) -> None:
+    def receive_finish(self, handle: int, trailer: bytes) -> bytes:
+        """RUPDATE -> RUNNING. Returns the measurement of the imported private pages (an
+        extension, as SNP's migration digest: `cvmig.psp.measure`)."""
         cmd = "RECEIVE_FINISH"
         g = self._guest(cmd, handle)
         self._need_state(cmd, g, GuestState.RUPDATE)
-        assert g.channel is not None
+        assert g.channel is not None and g.measure is not None
         g.channel.check_trailer(cmd, trailer)
         g.channel = None  # channel keys erased
         g.last_seq = None
+        digest = measure_digest(g.measure)
+        g.measure = None
         g.state = GuestState.RUNNING
+        return digest

@@ -182,8 +182,7 @@ def _handlers(fw: Firmware, status: Callable[[], dict[str, object]]) -> dict[int
         return _U32.pack(fw.receive_start(region, npages, _session_from(b[12:])))
 
     def receive_finish(b: memoryview) -> bytes:
-        fw.receive_finish(_U32.unpack_from(b, 0)[0], bytes(b[4:]))
-        return b""
+        return fw.receive_finish(_U32.unpack_from(b, 0)[0], bytes(b[4:]))
 
     def guest_status(b: memoryview) -> bytes:
         state, policy = fw.guest_status(_U32.unpack_from(b, 0)[0])
@@ -476,8 +475,8 @@ class MailboxClient:
     def receive_update_vmsa(self, handle: int, pfn: int, trans: int, offset: int, length: int) -> None:
         self._call(RECEIVE_UPDATE_VMSA, _VMSA.pack(handle, pfn, trans, 0, offset, length))
 
-    def receive_finish(self, handle: int, trailer: bytes) -> None:
-        self._call(RECEIVE_FINISH, _U32.pack(handle) + trailer)
+    def receive_finish(self, handle: int, trailer: bytes) -> bytes:
+        return bytes(self._call(RECEIVE_FINISH, _U32.pack(handle) + trailer))
 
 
 def _raise(status: int, body: memoryview) -> None:
