@@ -28,7 +28,7 @@ class Transport:
 
     @property
     def view(self) -> memoryview:
-        return memoryview(self.shm.pages.reshape(-1))
+        return memoryview(self.shm.pages.reshape(-1).data)
 
     @property
     def array(self) -> np.ndarray:

@@ -137,7 +137,7 @@ def _report(opts: MigrateOptions, out: Outcome, tracker: str,
             machine: dict[str, Any]) -> dict[str, Any]:
     ops0, t0, ops1, t1 = before
     p = out.progress
-    verified = out.verified or dest.get("report", {})
+    verified: dict[str, Any] = dict(out.verified or dest.get("report", {}))
     during_ops = out.ops_at_pause - ops1
     during_s = max(p.pause_time - t1, 1e-9) if p.pause_time else 0.0
     after_s = float(verified.get("verify_time", 0.0) or 0.0)

@@ -242,6 +242,7 @@ def migrate_out(
     should_cancel: Callable[[], bool] = lambda: False,
     connect_timeout: float = 10.0,
     io_timeout: float = 60.0,
+    on_channel: Callable[[Channel], None] | None = None,
 ) -> Outcome:
     """Migrate ``vm`` to the destination listening at ``uri``.
 
@@ -262,6 +263,8 @@ def migrate_out(
             raise MigrationFailed(f"cannot connect to destination {uri}: {e.strerror or e}") from None
         sock.settimeout(io_timeout)
         chan = Channel(sock)
+        if on_channel is not None:
+            on_channel(chan)  # e.g. a monitor that cancels by shutting the socket down
         chan.send_json(FrameType.HELLO, {"version": VERSION, "role": "source",
                                          "capabilities": MODES})
         hello = chan.expect(FrameType.HELLO).json()
@@ -297,6 +300,8 @@ def migrate_out(
         vm.shutdown()
         return outcome
     except BaseException as e:
+        if chan is not None and isinstance(e, PeerGone | OSError):
+            e = _peer_reason(chan) or e  # the destination may have said why it hung up
         reason = _describe(e)
         _roll_back(vm, chan, driver, reason)
         if isinstance(e, KeyboardInterrupt):
@@ -305,6 +310,18 @@ def migrate_out(
     finally:
         if chan is not None:
             chan.close()
+
+
+def _peer_reason(chan: Channel) -> RemoteError | None:
+    """An ERROR or CANCEL the peer sent before closing, if it is still in our buffer."""
+    try:
+        chan.sock.settimeout(1.0)
+        while True:
+            f = chan.recv_frame(max_data=1 << 20)
+            if f.type in (FrameType.ERROR, FrameType.CANCEL):
+                return RemoteError(f.type, str(f.json().get("message", "no reason given")))
+    except (PeerGone, ProtocolError, OSError):
+        return None
 
 
 def _describe(e: BaseException) -> str:

@@ -52,12 +52,12 @@ class Header:
     crc: int
 
 
-def encode_header(ftype: FrameType, meta: bytes | memoryview, data_len: int) -> bytes:
+def encode_header(ftype: FrameType, meta: bytes | bytearray | memoryview, data_len: int) -> bytes:
     crc = zlib.crc32(meta, zlib.crc32(struct.pack("<BIQ", ftype, len(meta), data_len)))
     return HEADER.pack(MAGIC, VERSION, ftype, len(meta), data_len, crc, 0)
 
 
-def decode_header(raw: bytes | memoryview) -> Header:
+def decode_header(raw: bytes | bytearray | memoryview) -> Header:
     magic, version, ftype, meta_len, data_len, crc, _ = HEADER.unpack(raw)
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic 0x{magic:04x}: not a cvmig stream or corrupted")
@@ -72,7 +72,7 @@ def decode_header(raw: bytes | memoryview) -> Header:
     return Header(t, meta_len, data_len, crc)
 
 
-def check_meta(h: Header, meta: bytes | memoryview) -> None:
+def check_meta(h: Header, meta: bytes | bytearray | memoryview) -> None:
     crc = zlib.crc32(meta, zlib.crc32(struct.pack("<BIQ", h.type, h.meta_len, h.data_len)))
     if crc != h.crc:
         raise ProtocolError(f"{h.type.name} frame failed its CRC check: corrupted in transit")
