@@ -83,7 +83,8 @@ def test_cli_migrate_writes_report(tmp_path: os.PathLike[str]) -> None:
         capture_output=True, text=True, timeout=240,
     )
     assert r.returncode == 0, r.stderr
-    rep = json.load(open(out))
+    with open(out) as f:
+        rep = json.load(f)
     _assert_good(rep, 32 * MiB)
     assert "cvmig migration" in r.stdout
     for key in ("status", "total-time", "downtime", "setup-time", "ram", "rounds", "psp",

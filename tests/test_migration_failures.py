@@ -154,9 +154,10 @@ def test_nosend_guest_is_refused_before_anything_moves(host: Host) -> None:
 
 
 def test_untrusted_destination_chain_is_refused(host: Host) -> None:
-    # DOMAIN policy: the target's OCA must be the source's; a different owner is refused
+    # DOMAIN policy: the target's OCA must be the source's; a platform of another owner
+    # is refused at SEND_START, before a byte of the guest moves
     vm = boot(host, policy=ES | int(Policy.DOMAIN))
-    dest = DestinationProcess()
+    dest = DestinationProcess(extra=["--psp-owner", "self"])
     try:
         with pytest.raises(MigrationFailed, match="secure processor refused"):
             migrate_out(vm, dest.uri, MigrationParams(), io_timeout=20)
@@ -188,4 +189,15 @@ def test_cancel_mid_migration_then_migrate_again(host: Host) -> None:
         dest.close()
         if dest2 is not None:
             dest2.close()
+        vm.shutdown()
+
+
+def test_same_owner_domain_guest_migrates(host: Host) -> None:
+    vm = boot(host, "idle", policy=ES | int(Policy.DOMAIN))
+    dest = DestinationProcess()
+    try:
+        out = migrate_out(vm, dest.uri, MigrationParams(), io_timeout=30)
+        assert out.confirm["digest"] == out.source_digest
+    finally:
+        dest.close()
         vm.shutdown()
