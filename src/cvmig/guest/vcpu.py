@@ -208,6 +208,8 @@ class _Vcpu:
         self.throttle_time = 0.0
         self.last_hb = 0.0
         self.paused = False
+        self.paused_at = 0.0
+        self.paused_time = 0.0  # total time spent paused: not run time, not throttle
         self.stop = False
         self.tokens = 0.0
         self.tokens_at = time.monotonic()
@@ -265,13 +267,16 @@ class _Vcpu:
             if not self.paused:
                 self.ctx.save_vmsa(self.export_state())
                 self.paused = True
+                self.paused_at = time.monotonic()
                 self._publish()
                 self.me["state"] = ctl.PAUSED
             self.conn.send(("paused", None))
         elif op == "resume":
             if self.paused:
                 self.paused = False
-                self.tokens_at = time.monotonic()
+                now = time.monotonic()
+                self.paused_time += now - self.paused_at
+                self.tokens_at = now
                 self.me["state"] = ctl.RUNNING
             self.conn.send(("ok", None))
         elif op == "digest":
@@ -321,6 +326,7 @@ class _Vcpu:
         else:
             self.import_state(self.ctx.load_vmsa())
             self.paused = True
+            self.paused_at = time.monotonic()
             self.me["state"] = ctl.PAUSED
         self.me["pid"] = os.getpid()
         self._publish()
@@ -334,6 +340,7 @@ class _Vcpu:
 
     def slice(self) -> None:
         t0 = time.monotonic()
+        paused0 = self.paused_time
         me = self.me[0]
         limit = float(me["dirty_limit"])
         quota: int | None = None
@@ -357,14 +364,15 @@ class _Vcpu:
         self._publish()
         self._wait(deadline)  # idle for the rest of the slice
         t1 = time.monotonic()
-        ran = t1 - t0
+        ran = t1 - t0 - (self.paused_time - paused0)  # a pause inside the slice is not run time
         self.run_time += ran
         self._heartbeat(t1)
         p = float(me["throttle"])
         if p > 0:
             # QEMU cpu-throttle: sleep p/(1-p) of each timeslice
+            paused1 = self.paused_time
             self._wait(t1 + ran * p / (1.0 - p))
-            self.throttle_time += time.monotonic() - t1
+            self.throttle_time += time.monotonic() - t1 - (self.paused_time - paused1)
         self._publish()
 
 
