@@ -662,3 +662,30 @@ def test_queue_is_many_full_commands(world: World) -> None:
         world.recv(Batching.SG, pfns[bounds[i] : bounds[i + 1]], sizes[i], int(offs[i]))
     world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
     assert np.array_equal(world.read(world.dst, world.hd, world.dmem)[pfns], pt)
+
+
+@pytest.mark.parametrize("mode", [Batching.PAGE, Batching.CONTIG, Batching.SG])
+def test_receive_finish_returns_the_measurement_of_what_was_imported(
+    world: World, mode: Batching
+) -> None:
+    from cvmig.psp.measure import measure_digest, page_measure
+
+    pt = random_pages(world.npages, seed=7)
+    pfns = np.arange(world.npages)
+    world.write(pfns, pt)
+    world.start()
+    step = 1 if mode is Batching.PAGE else 4
+    off = 0
+    for lo in range(0, world.npages, step):
+        chunk = pfns[lo : lo + step]
+        n = world.send(mode, chunk, off)
+        world.dst.receive_update_data(world.hd, mode, chunk, world.td, off, n)
+        off += n
+    got = world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
+    assert got == measure_digest(page_measure(pt, pfns))
+    # and it depends on every page: one changed byte anywhere changes it
+    pt2 = pt.copy()
+    pt2[world.npages // 2, 123] ^= 1
+    assert got != measure_digest(page_measure(pt2, pfns))
+    # the guest on the destination holds exactly that plaintext under its new VEK
+    assert np.array_equal(world.read(world.dst, world.hd, world.dmem), pt)
