@@ -18,6 +18,7 @@ knows which version every page must hold. An all-zero page is one never written.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -306,8 +307,6 @@ class Dirtier(Workload):
         self.ctx.ops += n
 
     def step(self, vtime: float, deadline: float, quota: int | None) -> None:
-        import time
-
         if self.rate > 0:
             # token budget over run time; a slice may catch up at most one more slice
             want = int(self.rate * (vtime + 0.010)) - self.count
