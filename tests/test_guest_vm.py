@@ -284,3 +284,47 @@ def test_hypervisor_sees_no_plaintext(psp: Psp) -> None:
                 assert shared.find(c) < 0, f"{c!r} in shared pages"
             assert shared.find(b"CVMIG-IO") >= 0  # the search works: shared = plaintext
             assert not any(isinstance(v, MemoryCipher | bytes) for v in vars(g).values())
+
+
+# --------------------------------------------------------------------------- control edges
+
+
+def test_pause_interrupts_throttle_sleep_and_per_vcpu_throttle(psp: Psp) -> None:
+    with running(psp, "dirtier:rate=max", vcpus=2, memory=32 * MiB) as g:
+        g.set_throttle(0.99, vcpu=0)  # vCPU 0 sleeps about 1 s per 10 ms slice
+        assert [s.throttle for s in g.stats()] == [0.99, 0.0]
+        n0 = g.stats()[0].heartbeats
+        wait_for(lambda: g.stats()[0].heartbeats >= n0 + 2, what="a throttled slice")
+        w = [s.pages_written for s in g.stats()]
+        wait_progress(g, 20000)
+        w2 = [s.pages_written for s in g.stats()]
+        assert (w2[0] - w[0]) * 5 < (w2[1] - w[1])  # only vCPU 0 is slowed
+        t = time.monotonic()
+        g.pause()  # must not wait out the throttle sleep
+        assert time.monotonic() - t < 0.5
+        g.resume()
+        g.set_throttle(0.0)
+        n0 = g.stats()[0].heartbeats
+        wait_for(lambda: g.stats()[0].heartbeats >= n0 + 20, timeout=2.0, what="unthrottled slices")
+
+
+def test_restore_with_the_wrong_key_fails_clearly(psp: Psp) -> None:
+    with running(psp, "idle", vcpus=1) as g:
+        g.pause()
+        with launched(psp) as (mem2, other_handle):
+            mem2.pages[:] = g.memory.pages
+            g2 = Guest(g.config, mem2, psp[0], other_handle)  # another guest's VEK
+            try:
+                with pytest.raises(RuntimeError, match="VMSA"):
+                    g2.restore()
+            finally:
+                g2.shutdown()
+
+
+def test_check_and_digest_while_running(psp: Psp) -> None:
+    with running(psp, "dirtier:pattern=hotcold,rate=50000") as g:
+        wait_progress(g, 1000)
+        assert g.check()["ok"]  # each vCPU checks its own part between its slices
+        d1 = g.digest()
+        wait_progress(g, 1000)
+        assert g.digest() != d1

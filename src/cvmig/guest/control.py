@@ -25,7 +25,7 @@ VCPU_DTYPE = np.dtype(
     [
         ("pid", "<i8"),
         ("state", "<i8"),
-        ("ops", "<u8"),  # workload operations (dirtier: page writes; sqlite: transactions)
+        ("ops", "<u8"),  # workload operations (dirtier: page writes; sqlite: transactions; idle: slices)
         ("pages_written", "<u8"),  # page writes issued to guest memory
         ("heartbeat", "<f8"),  # CLOCK_MONOTONIC of the last slice boundary
         ("hb_count", "<i8"),  # heartbeats written into the ring so far
