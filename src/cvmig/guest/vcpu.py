@@ -14,6 +14,7 @@ The dirty limit is a wall-clock quota of pages/s (QEMU dirty-limit), a token buc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -55,7 +56,7 @@ class VcpuSpec:
     psp_socket: str
     handle: int
     tracker: str  # "uffd" | "dmap"
-    mode: str  # "boot" | "restore"
+    mode: str  # "boot" | "restore" | "standby" (a restore that waits for "go")
     workload: WorkloadSpec
     ram_start: int
     ram_count: int
@@ -186,15 +187,20 @@ def digest(mem: GuestMemory, cipher: MemoryCipher) -> str:
     return compose(measure_digest(values), mem.pages, mem.page_state)
 
 
+def _attach(spec: VcpuSpec) -> GuestMemory:
+    mem = GuestMemory.attach(spec.mem_name, spec.npages)
+    mem.populate()  # our page tables, now: no first-touch faults while running
+    return mem
+
+
 class _Vcpu:
-    def __init__(self, spec: VcpuSpec, conn: Connection) -> None:
+    def __init__(self, spec: VcpuSpec, conn: Connection, mem: GuestMemory | None = None) -> None:
         self.spec = spec
         self.conn = conn
         self.block = ctl.ControlBlock.attach(spec.ctl_name, spec.nvcpus, spec.npages)
         self.me = self.block.vcpu[spec.index : spec.index + 1]
         self.ring = self.block.ring[spec.index]
-        self.mem = GuestMemory.attach(spec.mem_name, spec.npages)
-        self.mem.populate()  # our page tables, now: no first-touch faults while running
+        self.mem = mem if mem is not None else _attach(spec)
         self.cipher = MemoryCipher(fetch_vek(spec.psp_socket, spec.handle))
         self.writer = None
         if spec.tracker == "uffd":
@@ -378,8 +384,22 @@ class _Vcpu:
 
 def vcpu_main(spec: VcpuSpec, conn: Connection) -> None:
     """Entry point of a vCPU process."""
+    mem = None
+    if spec.mode == "standby":
+        # a destination's vCPU, started while pages still arrive: the interpreter, the
+        # imports and the page tables cost the downtime nothing. The key can only be had
+        # after RECEIVE_FINISH, so it waits for "go" to restore.
+        try:
+            mem = _attach(spec)
+        except BaseException as e:
+            conn.send(("error", f"vCPU {spec.index} failed to attach: {type(e).__name__}: {e}"))
+            return
+        conn.send(("standby", None))
+        if conn.recv() != ("go",):
+            return
+        spec = dataclasses.replace(spec, mode="restore")
     try:
-        vcpu = _Vcpu(spec, conn)
+        vcpu = _Vcpu(spec, conn, mem)
     except BaseException as e:
         conn.send(("error", f"vCPU {spec.index} failed to start: {type(e).__name__}: {e}"))
         return

@@ -137,6 +137,7 @@ class Guest:
         self._scanners: list[Any] = []
         self._logging = False
         self._paused = False
+        self._standby = False
 
     # -- layout
     @property
@@ -193,23 +194,49 @@ class Guest:
                 conn = Connection(ours.detach())
                 self._conns.append(conn)
                 conn.send(self._spec(i, mode))
-            for i, conn in enumerate(self._conns):
-                kind, info = self._recv(i, conn, _START_TIMEOUT)
-                if kind != "ready":
-                    raise RuntimeError(str(info))
-                self._maps.append((int(info["pid"]), int(info["addr"]), int(info["len"])))
+            if mode == "standby":
+                for i, conn in enumerate(self._conns):
+                    kind, info = self._recv(i, conn, _START_TIMEOUT)
+                    if kind != "standby":
+                        raise RuntimeError(str(info))
+                return
+            self._await_ready()
         except BaseException:
             self._kill()
             raise
         self._paused = mode == "restore"
 
+    def _await_ready(self) -> None:
+        for i, conn in enumerate(self._conns):
+            kind, info = self._recv(i, conn, _START_TIMEOUT)
+            if kind != "ready":
+                raise RuntimeError(str(info))
+            self._maps.append((int(info["pid"]), int(info["addr"]), int(info["len"])))
+
     def boot(self) -> None:
         """Fresh start: vCPUs fetch the VEK, the workload initialises and runs."""
         self._start("boot")
 
+    def prepare(self) -> None:
+        """Start the vCPU processes in standby, memory attached but no key, while a
+        migration's pages still arrive; `restore` then only has to import the VMSAs."""
+        self._start("standby")
+        self._standby = True
+
     def restore(self) -> None:
         """Start the vCPUs PAUSED from the state in their VMSA pages (after a migration)."""
-        self._start("restore")
+        if not self._standby:
+            self._start("restore")
+            return
+        self._standby = False
+        try:
+            for conn in self._conns:
+                conn.send(("go",))
+            self._await_ready()
+        except BaseException:
+            self._kill()
+            raise
+        self._paused = True
 
     def _recv(self, i: int, conn: Connection, timeout: float) -> tuple[str, Any]:
         if not conn.poll(timeout):

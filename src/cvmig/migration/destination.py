@@ -89,6 +89,9 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         region = psp.map_region(memory.name, memory.size)
         handle = psp.receive_start(region, npages, SendSession(
             int(info["policy"]), bytes(sender_pdh), bytes(session)))  # type: ignore[call-overload]
+        # the vCPU processes start now, while the pages arrive, not in the downtime
+        guest = Guest(config, memory, hostobj.psp_socket, handle)
+        guest.prepare()
         tview = trans.view
         pages = memory.pages
         while True:
@@ -135,7 +138,6 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         private = psp.receive_finish(handle, bytes(trailer))
         # measured by our PSP as it imported the pages: no pass over memory in the downtime
         digest = compose(private, memory.pages, memory.page_state)
-        guest = Guest(config, memory, hostobj.psp_socket, handle)
         guest.restore()  # vCPUs up, paused, state imported from the VMSAs
         guest.resume()
         resumed_at = time.monotonic()
