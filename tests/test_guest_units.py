@@ -104,7 +104,7 @@ def test_spec_round_trips(pattern: str, rate: str, hot: float, skew: float, ws: 
 )
 def test_config_validate(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        GuestConfig(**kwargs).validate()  # type: ignore[arg-type]
+        GuestConfig(**kwargs).validate()
 
 
 def test_config_default_ok() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +329,26 @@ def test_check_and_digest_while_running(psp: Psp) -> None:
         d1 = g.digest()
         wait_progress(g, 1000)
         assert g.digest() != d1
+
+
+def test_cli_run_writes_per_second_records(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from cvmig.guest.cli import guest as guest_cli
+
+    out = tmp_path / "run.json"
+    res = CliRunner().invoke(guest_cli, [
+        "run", "--memory", "16M", "--workload", "dirtier:rate=20000,pattern=hotcold",
+        "--seconds", "2", "--tracker", "dmap", "--json", str(out),
+    ])
+    assert res.exit_code == 0, res.output
+    assert "check: ok" in res.output
+    data = json.loads(out.read_text())
+    assert data["tracker"] == "dmap" and data["check"]["ok"]
+    assert len(data["records"]) >= 2
+    for rec in data["records"]:
+        assert rec["pages_written_per_s"] > 0 and rec["dirty_pages_per_s"] > 0
+    # the last second ran at the requested rate (generous: noisy box)
+    assert 10000 < data["records"][-1]["ops_per_s"] < 30000
