@@ -155,16 +155,18 @@ def test_harvested_copy_is_exact_any_dirtier(psp: Psp, tracker: str, pattern: st
 # --------------------------------------------------------------------------- pause, resume, move
 
 
-@pytest.mark.parametrize("workload", ["idle", "dirtier:pattern=hotcold", "sqlite:accounts=500"])
+@pytest.mark.parametrize("workload", ["idle", "dirtier:pattern=hotcold", "sqlite:accounts=500,keep=100"])
 def test_pause_resume_and_move(psp: Psp, workload: str) -> None:
     with running(psp, workload) as g:
-        wait_progress(g, 50)
+        wait_progress(g, 600)
         g.pause()
         assert all(s.state == "paused" for s in g.stats())
         before = progress(g)
         d1 = g.digest()
         check = g.check()
         assert check["ok"], check
+        if workload.startswith("sqlite"):
+            assert all(v["folded"] > 0 for v in check["vcpus"])  # the ledger was folded
         assert g.digest() == d1 and progress(g) == before  # paused: nothing moves
         g.resume()
         wait_progress(g, 50)

@@ -12,6 +12,11 @@ Transaction i (1, 2, ...) is a pure function of (seed, vCPU, i): account, teller
 delta. The ledger is the ``history`` table (hid = i) plus the count of committed
 transactions in the state blob; `check` runs ``PRAGMA integrity_check`` and replays all of
 them: every one present and exact, and every balance equal to the sum of its deltas.
+
+So that the database stays bounded however long the guest runs, the oldest history rows
+are folded, in a transaction of their own, into ``ledger(upto, hash)``: the sum (mod 2**64)
+of a 64-bit hash of each folded row. `check` recomputes that sum from the replay, so folded
+transactions are still each accounted for.
 """
 
 from __future__ import annotations
@@ -43,6 +48,28 @@ _TXN = (
     "INSERT INTO history(hid, tid, bid, aid, delta, mtime) VALUES (:i, :t, :b, :a, :d, :i);"
     "COMMIT;"
 )
+
+
+_H = (np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9), np.uint64(0x27D4EB2F165667C5),
+      np.uint64(0x85EBCA77C2B2AE63))
+
+
+def row_hash(hid: np.ndarray, tid: np.ndarray, bid: np.ndarray, aid: np.ndarray, delta: np.ndarray) -> int:
+    """Sum mod 2**64 of a hash of each history row (order-free, vectorised), as int64."""
+    u = np.uint64
+    x = hid.astype(u) * _GOLDEN
+    x ^= aid.astype(u) * _H[0]
+    x ^= tid.astype(u) * _H[1]
+    x ^= bid.astype(u) * _H[2]
+    x ^= (delta + 2**32).astype(u) * _H[3]
+    total = mix64(x).sum(dtype=u) if len(x) else u(0)
+    return int(np.array(total, dtype=u).view(np.int64))
+
+
+def _add64(a: int, b: int) -> int:
+    """a + b mod 2**64, as a signed 64-bit value (SQLite's INTEGER)."""
+    r = (a + b) & (2**64 - 1)
+    return r - 2**64 if r >= 2**63 else r
 
 
 def pages_needed(accounts: int) -> int:
@@ -166,6 +193,8 @@ class SqliteWorkload(Workload):
         self.rate = float(p["rate"]) / ctx.nvcpus  # transactions/s of run time, this vCPU
         self.seed = np.uint64((int(p["seed"]) * 0x100000001B3 + 7919 * (ctx.index + 1)) % 2**64)
         self.committed = 0  # the ledger's length: transactions known committed
+        self.keep = int(p["keep"])  # history rows kept unfolded (at least)
+        self.folded = 0  # history rows 1..folded live on only in ledger.hash
         self.file_size = 0
         self.vfs_name = f"cvmig-guest-{ctx.index}-{id(self):x}"
         self.vfs = GuestVFS(self.vfs_name, self)
@@ -201,6 +230,8 @@ class SqliteWorkload(Workload):
             "CREATE TABLE tellers(tid INTEGER PRIMARY KEY, bid INTEGER NOT NULL, tbalance INTEGER NOT NULL, filler TEXT);"
             "CREATE TABLE accounts(aid INTEGER PRIMARY KEY, bid INTEGER NOT NULL, abalance INTEGER NOT NULL, filler TEXT);"
             "CREATE TABLE history(hid INTEGER PRIMARY KEY, tid INTEGER, bid INTEGER, aid INTEGER, delta INTEGER, mtime INTEGER);"
+            "CREATE TABLE ledger(id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL, hash INTEGER NOT NULL);"
+            "INSERT INTO ledger VALUES(1, 0, 0);"
         )
         with db:
             db.executemany("INSERT INTO branches VALUES(?, 0, ?)", ((i, _FILLER) for i in range(1, b + 1)))
@@ -222,6 +253,8 @@ class SqliteWorkload(Workload):
         else:
             budget = 1 << 62
         start_pages = self.ctx.pages_written
+        if self.committed - self.folded >= 2 * self.keep:
+            self._fold(self.committed - self.keep)
         chunk = 64
         while budget > 0:
             n = min(chunk, budget)
@@ -247,6 +280,21 @@ class SqliteWorkload(Workload):
                     break
         self.ctx.io_write()
 
+    def _fold(self, upto: int) -> None:
+        """Fold history rows folded+1 .. upto into the ledger hash, in one transaction."""
+        db = self.db
+        assert db is not None
+        with db:
+            rows = np.array(
+                list(db.execute("SELECT hid, tid, bid, aid, delta FROM history WHERE hid <= ?", (upto,))),
+                dtype=np.int64,
+            ).reshape(-1, 5)
+            (old,) = db.execute("SELECT hash FROM ledger WHERE id = 1").fetchone()  # type: ignore[misc]
+            new = _add64(int(old), row_hash(*rows.T))
+            db.execute("UPDATE ledger SET upto = ?, hash = ? WHERE id = 1", (upto, new))
+            db.execute("DELETE FROM history WHERE hid <= ?", (upto,))
+        self.folded = upto
+
     def export_state(self) -> dict[str, Any]:
         return {"committed": self.committed, "file_size": self.file_size}
 
@@ -254,6 +302,7 @@ class SqliteWorkload(Workload):
         self.committed = int(state["committed"])
         self.file_size = int(state["file_size"])
         self.db = self._open()
+        (self.folded,) = self.db.execute("SELECT upto FROM ledger WHERE id = 1").fetchone()  # type: ignore[misc]
 
     def check(self) -> dict[str, Any]:
         db = self.db
@@ -263,29 +312,35 @@ class SqliteWorkload(Workload):
         if integrity != ["ok"]:
             problems.append(f"integrity_check: {integrity[:5]}")
         n = self.committed
+        upto, lhash = db.execute("SELECT upto, hash FROM ledger WHERE id = 1").fetchone()  # type: ignore[misc]
         rows = np.array(list(db.execute("SELECT hid, tid, bid, aid, delta FROM history ORDER BY hid")), dtype=np.int64)
         rows = rows.reshape(-1, 5)
-        if len(rows) != n:
-            problems.append(f"ledger has {len(rows)} transactions, {n} were committed")
+        aid, tid, bid, delta = self.txns(1, n)
+        hid = np.arange(1, n + 1, dtype=np.int64)
+        if not 0 <= upto <= n:
+            problems.append(f"ledger folded up to {upto} but only {n} transactions were committed")
+        elif lhash != row_hash(hid[:upto], tid[:upto], bid[:upto], aid[:upto], delta[:upto]):
+            problems.append(f"ledger hash over transactions 1..{upto} does not match the replay")
+        elif len(rows) != n - upto:
+            problems.append(f"history has {len(rows)} rows; {n - upto} expected ({n} committed, {upto} folded)")
         else:
-            aid, tid, bid, delta = self.txns(1, n)
-            expect = np.stack([np.arange(1, n + 1), tid, bid, aid, delta], axis=1) if n else rows
+            expect = np.stack([hid, tid, bid, aid, delta], axis=1)[upto:]
             wrong = np.flatnonzero(np.any(rows != expect, axis=1))
             if len(wrong):
-                problems.append(f"{len(wrong)} ledger rows differ, first hid {int(rows[wrong[0], 0])}")
-            for table, key, col, ids, count in (
-                ("accounts", "aid", "abalance", aid, self.accounts),
-                ("tellers", "tid", "tbalance", tid, self.tellers),
-                ("branches", "bid", "bbalance", bid, self.branches),
-            ):
-                bal = np.zeros(count + 1, dtype=np.int64)
-                np.add.at(bal, ids, delta)
-                got = np.zeros(count + 1, dtype=np.int64)
-                for k, v in db.execute(f"SELECT {key}, {col} FROM {table}"):
-                    got[k] = v
-                if not np.array_equal(bal, got):
-                    problems.append(f"{table}: {int(np.count_nonzero(bal != got))} balances wrong")
-        return {"ok": not problems, "committed": n, "integrity": integrity[:5], "problems": problems}
+                problems.append(f"{len(wrong)} history rows differ, first hid {int(rows[wrong[0], 0])}")
+        for table, key, col, ids, count in (
+            ("accounts", "aid", "abalance", aid, self.accounts),
+            ("tellers", "tid", "tbalance", tid, self.tellers),
+            ("branches", "bid", "bbalance", bid, self.branches),
+        ):
+            bal = np.zeros(count + 1, dtype=np.int64)
+            np.add.at(bal, ids, delta)
+            got = np.zeros(count + 1, dtype=np.int64)
+            for k, v in db.execute(f"SELECT {key}, {col} FROM {table}"):
+                got[k] = v
+            if not np.array_equal(bal, got):
+                problems.append(f"{table}: {int(np.count_nonzero(bal != got))} balances wrong")
+        return {"ok": not problems, "committed": n, "folded": upto, "integrity": integrity[:5], "problems": problems}
 
     def close(self) -> None:
         if self.db is not None:

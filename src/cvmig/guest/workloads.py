@@ -176,6 +176,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "sqlite": {
         "accounts": (_p_int(10, 10_000_000), 1000),
         "rate": (_p_rate, 0.0),  # transactions/s of vCPU run time, whole guest; 0 = max
+        "keep": (_p_int(100, 10_000_000), 10000),  # history rows kept before folding into the ledger hash
         "seed": (_p_int(0, 2**62), 1),
     },
 }
