@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from cvmig.migration.driver import Progress, Round, TimeoutAction
+from cvmig.migration.live import RateMeter, migration_info, percent
 from cvmig.migration.throttle import ThrottleKind
-from cvmig.monitor.info import RateMeter, migration_info, percent
 from cvmig.monitor.params import CAPABILITIES, Settings
 from cvmig.monitor.protocol import QMPError, Splitter, check_request, event, parse
 from cvmig.monitor.run import parse_qmp_address

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 from typing import Any
 
@@ -10,16 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cvmig.migration.driver import Progress as MigrationProgress
-from cvmig.psp.api import PAGE_SIZE
-
-
-def percent(p: MigrationProgress) -> float:
-    """virsh migrate --verbose: 100 - remaining / total (it may step back between rounds)."""
-    if p.total_pages == 0:
-        return 0.0
-    if p.status == "completed":
-        return 100.0
-    return max(0.0, 100.0 - p.remaining_pages * 100.0 / p.total_pages)
+from cvmig.migration.live import RateMeter, migration_info, percent
 
 
 class ProgressView:
@@ -27,6 +19,7 @@ class ProgressView:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.meter = RateMeter()
         self.console = Console(stderr=True)
         self._bar = Progress(
             TextColumn("[bold]Migration:[/] {task.description}"),
@@ -50,15 +43,21 @@ class ProgressView:
             self._bar.stop()
 
     def observe(self, event: str, p: MigrationProgress) -> None:
+        """Show what query-migrate would show now (the same numbers QMP clients see)."""
         if not self.enabled:
             return
+        if event == "chunk" or (event == "status" and p.status == "active"):
+            self.meter.add(time.monotonic(), p.transferred, p.pages_sent)
+        info = migration_info(p.status, p, None, self.meter)
+        ram = info.get("ram", {})
         rnd = p.rounds[-1].kind if p.rounds else "setup"
         detail = (
-            f"round {len(p.rounds)} ({rnd})  {p.bandwidth * 8 / 1e6:7.1f} Mbit/s  "
-            f"remaining {p.remaining_pages * PAGE_SIZE / 2**20:7.1f} MiB  "
-            f"throttle {p.throttle_pct:2d} %"
+            f"round {len(p.rounds)} ({rnd})  {ram.get('mbps', 0.0):7.1f} Mbit/s  "
+            f"remaining {ram.get('remaining', 0) / 2**20:7.1f} MiB  "
+            f"throttle {info.get('cpu-throttle-percentage', 0):2d} %"
         )
-        self._bar.update(self._task, completed=percent(p), description=p.status, detail=detail)
+        self._bar.update(self._task, completed=percent(info), description=p.status,
+                         detail=detail)
 
 
 def print_summary(rep: dict[str, Any], console: Console | None = None) -> None:

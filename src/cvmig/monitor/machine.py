@@ -31,8 +31,8 @@ from cvmig.guest.vm import GuestConfig
 from cvmig.migration.destination import listen, migrate_in
 from cvmig.migration.driver import MigrationParams, Progress
 from cvmig.migration.host import Host
+from cvmig.migration.live import IN_PROGRESS, RateMeter, migration_info
 from cvmig.migration.source import MigrationFailed, SourceVM, migrate_out
-from cvmig.monitor.info import IN_PROGRESS, RateMeter, migration_info
 from cvmig.monitor.params import Settings
 from cvmig.monitor.protocol import QMPError
 from cvmig.psp.api import Batching
