@@ -159,6 +159,8 @@ def test_harvested_copy_is_exact_any_dirtier(psp: Psp, tracker: str, pattern: st
 def test_pause_resume_and_move(psp: Psp, workload: str) -> None:
     with running(psp, workload) as g:
         wait_progress(g, 600)
+        if workload.startswith("sqlite"):  # every vCPU past 2 x keep: its ledger folded
+            wait_for(lambda: min(s.ops for s in g.stats()) >= 300, what="300 txns per vCPU")
         g.pause()
         assert all(s.state == "paused" for s in g.stats())
         before = progress(g)
@@ -179,11 +181,12 @@ def test_pause_resume_and_move(psp: Psp, workload: str) -> None:
         # move: the ciphertext and page states into a second memory; a second guest over
         # the same guest key restores its vCPUs from the VMSA pages
         with GuestMemory.create(g.memory.size) as mem2:
+            g2 = Guest(g.config, mem2, psp[0], g.handle)
+            g2.prepare()  # vCPU processes up in standby (no key yet) while pages arrive
             mem2.pages[:] = g.memory.pages
             mem2.page_state[:] = g.memory.page_state
-            g2 = Guest(g.config, mem2, psp[0], g.handle)
-            g2.restore()
             try:
+                g2.restore()
                 assert all(s.state == "paused" for s in g2.stats())
                 assert [s.ops for s in g2.stats()] == src_ops  # counters came with the VMSA
                 assert g2.digest() == src_digest
@@ -226,31 +229,54 @@ def test_move_detects_corruption(psp: Psp) -> None:
 # --------------------------------------------------------------------------- throttle
 
 
-def _rate(g: Guest, window: float = 0.8) -> float:
+def _rate(g: Guest, window: float = 0.8) -> tuple[float, float]:
+    """(page writes/s, fraction of wall time the vCPUs ran) over a window."""
     wait_for(lambda: min(s.heartbeats for s in g.stats()) > 0)
-    # let one full slice (and its throttle sleep) pass under the new setting
+    # let two full slices (and their throttle sleeps) pass under the new setting
     n0 = min(s.heartbeats for s in g.stats())
     wait_for(lambda: min(s.heartbeats for s in g.stats()) >= n0 + 2, what="two slices")
-    w0, t0 = sum(s.pages_written for s in g.stats()), time.monotonic()
+    s0, t0 = g.stats(), time.monotonic()
     time.sleep(window)  # a measurement window, not a wait for a condition
-    w1, t1 = sum(s.pages_written for s in g.stats()), time.monotonic()
-    return (w1 - w0) / (t1 - t0)
+    s1, t1 = g.stats(), time.monotonic()
+    writes = sum(b.pages_written - a.pages_written for a, b in zip(s0, s1, strict=True))
+    ran = sum(b.run_time - a.run_time for a, b in zip(s0, s1, strict=True)) / len(s0)
+    return writes / (t1 - t0), ran / (t1 - t0)
+
+
+def _throttle_ratio(g: Guest, p: float) -> tuple[float, float]:
+    """(write rate under throttle p / unthrottled rate, run fraction under p). Unthrottled
+    windows on both sides of the throttled one cancel most of the box's drifting load."""
+    before, _ = _rate(g, 0.6)
+    g.set_throttle(p)
+    assert g.stats()[0].throttle == p
+    throttled, ran = _rate(g)
+    g.set_throttle(0.0)
+    after, _ = _rate(g, 0.6)
+    assert min(before, after) > 1000
+    return throttled / ((before + after) / 2), ran
 
 
 @pytest.mark.parametrize("workload", ["dirtier:rate=20000", "dirtier:rate=max"])
 def test_throttle_scales_write_rate_by_one_minus_p(psp: Psp, workload: str) -> None:
+    # Tolerances are generous: this 2-core box is shared, and a CPU-bound writer also loses
+    # per-slice efficiency after each sleep (cold caches, vCPU wake-up): about 0.6-0.7 x
+    # here. A rate budgeted per second of run time scales with the run fraction alone.
+    lo = 0.35 if "rate=max" in workload else 0.65
     with running(psp, workload, vcpus=1, memory=32 * MiB) as g:
-        base = _rate(g)
-        assert base > 1000
+        ratios = []
         for p in (0.5, 0.75):
-            g.set_throttle(p)
-            assert g.stats()[0].throttle == p
-            ratio = _rate(g) / base
-            # generous: this 2-core box is shared and noisy
-            assert (1 - p) * 0.55 < ratio < (1 - p) * 1.45, (p, ratio)
+            seen = []
+            for _ in range(3):  # another process's burst can spoil one measurement
+                ratio, ran = _throttle_ratio(g, p)
+                seen.append((round(ratio, 3), round(ran, 3)))
+                # the mechanism: the vCPU runs 1 - p of the time, and the writes follow
+                if abs(ran - (1 - p)) < 0.12 and (1 - p) * lo < ratio < (1 - p) * 1.3:
+                    break
+            else:
+                pytest.fail(f"throttle {p}: (write-rate ratio, run fraction) {seen}")
+            ratios.append(ratio)
+        assert ratios[1] < ratios[0]
         assert g.stats()[0].throttle_time > 0
-        g.set_throttle(0.0)
-        assert _rate(g) / base > 0.45
         with pytest.raises(ValueError):
             g.set_throttle(0.995)
 
@@ -259,10 +285,10 @@ def test_dirty_limit_caps_each_vcpu(psp: Psp) -> None:
     with running(psp, "dirtier:rate=max", vcpus=2, memory=32 * MiB) as g:
         g.set_dirty_limit(3000)
         assert all(s.dirty_limit == 3000 for s in g.stats())
-        r = _rate(g, window=1.0)
+        r, _ = _rate(g, window=1.0)
         assert 2 * 3000 * 0.6 < r < 2 * 3000 * 1.25, r
         g.set_dirty_limit(None)
-        assert _rate(g) > 2 * 3000 * 2
+        assert _rate(g)[0] > 2 * 3000 * 2
 
 
 # --------------------------------------------------------------------------- confidentiality

@@ -7,7 +7,8 @@ stop), so a paused vCPU never has a write in flight. At pause it saves its state
 its VMSA page, encrypted like any private page (SEV-ES: the hypervisor never sees
 registers); `restore` starts from that blob.
 
-Throttle is QEMU's: after each 10 ms slice of run time, sleep p/(1-p) x 10 ms. Workload
+Throttle is QEMU's: after each 10 ms slice of run time, sleep p/(1-p) x 10 ms (less any
+oversleep of earlier slices, so the run fraction stays 1 - p on a loaded box). Workload
 rates are per second of *run time*, so throttle p cuts a dirtier's rate to (1-p) x rate.
 The dirty limit is a wall-clock quota of pages/s (QEMU dirty-limit), a token bucket.
 """
@@ -219,6 +220,9 @@ class _Vcpu:
         self.stop = False
         self.tokens = 0.0
         self.tokens_at = time.monotonic()
+        self.thr_p = 0.0  # throttle in force, and run/sleep seconds since it was set
+        self.thr_run = 0.0
+        self.thr_slept = 0.0
         self.error: str | None = None
 
     # -- state
@@ -308,16 +312,23 @@ class _Vcpu:
         else:
             self.conn.send(("error", f"unknown vCPU command {op!r}"))
 
-    def _wait(self, until: float) -> None:
-        """Sleep until ``until`` but serve commands meanwhile (pause interrupts the wait)."""
+    def _wait(self, until: float, throttle: float | None = None) -> None:
+        """Sleep until ``until`` but serve commands meanwhile (pause interrupts the wait).
+        A throttle sleep (``throttle`` = the p it was computed for) also ends early when
+        the hypervisor changes the throttle."""
         while not self.stop:
             if self.paused:
                 self._serve(self.conn.recv())
                 continue
+            rem = max(0.0, until - time.monotonic())
+            if throttle is not None:
+                if float(self.me["throttle"][0]) != throttle:
+                    return
+                rem = min(rem, 0.05)
             # poll even when the time is up: commands are served at every slice boundary
-            if self.conn.poll(max(0.0, until - time.monotonic())):
+            if self.conn.poll(rem):
                 self._serve(self.conn.recv())
-            else:
+            elif throttle is None or time.monotonic() >= until:
                 return
 
     def run(self) -> None:
@@ -374,11 +385,23 @@ class _Vcpu:
         self.run_time += ran
         self._heartbeat(t1)
         p = float(me["throttle"])
+        if p != self.thr_p:
+            self.thr_p, self.thr_run, self.thr_slept = p, 0.0, 0.0
         if p > 0:
-            # QEMU cpu-throttle: sleep p/(1-p) of each timeslice
-            paused1 = self.paused_time
-            self._wait(t1 + ran * p / (1.0 - p))
-            self.throttle_time += time.monotonic() - t1 - (self.paused_time - paused1)
+            # QEMU cpu-throttle: sleep p/(1-p) of each timeslice. Sleeping on a loaded box
+            # overshoots (the wake-up waits for a core), so sleep what is *due* since p was
+            # set: the run fraction stays 1 - p, with at most 100 ms of overshoot credit.
+            self.thr_run += ran
+            due = self.thr_run * p / (1.0 - p) - self.thr_slept
+            if due < -0.1:
+                self.thr_slept += due + 0.1
+                due = -0.1
+            if due > 0:
+                paused1 = self.paused_time
+                self._wait(t1 + due, throttle=p)
+                slept = time.monotonic() - t1 - (self.paused_time - paused1)
+                self.thr_slept += slept
+                self.throttle_time += slept
         self._publish()
 
 
