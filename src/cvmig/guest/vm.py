@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -102,6 +103,17 @@ class VcpuStats:
     failed: bool
 
 
+def _release(control: ctl.ControlBlock, procs: list[subprocess.Popen[bytes]], conns: list[Connection]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5.0)
+    for c in conns:
+        c.close()
+    control.close()
+
+
 def choose_tracker(requested: str) -> str:
     """Resolve "auto"; raise RuntimeError if "uffd" was asked for and cannot work here."""
     if requested == "dmap":
@@ -137,6 +149,8 @@ class Guest:
         self._scanners: list[Any] = []
         self._logging = False
         self._paused = False
+        # a Guest dropped without shutdown() still kills its vCPUs and unlinks its control shm
+        self._finalizer = weakref.finalize(self, _release, self.control, self._procs, self._conns)
         self._standby = False
 
     # -- layout
@@ -297,7 +311,10 @@ class Guest:
                 p.wait(5.0)
         for c in self._conns:
             c.close()
-        self._procs, self._conns, self._maps = [], [], []
+        # cleared in place: the finalizer holds these lists
+        self._procs.clear()
+        self._conns.clear()
+        self._maps.clear()
 
     def __enter__(self) -> Guest:
         return self
