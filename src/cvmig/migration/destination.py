@@ -17,7 +17,7 @@ from cvmig.guest.memory import GuestMemory
 from cvmig.guest.vm import Guest
 from cvmig.migration.config import config_from_json
 from cvmig.migration.host import Host
-from cvmig.migration.source import MODES, PAGES_META
+from cvmig.migration.source import ACK, MODES, PAGES_META
 from cvmig.psp.api import Batching, PspError, SendSession, packet_size
 from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
@@ -94,6 +94,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         guest.prepare()
         tview = trans.view
         pages = memory.pages
+        frames = 0
         while True:
             h = chan.recv_header()
             if h.type is FrameType.PAGES:
@@ -108,12 +109,16 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
                 chan.recv_into(tview[: h.data_len])
                 _receive_packets(psp, handle, Batching(MODES[mode_i]), bool(queue), pfns,
                                  bounds, trans.region, h.data_len)
+                frames += 1
+                chan.send(FrameType.ACK, ACK.pack(frames))
             elif h.type is FrameType.SHARED:
                 meta = chan.recv_meta(h)
                 n = len(meta) // (8 + 4096)
                 pfns = np.frombuffer(meta, np.int64, n)
                 _check_pfns(pfns, npages)
                 pages[pfns] = np.frombuffer(meta, np.uint8, n * 4096, 8 * n).reshape(n, 4096)
+                frames += 1
+                chan.send(FrameType.ACK, ACK.pack(frames))
             elif h.type is FrameType.VMSA:
                 meta = chan.recv_meta(h)
                 (pfn,) = struct.unpack("<q", meta)

@@ -34,6 +34,11 @@ from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError
 
 PAGES_META = struct.Struct("<BBxxII")  # mode index, queued, commands, pages
+ACK = struct.Struct("<Q")
+# page frames in flight: one being imported at the destination, one queued behind it. More
+# would only fill socket buffers: the source would measure its own speed, not the link's,
+# and the backlog would land in the downtime.
+WINDOW = 2
 MODES = ("page", "contig", "sg")
 
 
@@ -109,6 +114,8 @@ class RealWorld:
         self.mode = params.batching
         self.mode_index = MODES.index(str(params.batching))
         self.outcome: Outcome | None = None
+        self.frames_sent = 0
+        self.frames_acked = 0
 
     # -- clock --------------------------------------------------------------------------
     def now(self) -> float:
@@ -155,7 +162,9 @@ class RealWorld:
         psp_s = time.perf_counter() - t0
         meta = PAGES_META.pack(self.mode_index, queue, ncmds, len(pfns)) + pfns.astype(
             np.int64).tobytes() + bounds.astype(np.int64).tobytes()
+        self._await_window()
         sent = self.chan.send(FrameType.PAGES, meta, [self.trans.view[:total]])
+        self.frames_sent += 1
         self._peer_check()
         if self.outcome is not None:
             self.outcome.timeline.append((time.monotonic(), _ops(self.vm.guest)))
@@ -165,16 +174,30 @@ class RealWorld:
     def send_shared(self, pfns: np.ndarray) -> Sent:
         pages = self.vm.memory.pages[pfns]  # shared pages: plaintext by design
         meta = pfns.astype(np.int64).tobytes() + pages.tobytes()
+        self._await_window()
         sent = self.chan.send(FrameType.SHARED, meta)
+        self.frames_sent += 1
         return Sent(pages=len(pfns), bytes=sent)
 
     def _peer_check(self) -> None:
-        """A destination that failed says so; read it rather than writing into the void."""
-        if self.chan.readable():
-            f = self.chan.recv_frame()
-            if f.type in (FrameType.ERROR, FrameType.CANCEL):
-                raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
-            raise ProtocolError(f"unexpected {f.type.name} from the destination mid-stream")
+        """Take in what the destination said so far (acks; an ERROR if it failed)."""
+        while self.chan.readable():
+            self._take_frame()
+
+    def _await_window(self) -> None:
+        while self.frames_sent - self.frames_acked >= WINDOW:
+            self._take_frame()
+
+    def _take_frame(self, want: FrameType | None = None) -> dict[str, object] | None:
+        f = self.chan.recv_frame(max_data=1 << 20)
+        if f.type is FrameType.ACK:
+            (self.frames_acked,) = ACK.unpack(f.meta)
+            return None
+        if f.type in (FrameType.ERROR, FrameType.CANCEL):
+            raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
+        if f.type is want:
+            return f.json()
+        raise ProtocolError(f"unexpected {f.type.name} from the destination mid-stream")
 
     # -- throttle -----------------------------------------------------------------------
     def set_throttle(self, pct: int) -> None:
@@ -214,7 +237,9 @@ class RealWorld:
         self.outcome.last_heartbeat = max(
             (s.heartbeat for s in self.vm.guest.stats()), default=0.0)
         self.chan.send_json(FrameType.FINISH, {}, [trailer])
-        confirm = self.chan.expect(FrameType.CONFIRM).json()
+        confirm = None
+        while confirm is None:
+            confirm = self._take_frame(FrameType.CONFIRM)
         running_at = time.monotonic()
         self.outcome.confirm = confirm
         digest = self.vm.guest.digest()

@@ -38,6 +38,7 @@ class FrameType(enum.IntEnum):
     CANCEL = 10  # either way: json reason; the peer discards its half
     ERROR = 11  # either way: json message
     RELEASED = 12  # source -> destination: the source has released the guest (SEND_FINISH)
+    ACK = 13  # destination -> source: u64 count of page frames imported so far
 
 
 class ProtocolError(Exception):
