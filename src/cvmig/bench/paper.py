@@ -68,9 +68,9 @@ class Grid:
 
 
 QUICK = Grid(modes=("page", "contig", "sg"), throttles=("none", "auto-converge", "precopy"),
-             dirty_fractions=(1.0,), idle=True, sqlite=True, reps=1, memory=64 * MiB,
+             dirty_fractions=(1.0, 2.0), idle=True, sqlite=True, reps=1, memory=64 * MiB,
              profiles=("none", "sev-2020"), hw_memory=16 * MiB,
-             hw_modes=("page", "contig", "sg"), timeout_s=20.0)
+             hw_modes=("page", "contig", "sg"), timeout_s=15.0)
 FULL = Grid(modes=tuple(MODES), throttles=tuple(THROTTLES), dirty_fractions=(0.5, 1.0, 2.0),
             idle=True, sqlite=True, reps=3, memory=128 * MiB, profiles=("none", "sev-2020"),
             hw_memory=16 * MiB, hw_modes=("page", "contig", "contig64", "sg"), timeout_s=40.0)

@@ -11,6 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+_MODES = ("page", "queue", "contig", "contig64", "sg")
+_THROTTLES = ("none", "auto-converge", "precopy", "dirty-limit")
+
+
+def _order(m: dict[str, Any]) -> tuple[int, int]:
+    """Throttle groups in a fixed order (none first), batching modes within each."""
+    return (_THROTTLES.index(m["throttle"]) if m["throttle"] in _THROTTLES else 99,
+            _MODES.index(m["mode"]) if m["mode"] in _MODES else 99)
+
+
 def _label(m: dict[str, Any]) -> str:
     return f"{m['mode']}\n{m['throttle']}"
 
@@ -24,8 +34,7 @@ def plot_times(summary: list[dict[str, Any]], out: Path) -> list[Path]:
         fig, axes = plt.subplots(len(workloads), 2, figsize=(14, 3.2 * len(workloads)),
                                  squeeze=False)
         for i, wl in enumerate(workloads):
-            sel = sorted((m for m in rows if m["workload"] == wl),
-                         key=lambda m: (m["throttle"], m["mode"]))
+            sel = sorted((m for m in rows if m["workload"] == wl), key=_order)
             labels = [_label(m) for m in sel]
             for j, (key, title) in enumerate((("total_ms", "migration time (ms)"),
                                               ("downtime_ms", "downtime (ms)"))):
