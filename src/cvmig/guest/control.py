@@ -78,6 +78,13 @@ class ControlBlock:
     def attach(cls, name: str, nvcpus: int, npages: int) -> ControlBlock:
         return cls(name, nvcpus, npages, owner=False)
 
+    def unlink(self) -> None:
+        """Remove the name once every vCPU has it mapped: the block lives as long as the
+        mappings do, and a host killed outright leaves nothing behind in /dev/shm."""
+        if self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join("/dev/shm", self.name))
+
     def close(self) -> None:
         if self._mm is None:
             return

@@ -195,10 +195,11 @@ def _attach(spec: VcpuSpec) -> GuestMemory:
 
 
 class _Vcpu:
-    def __init__(self, spec: VcpuSpec, conn: Connection, mem: GuestMemory | None = None) -> None:
+    def __init__(self, spec: VcpuSpec, conn: Connection, mem: GuestMemory | None = None,
+                 block: ctl.ControlBlock | None = None) -> None:
         self.spec = spec
         self.conn = conn
-        self.block = ctl.ControlBlock.attach(spec.ctl_name, spec.nvcpus, spec.npages)
+        self.block = block or ctl.ControlBlock.attach(spec.ctl_name, spec.nvcpus, spec.npages)
         self.me = self.block.vcpu[spec.index : spec.index + 1]
         self.ring = self.block.ring[spec.index]
         self.mem = mem if mem is not None else _attach(spec)
@@ -408,12 +409,14 @@ class _Vcpu:
 def vcpu_main(spec: VcpuSpec, conn: Connection) -> None:
     """Entry point of a vCPU process."""
     mem = None
+    block = None
     if spec.mode == "standby":
         # a destination's vCPU, started while pages still arrive: the interpreter, the
         # imports and the page tables cost the downtime nothing. The key can only be had
         # after RECEIVE_FINISH, so it waits for "go" to restore.
         try:
             mem = _attach(spec)
+            block = ctl.ControlBlock.attach(spec.ctl_name, spec.nvcpus, spec.npages)
         except BaseException as e:
             conn.send(("error", f"vCPU {spec.index} failed to attach: {type(e).__name__}: {e}"))
             return
@@ -422,7 +425,7 @@ def vcpu_main(spec: VcpuSpec, conn: Connection) -> None:
             return
         spec = dataclasses.replace(spec, mode="restore")
     try:
-        vcpu = _Vcpu(spec, conn, mem)
+        vcpu = _Vcpu(spec, conn, mem, block)
     except BaseException as e:
         conn.send(("error", f"vCPU {spec.index} failed to start: {type(e).__name__}: {e}"))
         return

@@ -213,6 +213,7 @@ class Guest:
                     kind, info = self._recv(i, conn, _START_TIMEOUT)
                     if kind != "standby":
                         raise RuntimeError(str(info))
+                self.control.unlink()  # every vCPU has it mapped
                 return
             self._await_ready()
         except BaseException:
@@ -226,6 +227,7 @@ class Guest:
             if kind != "ready":
                 raise RuntimeError(str(info))
             self._maps.append((int(info["pid"]), int(info["addr"]), int(info["len"])))
+        self.control.unlink()  # every vCPU has it mapped
 
     def boot(self) -> None:
         """Fresh start: vCPUs fetch the VEK, the workload initialises and runs."""

@@ -92,6 +92,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         # the vCPU processes start now, while the pages arrive, not in the downtime
         guest = Guest(config, memory, hostobj.psp_socket, handle)
         guest.prepare()
+        memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
         tview = trans.view
         pages = memory.pages
         frames = 0

@@ -56,6 +56,7 @@ class Host:
         self.psp = MailboxClient(self.psp_socket)
         shm = GuestMemory.create(TRANSPORT_SIZE, populate=True)
         self.transport = Transport(shm, self.psp.map_region(shm.name, shm.size))
+        shm.unlink()  # both of us have it mapped; a killed host leaves no name behind
         return self
 
     def close(self) -> None:

@@ -66,6 +66,7 @@ class SourceVM:
             handle = host.psp.launch(region, mem.npages, policy)
             guest = Guest(config, mem, host.psp_socket, handle)
             guest.boot()
+            mem.unlink()  # the PSP and every vCPU have it mapped: nothing left to attach
         except BaseException:
             mem.close()
             mem.unlink()
