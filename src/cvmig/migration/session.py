@@ -141,10 +141,7 @@ def _report(opts: MigrateOptions, out: Outcome, tracker: str,
     during_ops = out.ops_at_pause - ops1
     during_s = max(p.pause_time - t1, 1e-9) if p.pause_time else 0.0
     after_s = float(verified.get("verify_time", 0.0) or 0.0)
-    gap = 0.0
-    first_hb = float(verified.get("first_heartbeat", 0.0) or 0.0)
-    if first_hb and out.last_heartbeat:
-        gap = first_hb - out.last_heartbeat
+    gap = float(verified.get("observed_gap", 0.0) or 0.0)
     guest = {
         "ops-per-s-before": round((ops1 - ops0) / max(t1 - t0, 1e-9), 1),
         "ops-per-s-during": round(during_ops / during_s, 1) if during_s else 0.0,

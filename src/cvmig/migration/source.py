@@ -97,7 +97,6 @@ class Outcome:
     source_digest: str = ""
     guest_before: dict[str, float] = field(default_factory=dict)
     guest_during: dict[str, float] = field(default_factory=dict)
-    last_heartbeat: float = 0.0
     ops_at_pause: float = 0.0
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (time, guest ops)
 
@@ -235,8 +234,6 @@ class RealWorld:
         memory: the digests must match before anything is released."""
         assert self.outcome is not None
         trailer = self.psp.send_trailer(self.vm.handle)
-        self.outcome.last_heartbeat = max(
-            (s.heartbeat for s in self.vm.guest.stats()), default=0.0)
         self.chan.send_json(FrameType.FINISH, {}, [trailer])
         confirm = None
         while confirm is None:
