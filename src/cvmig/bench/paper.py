@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from cvmig.bench.machine import machine_info, machine_line
-from cvmig.migration.driver import MigrationParams, TimeoutAction
+from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
 from cvmig.psp.api import PAGE_SIZE, Batching
 
@@ -37,9 +37,11 @@ class Mode:
     batching: Batching
     cap: int = 0
     queue: bool = False
+    switchover: Switchover = Switchover.QEMU
 
     def params(self, base: MigrationParams) -> MigrationParams:
-        return replace(base, batching=self.batching, batch_cap=self.cap, queue=self.queue)
+        return replace(base, batching=self.batching, batch_cap=self.cap, queue=self.queue,
+                       switchover=self.switchover)
 
 
 MODES = {
@@ -47,6 +49,8 @@ MODES = {
     "contig": Mode("contig", Batching.CONTIG),  # 16 KiB: what the SEV spec allows
     "contig64": Mode("contig64", Batching.CONTIG, cap=64),  # extension: 256 KiB commands
     "sg": Mode("sg", Batching.SG),
+    # contig with the firmware-aware switchover estimate instead of QEMU's bandwidth rule
+    "contig-fw": Mode("contig-fw", Batching.CONTIG, switchover=Switchover.FIRMWARE),
     "queue": Mode("queue", Batching.PAGE, queue=True),  # one-page commands, one doorbell
 }
 THROTTLES = [k.value for k in ThrottleKind]
@@ -67,7 +71,7 @@ class Grid:
     timeout_s: float
 
 
-QUICK = Grid(modes=("page", "contig", "sg"), throttles=("none", "auto-converge", "precopy"),
+QUICK = Grid(modes=("page", "contig", "contig-fw", "sg"), throttles=("none", "auto-converge", "precopy"),
              dirty_fractions=(1.0, 2.0), idle=True, sqlite=True, reps=1, memory=64 * MiB,
              profiles=("none", "sev-2020"), hw_memory=16 * MiB,
              hw_modes=("page", "contig", "sg"), timeout_s=15.0)

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_MODES = ("page", "queue", "contig", "contig64", "sg")
+_MODES = ("page", "queue", "contig", "contig-fw", "contig64", "sg")
 _THROTTLES = ("none", "auto-converge", "precopy", "dirty-limit")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from cvmig.migration.driver import MigrationParams, TimeoutAction
+from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
 from cvmig.psp.api import Batching, Policy
 
@@ -102,6 +102,11 @@ def migration_options(f: Any) -> Any:
                      help="Seconds; 0 = none."),
         click.option("--timeout-action", type=click.Choice(["cancel", "force"]),
                      default="cancel", show_default=True),
+        click.option("--switchover", type=click.Choice(["qemu", "firmware"]), default="qemu",
+                     show_default=True,
+                     help="Downtime estimate for the switch: qemu = remaining bytes / last "
+                          "round's bandwidth; firmware = the commands the dirty set needs x "
+                          "measured cost per command and per byte."),
     ]):
         f = opt(f)
     return f
@@ -120,6 +125,7 @@ def build_params(o: dict[str, Any]) -> MigrationParams:
         max_rounds=o["max_rounds"],
         timeout_s=o["timeout"],
         timeout_action=TimeoutAction(o["timeout_action"]),
+        switchover=Switchover(o["switchover"]),
     )
 
 

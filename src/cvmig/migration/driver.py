@@ -31,8 +31,9 @@ from cvmig.psp.api import PAGE_SIZE, Batching
 
 # Pages handed to the world per send: sized so one send takes about CHUNK_TARGET_S at the
 # rate measured so far, so that cancel, rate-limit and flow-control checks stay frequent
-# whether a page costs 5 µs (sg here) or 2.5 ms (2020 SEV hardware).
-CHUNK_TARGET_S = 0.05
+# whether a page costs 5 µs (sg here) or 2.5 ms (2020 SEV hardware); short sends also keep
+# the two frames in flight at the switch short.
+CHUNK_TARGET_S = 0.025
 MIN_CHUNK_PAGES = 16
 MAX_CHUNK_PAGES = 2048
 RATE_WINDOW_S = 0.1  # QEMU's BUFFER_DELAY: the max-bandwidth budget is per 100 ms
@@ -41,6 +42,15 @@ RATE_WINDOW_S = 0.1  # QEMU's BUFFER_DELAY: the max-bandwidth budget is per 100 
 class TimeoutAction(enum.StrEnum):
     CANCEL = "cancel"
     FORCE = "force"
+
+
+class Switchover(enum.StrEnum):
+    """How the driver predicts the stop-and-copy time it compares with downtime-limit."""
+
+    QEMU = "qemu"  # remaining bytes / the last round's bandwidth (QEMU's rule)
+    FIRMWARE = "firmware"  # the commands the dirty set needs x measured cost per command,
+    # plus its bytes x measured cost per byte: a scattered dirty set batches worse than the
+    # bulk round did, and the firmware's per-command cost is what dominates SEV migration
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,11 @@ class MigrationParams:
     max_rounds: int = 0  # iterative rounds; 0 = no cap (as QEMU)
     timeout_s: float = 0.0  # 0 = none
     timeout_action: TimeoutAction = TimeoutAction.CANCEL
+    switchover: Switchover = Switchover.QEMU
+    # firmware estimate only: what stopping costs besides the pages (pause, VMSAs, frames
+    # still in flight, starting the vCPUs at the destination), not measurable before the
+    # first switch; ~100 ms on this machine (a migration's downtime less its last transfer)
+    switchover_fixed_ms: int = 100
 
     @property
     def cap(self) -> int:
@@ -69,6 +84,8 @@ class MigrationParams:
         if self.max_bandwidth < 0:
             raise ValueError("max-bandwidth must be >= 0 bytes/s (0 = unlimited)")
         validate_cap(self.batching, self.cap)
+        if self.switchover_fixed_ms < 0:
+            raise ValueError("switchover fixed cost must be >= 0 ms")
         if self.max_rounds < 0:
             raise ValueError("max-rounds must be >= 0 (0 = no cap)")
         if self.timeout_s < 0:
@@ -217,6 +234,7 @@ class Driver:
         self._window_start = 0.0
         self._window_bytes = 0
         self._chunk = 256
+        self._costs: list[tuple[int, int, float]] = []  # (commands, bytes, seconds) per send
 
     # -- throttle control, as the policy sees it ----------------------------------------
     def set_throttle(self, pct: int) -> None:
@@ -249,10 +267,16 @@ class Driver:
             prog.dirty_pages_rate = len(dirty) / period
             remaining = len(dirty) * PAGE_SIZE
             bw = max(rnd.bandwidth, 1.0)
-            prog.expected_downtime_ms = remaining / bw * 1000
             rnd.threshold_bytes = bw * p.downtime_limit_ms / 1000
+            if p.switchover is Switchover.FIRMWARE:
+                expected = self._predict(dirty) + p.switchover_fixed_ms / 1000
+                fits = expected * 1000 <= p.downtime_limit_ms
+            else:
+                expected = remaining / bw
+                fits = remaining <= rnd.threshold_bytes
+            prog.expected_downtime_ms = expected * 1000
             self.observe("sync", prog)
-            if remaining <= rnd.threshold_bytes:
+            if fits:
                 prog.switchover = "converged"
                 break
             iterative = rnd.index  # rounds done after the bulk one
@@ -311,8 +335,11 @@ class Driver:
             chunk = pfns[lo : lo + self._chunk]
             lo += len(chunk)
             t = w.now()
-            sent = w.send_private(chunk, plan_batches(chunk, p.batching, p.cap), p.queue)
-            self._adapt_chunk(len(chunk), w.now() - t)
+            bounds = plan_batches(chunk, p.batching, p.cap)
+            sent = w.send_private(chunk, bounds, p.queue)
+            dt = w.now() - t
+            self._adapt_chunk(len(chunk), dt)
+            self._costs = [*self._costs[-63:], (len(bounds) - 1, sent.bytes, dt)]
             self._account(rnd, sent)
             prog.remaining_pages = max(0, prog.remaining_pages - sent.pages)
             if rate_limited and p.max_bandwidth:
@@ -324,6 +351,27 @@ class Driver:
         prog.pages_per_second = rnd.pages / rnd.duration if rnd.duration > 0 else 0.0
         self.observe("round", prog)
         return rnd
+
+    def _predict(self, pfns: np.ndarray) -> float:
+        """Seconds to send ``pfns`` as they would be batched, from the recent sends:
+        t = a x commands + b x bytes, fitted by least squares (a, b >= 0)."""
+        if not self._costs or len(pfns) == 0:
+            return 0.0
+        p = self.params
+        cmds = len(plan_batches(pfns, p.batching, p.cap)) - 1
+        nbytes = len(pfns) * PAGE_SIZE
+        x = np.array([(c, b) for c, b, _ in self._costs], dtype=float)
+        y = np.array([t for _, _, t in self._costs], dtype=float)
+        ratio = x[:, 1] / np.maximum(x[:, 0], 1.0)
+        if ratio.max() < 1.2 * ratio.min():
+            # every send had the same bytes per command (the bulk round; page mode): the
+            # split is unknowable, so charge it all per command: pessimistic for a dirty
+            # set that batches worse, exact for one that batches the same
+            return float(y.sum() / max(x[:, 0].sum(), 1.0) * cmds)
+        scale = x.max(axis=0)
+        coef, *_ = np.linalg.lstsq(x / scale, y, rcond=None)
+        a, b = np.maximum(coef, 0.0) / scale
+        return float(a * cmds + b * nbytes)
 
     def _adapt_chunk(self, pages: int, seconds: float) -> None:
         if seconds <= 0:

@@ -92,6 +92,7 @@ def full_report(
         "x-max-rounds": params.max_rounds,
         "x-timeout": params.timeout_s,
         "x-timeout-action": str(params.timeout_action),
+        "x-switchover": str(params.switchover),
         "x-dirty-tracker": tracker,
     }
     rep["machine"] = machine

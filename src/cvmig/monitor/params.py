@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from cvmig.migration.driver import MigrationParams, TimeoutAction
+from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
 from cvmig.monitor.protocol import QMPError
 from cvmig.monitor.schema import Schema, check_enum, check_value
@@ -42,12 +42,14 @@ PARAMS: dict[str, tuple[str, Any]] = {
     "x-max-rounds": ("uint32", _D.max_rounds),
     "x-timeout": ("number", _D.timeout_s),  # seconds
     "x-timeout-action": ("str", str(_D.timeout_action)),
+    "x-switchover": ("str", str(_D.switchover)),  # qemu | firmware (the downtime estimate)
 }
 SCHEMA: Schema = {name: (kind, False) for name, (kind, _) in PARAMS.items()}
 _ENUMS: dict[str, tuple[str, ...]] = {
     "x-batching": tuple(m.value for m in Batching),
     "x-throttle": ("auto", *(k.value for k in ThrottleKind)),
     "x-timeout-action": tuple(a.value for a in TimeoutAction),
+    "x-switchover": tuple(w.value for w in Switchover),
 }
 
 # QEMU 9.1 parameters with no meaning here: named, so the error says so rather than
@@ -168,6 +170,7 @@ def build_params(v: dict[str, Any], caps: dict[str, bool]) -> MigrationParams:
         max_rounds=v["x-max-rounds"],
         timeout_s=float(v["x-timeout"]),
         timeout_action=TimeoutAction(v["x-timeout-action"]),
+        switchover=Switchover(v["x-switchover"]),
     )
     try:
         p.validate()
