@@ -7,6 +7,7 @@ so that `cvmig --help` stays fast and a part's imports load only when it is used
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
@@ -19,12 +20,18 @@ _COMMANDS: dict[str, str] = {
 }
 
 
-class _LazyGroup(click.Group):
+class LazyGroup(click.Group):
+    """A click group whose subcommands ("module:attribute") load only when used."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_COMMANDS)
+        return sorted(self.lazy)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = _COMMANDS.get(cmd_name)
+        target = self.lazy.get(cmd_name)
         if target is None:
             return None
         module, attr = target.split(":")
@@ -33,7 +40,8 @@ class _LazyGroup(click.Group):
         return cmd
 
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=_COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cvmig")
 def main() -> None:
     """Live migration for confidential virtual machines (AMD SEV-style, emulated)."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import click
+
+from cvmig.cli import LazyGroup
 
 _BENCHES: dict[str, str] = {
     "psp": "cvmig.bench.psp:psp",
@@ -12,20 +12,6 @@ _BENCHES: dict[str, str] = {
 }
 
 
-class _LazyBench(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_BENCHES)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = _BENCHES.get(cmd_name)
-        if target is None:
-            return None
-        module, attr = target.split(":")
-        cmd = getattr(importlib.import_module(module), attr)
-        assert isinstance(cmd, click.Command)
-        return cmd
-
-
-@click.group(cls=_LazyBench)
+@click.group(cls=LazyGroup, lazy=_BENCHES)
 def bench() -> None:
     """Benchmarks: rerun them anywhere; ratios are measured side by side in one run."""
