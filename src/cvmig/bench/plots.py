@@ -20,6 +20,13 @@ def _order(m: dict[str, Any]) -> tuple[int, int]:
             _MODES.index(m["mode"]) if m["mode"] in _MODES else 99)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _label(m: dict[str, Any]) -> str:
     return f"{m['mode']}\n{m['throttle']}"
 
@@ -47,11 +54,7 @@ def plot_times(summary: list[dict[str, Any]], out: Path) -> list[Path]:
                     ax.axhline(300, color="tab:red", lw=0.8, ls="--", label="downtime-limit")
                     ax.legend(fontsize=7)
         fig.suptitle(f"cvmig bench paper — PSP profile {profile} (gray: page baseline)")
-        fig.tight_layout()
-        p = out / f"time_downtime_{profile}.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out / f"time_downtime_{profile}.png"))
     return paths
 
 
@@ -90,11 +93,7 @@ def plot_rounds(results: list[dict[str, Any]], out: Path) -> Path | None:
         ax.set_ylabel("pages sent")
         ax.set_title(f"{wl}: pages per round, {title}", fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out / "pages_per_round.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
+    return _save(fig, out / "pages_per_round.png")
 
 
 def plot_firmware(results: list[dict[str, Any]], out: Path) -> Path | None:
@@ -117,11 +116,7 @@ def plot_firmware(results: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylabel("firmware µs per page (mailbox included)")
     ax.set_title("Per-page firmware cost falls with the batch", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "firmware_us_per_page.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
+    return _save(fig, out / "firmware_us_per_page.png")
 
 
 def plot_guest(results: list[dict[str, Any]], out: Path) -> Path | None:
@@ -148,11 +143,7 @@ def plot_guest(results: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylabel("guest pages written per second")
     ax.set_title(f"{wl}: what the guest keeps under each throttle policy", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out / "guest_throughput.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
+    return _save(fig, out / "guest_throughput.png")
 
 
 def plot_all(results: list[dict[str, Any]], summary: list[dict[str, Any]],
