@@ -17,6 +17,7 @@ _COMMANDS: dict[str, str] = {
     "vm": "cvmig.migration.cli:vm",
     "guest": "cvmig.guest.cli:guest",
     "bench": "cvmig.bench.cli:bench",
+    "model": "cvmig.model.cli:model",
 }
 
 

@@ -223,8 +223,10 @@ class Driver:
         params: MigrationParams,
         observer: Observer = _noop,
         should_cancel: Callable[[], bool] = lambda: False,
+        chunk_target_s: float = CHUNK_TARGET_S,
     ) -> None:
         params.validate()
+        self.chunk_target_s = chunk_target_s  # a model, on a simulated clock, wants it large
         self.world = world
         self.params = params
         self.policy: ThrottlePolicy = make_policy(params.throttle, params.throttle_params)
@@ -377,7 +379,7 @@ class Driver:
         if seconds <= 0:
             return
         cap = self.params.cap
-        want = int(pages / seconds * CHUNK_TARGET_S)
+        want = int(pages / seconds * self.chunk_target_s)
         if self.params.max_bandwidth:  # no burst larger than half a rate window's budget
             want = min(want, int(self.params.max_bandwidth * RATE_WINDOW_S / 2 / PAGE_SIZE))
         want = max(MIN_CHUNK_PAGES, min(MAX_CHUNK_PAGES, want))
