@@ -17,12 +17,12 @@ from cvmig.guest.memory import GuestMemory
 from cvmig.guest.vm import Guest
 from cvmig.migration.config import config_from_json
 from cvmig.migration.host import Host
-from cvmig.migration.source import ACK, MODES, PAGES_META
+from cvmig.migration.source import ACK, MODES, PAGES_META, describe_failure
 from cvmig.psp.api import Batching, PspError, SendSession, packet_size
 from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
-from cvmig.wire.frames import VERSION, FrameType, ProtocolError
+from cvmig.wire.frames import VERSION, FrameType, ProtocolError, parse_json
 
 VERIFY_WAIT_S = 10.0  # how long the workload may take to show progress after resume
 
@@ -78,7 +78,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
             raise ProtocolError("peer is not a cvmig source")
         chan.send(FrameType.CERTS, psp.export_certs().to_bytes())
         start = chan.expect(FrameType.START, max_data=1 << 16)
-        info = json_head(start.meta, start.header.meta_len)
+        info = parse_json(start.header, start.meta[: start.header.meta_len])
         config = config_from_json(info["config"])
         npages = int(info["npages"])  # type: ignore[call-overload]
         tail = start.meta[start.header.meta_len:]
@@ -137,7 +137,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
                 break
             elif h.type in (FrameType.CANCEL, FrameType.ERROR):
                 meta = chan.recv_meta(h)
-                raise RemoteError(h.type, str(json_head(meta, len(meta)).get("message", "")))
+                raise RemoteError(h.type, str(parse_json(h, meta).get("message", "")))
             else:
                 raise ProtocolError(f"unexpected {h.type.name} frame during the transfer")
 
@@ -162,7 +162,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
             pass
         return vm
     except BaseException as e:
-        reason = _describe(e)
+        reason = str(e) if isinstance(e, IncomingFailed) else describe_failure(e, "source")
         try:
             chan.sock.settimeout(1.0)
             if not isinstance(e, RemoteError | PeerGone):
@@ -227,29 +227,3 @@ def _verify(guest: Guest, resumed_at: float, window_s: float = 0.5) -> dict[str,
     guest.resume()
     return {"check": check, "resumed_at": resumed_at,
             "ops_after": ops1 - ops0, "verify_time": t1 - t0, "observed_gap": gap}
-
-
-def json_head(meta: bytes, n: int) -> dict[str, object]:
-    import json
-
-    try:
-        obj = json.loads(bytes(meta[:n]))
-    except ValueError as e:
-        raise ProtocolError(f"control frame carries invalid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("control frame must carry a JSON object")
-    return obj
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, IncomingFailed):
-        return str(e)
-    if isinstance(e, PspError):
-        return f"secure processor refused: {e}"
-    if isinstance(e, RemoteError):
-        return f"source {e.message}" if e.ftype is FrameType.ERROR else f"source cancelled: {e.message}"
-    if isinstance(e, PeerGone):
-        return f"source gone: {e}"
-    if isinstance(e, ProtocolError):
-        return f"protocol error: {e}"
-    return f"{type(e).__name__}: {e}"

@@ -325,7 +325,7 @@ def migrate_out(
     except BaseException as e:
         if chan is not None and isinstance(e, PeerGone | OSError):
             e = _peer_reason(chan) or e  # the destination may have said why it hung up
-        reason = _describe(e)
+        reason = describe_failure(e, "destination")
         _roll_back(vm, chan, driver, reason)
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -347,17 +347,18 @@ def _peer_reason(chan: Channel) -> RemoteError | None:
         return None
 
 
-def _describe(e: BaseException) -> str:
-    if isinstance(e, MigrationFailed):
+def describe_failure(e: BaseException, peer: str) -> str:
+    """One line a user can act on, for a migration that failed with ``e``."""
+    if isinstance(e, MigrationFailed | MigrationCancelled):
         return str(e)
     if isinstance(e, PspError):
         return f"secure processor refused: {e}"
-    if isinstance(e, MigrationCancelled):
-        return str(e)
     if isinstance(e, RemoteError):
-        return f"destination {e.message}" if e.ftype.name == "ERROR" else str(e)
+        if e.ftype is FrameType.ERROR:
+            return f"{peer} {e.message}"
+        return f"{peer} cancelled: {e.message}"
     if isinstance(e, PeerGone):
-        return f"destination gone: {e}"
+        return f"{peer} gone: {e}"
     if isinstance(e, ProtocolError):
         return f"protocol error: {e}"
     if isinstance(e, OSError):
