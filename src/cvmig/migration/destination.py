@@ -1,7 +1,8 @@
 """The destination side: receive a guest through the local PSP, run it, confirm.
 
 A half-received guest is discarded whole: its PSP context decommissioned, its memory
-unlinked. The guest runs here only after RECEIVE_FINISH and a digest equal to the source's.
+unlinked. The guest runs here after RECEIVE_FINISH; it stays only if the source, comparing
+its own digest with the one our PSP measured on import, releases it.
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
                 meta = chan.recv_meta(h)
                 mode_i, queue, ncmds, n = PAGES_META.unpack_from(meta)
                 off = PAGES_META.size
+                if (mode_i >= len(MODES) or h.data_len > len(tview)
+                        or len(meta) != off + 8 * (n + ncmds + 1)):
+                    raise ProtocolError("malformed PAGES frame")
                 pfns = np.frombuffer(meta, np.int64, n, off)
                 bounds = np.frombuffer(meta, np.int64, ncmds + 1, off + 8 * n)
-                if mode_i >= len(MODES) or h.data_len > len(tview):
-                    raise ProtocolError("malformed PAGES frame")
                 _check_pfns(pfns, npages)
                 chan.recv_into(tview[: h.data_len])
                 _receive_packets(psp, handle, Batching(MODES[mode_i]), bool(queue), pfns,
