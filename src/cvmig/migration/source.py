@@ -1,10 +1,12 @@
 """The source side of a migration: binds the driver's world to the guest, the PSP and the
 wire, and keeps the promise that nothing is lost.
 
-Order of the end game: pause, last dirty pages, VMSAs, page states, the finish trailer and
-the source digest; the destination receives, runs RECEIVE_FINISH, resumes and confirms;
-only then SEND_FINISH (after which this guest can never run again) and release. Any
-failure before the confirmation: SEND_CANCEL, and the guest runs on here as before.
+Order of the end game: pause, last dirty pages, VMSAs, page states, the finish trailer;
+the destination runs RECEIVE_FINISH, resumes the guest and confirms with the digest its
+PSP measured on import (the downtime ends here); the still-paused source measures its
+own memory and, if they agree, issues SEND_FINISH (after which this guest can never run
+again) and releases. Any failure before that: SEND_CANCEL, the destination discards its
+copy, and the guest runs on here as before.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cvmig.migration.driver import (
     Sent,
 )
 from cvmig.migration.host import Host
-from cvmig.psp.api import GuestState, PspError
+from cvmig.psp.api import GuestState, PlatformCerts, PspError
 from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError
 
@@ -95,8 +97,6 @@ class Outcome:
     confirm: dict[str, object] = field(default_factory=dict)
     verified: dict[str, object] = field(default_factory=dict)
     source_digest: str = ""
-    guest_before: dict[str, float] = field(default_factory=dict)
-    guest_during: dict[str, float] = field(default_factory=dict)
     ops_at_pause: float = 0.0
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (time, guest ops)
 
@@ -293,8 +293,6 @@ def migrate_out(
         hello = chan.expect(FrameType.HELLO).json()
         if hello.get("role") != "destination":
             raise ProtocolError("peer is not a cvmig destination")
-        from cvmig.psp.api import PlatformCerts
-
         certs = PlatformCerts.from_bytes(chan.expect(FrameType.CERTS, max_data=1 << 20).meta)
         sess = psp.send_start(vm.handle, certs)  # policy and chain checks happen here
         chan.send_json(FrameType.START, {
@@ -307,7 +305,6 @@ def migrate_out(
         world = RealWorld(vm, chan, params)
         outcome = Outcome(Progress())
         world.outcome = outcome
-        outcome.guest_before = _rates(vm.guest)
         driver = Driver(world, params, observer or (lambda e, p: None), should_cancel)
         outcome.progress = driver.progress
         driver.run()
@@ -389,10 +386,3 @@ def _roll_back(vm: SourceVM, chan: Channel | None, driver: Driver | None, reason
 
 def _ops(guest: Guest) -> float:
     return float(sum(s.ops for s in guest.stats()))
-
-
-def _rates(guest: Guest) -> dict[str, float]:
-    s = guest.stats()
-    return {"ops": float(sum(x.ops for x in s)),
-            "pages_written": float(sum(x.pages_written for x in s)),
-            "time": time.monotonic()}
