@@ -16,7 +16,7 @@ from cvmig.guest.vm import GuestConfig
 from cvmig.migration.driver import MigrationParams, Observer
 from cvmig.migration.host import Host
 from cvmig.migration.report import full_report
-from cvmig.migration.source import MigrationFailed, Outcome, SourceVM, migrate_out
+from cvmig.migration.source import MigrationFailed, Outcome, SourceVM, guest_ops, migrate_out
 from cvmig.psp.api import Batching, Policy
 
 DEFAULT_POLICY = int(Policy.NODBG | Policy.ES)
@@ -80,10 +80,6 @@ def contig_cap(params: MigrationParams) -> int:
     return max(4, params.cap) if params.batching is Batching.CONTIG else 4
 
 
-def _ops(vm: SourceVM) -> float:
-    return float(sum(s.ops for s in vm.guest.stats()))
-
-
 def migrate_local_or_remote(
     opts: MigrateOptions,
     uri: str | None = None,
@@ -106,9 +102,9 @@ def migrate_local_or_remote(
             if uri is None:
                 dest = DestinationProcess(opts.psp_profile, contig_cap=cap)
                 uri = dest.uri
-            ops0, t0 = _ops(vm), time.monotonic()
+            ops0, t0 = guest_ops(vm.guest), time.monotonic()
             _run_for(vm, opts.warmup_s)
-            ops1, t1 = _ops(vm), time.monotonic()
+            ops1, t1 = guest_ops(vm.guest), time.monotonic()
             outcome = migrate_out(vm, uri, opts.params, observer, should_cancel)
         except BaseException:
             vm.shutdown()

@@ -167,7 +167,7 @@ class RealWorld:
         self.frames_sent += 1
         self._peer_check()
         if self.outcome is not None:
-            self.outcome.timeline.append((time.monotonic(), _ops(self.vm.guest)))
+            self.outcome.timeline.append((time.monotonic(), guest_ops(self.vm.guest)))
         return Sent(pages=len(pfns), bytes=sent, commands=ncmds, doorbells=doorbells,
                     psp_seconds=psp_s)
 
@@ -210,7 +210,7 @@ class RealWorld:
     def pause_guest(self) -> None:
         self.vm.guest.pause()
         if self.outcome is not None:
-            self.outcome.ops_at_pause = _ops(self.vm.guest)
+            self.outcome.ops_at_pause = guest_ops(self.vm.guest)
 
     def send_vcpu_state(self) -> Sent:
         out = Sent()
@@ -384,5 +384,6 @@ def _roll_back(vm: SourceVM, chan: Channel | None, driver: Driver | None, reason
         driver.progress.error = reason
 
 
-def _ops(guest: Guest) -> float:
+def guest_ops(guest: Guest) -> float:
+    """Operations the guest's vCPUs have done so far (their own counters)."""
     return float(sum(s.ops for s in guest.stats()))
