@@ -18,7 +18,7 @@ from cvmig.guest.memory import GuestMemory
 from cvmig.guest.vm import Guest
 from cvmig.migration.config import config_from_json
 from cvmig.migration.host import Host
-from cvmig.migration.source import ACK, MODES, PAGES_META, describe_failure
+from cvmig.migration.source import ACK, MODES, PAGES_META, describe_failure, guest_ops
 from cvmig.psp.api import Batching, PspError, SendSession, packet_size
 from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
@@ -215,13 +215,12 @@ def _check_pfns(pfns: np.ndarray, npages: int) -> None:
 def _verify(guest: Guest, resumed_at: float, window_s: float = 0.5) -> dict[str, object]:
     """The workload's own check, after it has run here for a measurement window."""
     deadline = resumed_at + VERIFY_WAIT_S
-    base = sum(s.ops for s in guest.stats())
-    while sum(s.ops for s in guest.stats()) <= base and time.monotonic() < deadline:
+    base = guest_ops(guest)
+    while guest_ops(guest) <= base and time.monotonic() < deadline:
         time.sleep(0.01)  # polling the vCPUs' own counters, with a deadline
-    st = guest.stats()
-    t0, ops0 = time.monotonic(), sum(s.ops for s in st)
+    t0, ops0 = time.monotonic(), guest_ops(guest)
     time.sleep(window_s)  # the "after" throughput is measured over this window
-    t1, ops1 = time.monotonic(), sum(s.ops for s in guest.stats())
+    t1, ops1 = time.monotonic(), guest_ops(guest)
     # the ring continues the source's: its first gap is the switchover as the guest saw it
     gap = guest.max_heartbeat_gap(resumed_at, t1)
     guest.pause()
