@@ -149,9 +149,15 @@ def run_grid(grid: Grid, out: Path, echo: Any = click.echo) -> list[dict[str, An
         memory = grid.hw_memory if hw else grid.memory
         modes = grid.hw_modes if hw else grid.modes
         throttles = ("none",) if hw else grid.throttles
+        t_cal = time.monotonic()
         rate = _baseline_rate(memory, profile)
         echo(f"[{profile}] baseline transfer rate here: {rate:,.0f} pages/s "
              f"({rate * PAGE_SIZE / MiB:.1f} MiB/s) for a {memory // MiB} MiB guest")
+        nruns = len(modes) * len(throttles) * (grid.reps if not hw else 1) * (
+            int(grid.idle) + (1 if hw else len(grid.dirty_fractions)) + int(grid.sqlite and not hw))
+        # a page-mode migration of an idle guest took t_cal: the grid's runs take about that
+        echo(f"[{profile}] {nruns} runs, about {nruns * (time.monotonic() - t_cal) / 60:.0f} "
+             "minutes at this machine's pace")
         fractions = grid.dirty_fractions if not hw else (0.5,)
         g = replace(grid, dirty_fractions=fractions, sqlite=grid.sqlite and not hw)
         for workload in _workloads(g, rate):
