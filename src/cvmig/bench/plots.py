@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 _MODES = ("page", "queue", "contig", "contig-fw", "contig64", "sg")
 _THROTTLES = ("none", "auto-converge", "precopy", "dirty-limit")
@@ -91,6 +92,7 @@ def plot_rounds(results: list[dict[str, Any]], out: Path) -> Path | None:
             b.plot(range(len(pages)), pages, marker="o", label=row["throttle"])
     for ax, title in ((a, "by batching mode (no throttle)"), (b, "by throttle (page mode)")):
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round (0 = bulk, last = stop-and-copy)")
         ax.set_ylabel("pages sent")
         ax.set_title(f"{wl}: pages per round, {title}", fontsize=9)
