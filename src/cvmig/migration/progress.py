@@ -94,12 +94,14 @@ def print_summary(rep: dict[str, Any], console: Console | None = None) -> None:
     for k, v in rows:
         t.add_row(k, str(v))
     c.print(t)
-    r = Table(title="rounds")
-    for col in ("#", "kind", "ms", "dirty pages", "pages sent", "MiB", "commands",
-                "firmware ms", "Mbit/s", "throttle %"):
-        r.add_column(col, justify="right")
+    r = Table(title="rounds (dirty: pages the sync found; sent: pages sent; fw: firmware)")
+    # short headers: the table must fit an 80-column terminal
+    for col in ("#", "kind", "ms", "dirty", "sent", "MiB", "cmds", "fw ms", "Mbit/s",
+                "thr %"):
+        r.add_column(col, justify="right", no_wrap=True)
     for x in rep.get("rounds", []):
-        r.add_row(str(x["index"]), x["kind"], f"{x['duration'] * 1000:.0f}",
+        kind = {"iterative": "iter", "stop-and-copy": "stop"}.get(x["kind"], x["kind"])
+        r.add_row(str(x["index"]), kind, f"{x['duration'] * 1000:.0f}",
                   str(x["dirty_pages"]), str(x["pages"]), f"{x['bytes'] / 2**20:.1f}",
                   str(x["commands"]), f"{x['psp_seconds'] * 1000:.0f}", f"{x['mbps']:.0f}",
                   str(x["throttle_pct"]))
