@@ -69,7 +69,7 @@ def migration_info(status: str, progress: Progress, params: MigrationParams | No
     live = status in IN_PROGRESS and p.start > 0
     if live:
         p.total_time = (time.monotonic() if now is None else now) - p.start
-    info = query_migrate(p, params)
+    info = query_migrate(p)
     ram = info.get("ram")
     if live and ram is not None and meter is not None and (r := meter.rates()) is not None:
         ram["mbps"] = round(r[0] * 8 / 1e6, 3)

@@ -9,7 +9,7 @@ from cvmig.migration.driver import MigrationParams, Progress
 from cvmig.psp.api import PAGE_SIZE
 
 
-def query_migrate(p: Progress, params: MigrationParams | None = None) -> dict[str, Any]:
+def query_migrate(p: Progress) -> dict[str, Any]:
     """MigrationInfo as QEMU fills it in for the current status (qapi/migration.json)."""
     info: dict[str, Any] = {"status": p.status}
     if p.status in ("none", "setup", "failed", "cancelled", "cancelling"):
@@ -20,8 +20,10 @@ def query_migrate(p: Progress, params: MigrationParams | None = None) -> dict[st
         return info
     info.update(_times(p))
     completed = p.status == "completed"
-    elapsed = max(p.total_time - p.setup_time, 1e-9) if completed else max(p.bandwidth, 0.0)
-    mbps = p.transferred * 8 / elapsed / 1e6 if completed else p.bandwidth * 8 / 1e6
+    if completed:  # QEMU: over the whole transfer at completion, else the last window
+        mbps = p.transferred * 8 / max(p.total_time - p.setup_time, 1e-9) / 1e6
+    else:
+        mbps = p.bandwidth * 8 / 1e6
     info["ram"] = {
         "transferred": p.transferred,
         "remaining": 0 if completed else p.remaining_pages * PAGE_SIZE,
@@ -65,7 +67,7 @@ def full_report(
     verify: dict[str, Any],
     machine: dict[str, Any],
 ) -> dict[str, Any]:
-    rep = query_migrate(p, params)
+    rep = query_migrate(p)
     psp_pages = sum(r.pages for r in p.rounds)
     rep["rounds"] = [
         {**asdict(r), "mbps": round(r.bandwidth * 8 / 1e6, 3)} for r in p.rounds
