@@ -53,6 +53,14 @@ def assert_still_running_intact(vm: SourceVM) -> None:
     vm.guest.resume()
 
 
+def fails_but_keeps_running(vm: SourceVM, uri: str, match: str | None = None,
+                            **kw: object) -> None:
+    """The migration fails with a clear error, and the guest runs on, intact."""
+    with pytest.raises(MigrationFailed, match=match):
+        migrate_out(vm, uri, io_timeout=20, **kw)  # type: ignore[arg-type]
+    assert_still_running_intact(vm)
+
+
 def run_failing(vm: SourceVM, uri: str, when: Callable[[str, Progress], bool],
                 action: Callable[[], None], match: str,
                 params: MigrationParams | None = None) -> None:
@@ -111,10 +119,8 @@ def test_connection_dropped(host: Host) -> None:
     dest = DestinationProcess()
     relay = Relay(parse_uri(dest.uri), cut_after=6 * MiB)
     try:
-        with pytest.raises(MigrationFailed):
-            migrate_out(vm, relay.uri, MigrationParams(), io_timeout=20)
+        fails_but_keeps_running(vm, relay.uri, params=MigrationParams())
         assert relay.broken.is_set()
-        assert_still_running_intact(vm)
         ev = dest.result(timeout=30)
         assert ev["event"] == "failed"
     finally:
@@ -129,10 +135,9 @@ def test_corrupted_frame_is_refused(host: Host, mode: Batching) -> None:
     dest = DestinationProcess()
     relay = Relay(parse_uri(dest.uri), flip_at=3 * MiB + 12345)
     try:
-        with pytest.raises(MigrationFailed, match="BAD_MEASUREMENT|CRC|corrupt"):
-            migrate_out(vm, relay.uri, MigrationParams(batching=mode), io_timeout=20)
+        fails_but_keeps_running(vm, relay.uri, "BAD_MEASUREMENT|CRC|corrupt",
+                                params=MigrationParams(batching=mode))
         assert relay.broken.is_set()
-        assert_still_running_intact(vm)
         ev = dest.result(timeout=30)
         assert ev["event"] == "failed"
     finally:
@@ -145,9 +150,7 @@ def test_nosend_guest_is_refused_before_anything_moves(host: Host) -> None:
     vm = boot(host, policy=ES | int(Policy.NOSEND))
     dest = DestinationProcess()
     try:
-        with pytest.raises(MigrationFailed, match="POLICY_FAILURE"):
-            migrate_out(vm, dest.uri, MigrationParams(), io_timeout=20)
-        assert_still_running_intact(vm)
+        fails_but_keeps_running(vm, dest.uri, "POLICY_FAILURE", params=MigrationParams())
     finally:
         dest.close()
         vm.shutdown()
@@ -159,9 +162,8 @@ def test_untrusted_destination_chain_is_refused(host: Host) -> None:
     vm = boot(host, policy=ES | int(Policy.DOMAIN))
     dest = DestinationProcess(extra=["--psp-owner", "self"])
     try:
-        with pytest.raises(MigrationFailed, match="secure processor refused"):
-            migrate_out(vm, dest.uri, MigrationParams(), io_timeout=20)
-        assert_still_running_intact(vm)
+        fails_but_keeps_running(vm, dest.uri, "secure processor refused",
+                                params=MigrationParams())
     finally:
         dest.close()
         vm.shutdown()
@@ -178,9 +180,8 @@ def test_cancel_mid_migration_then_migrate_again(host: Host) -> None:
             calls.append(1)
             return len(calls) > 2
 
-        with pytest.raises(MigrationFailed, match="cancelled"):
-            migrate_out(vm, dest.uri, MigrationParams(), should_cancel=cancel, io_timeout=20)
-        assert_still_running_intact(vm)
+        fails_but_keeps_running(vm, dest.uri, "cancelled", params=MigrationParams(),
+                                should_cancel=cancel)
         dest2 = DestinationProcess()
         out = migrate_out(vm, dest2.uri, MigrationParams(batching=Batching.SG), io_timeout=30)
         assert out.confirm["digest"] == out.source_digest
