@@ -3,14 +3,10 @@ and a transport buffer the PSP writes packets into and the socket sends from."""
 
 from __future__ import annotations
 
-import os
-import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-
-import numpy as np
 
 from cvmig.guest.memory import GuestMemory
 from cvmig.psp.api import PAGE_SIZE
@@ -29,10 +25,6 @@ class Transport:
     @property
     def view(self) -> memoryview:
         return memoryview(self.shm.pages.reshape(-1).data)
-
-    @property
-    def array(self) -> np.ndarray:
-        return self.shm.pages.reshape(-1)
 
 
 class Host:
@@ -83,6 +75,3 @@ class Host:
     ) -> None:
         self.close()
 
-
-def run_id() -> str:
-    return f"{os.getpid()}-{secrets.token_hex(3)}"
