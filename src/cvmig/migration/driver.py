@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -415,6 +415,3 @@ class Driver:
         self.progress.status = status
         self.observe("status", self.progress)
 
-
-def round_records(progress: Progress) -> list[dict[str, object]]:
-    return [asdict(r) for r in progress.rounds]
