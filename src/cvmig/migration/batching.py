@@ -13,6 +13,7 @@ from cvmig.psp.api import PAGE_SIZE, SPEC_MAX_LENGTH, Batching
 
 SPEC_CAP_PAGES = SPEC_MAX_LENGTH // PAGE_SIZE  # 4 pages: what the SEV spec allows
 DEFAULT_SG_PAGES = 256
+SCATTERED = frozenset({Batching.SG, Batching.AEAD})  # modes whose packets take any pages
 MAX_SG_PAGES = 512
 
 
@@ -22,7 +23,7 @@ def default_cap(mode: Batching) -> int:
         return 1
     if mode is Batching.CONTIG:
         return SPEC_CAP_PAGES
-    return DEFAULT_SG_PAGES
+    return DEFAULT_SG_PAGES  # sg and aead: scattered pages, one sequenced packet
 
 
 def validate_cap(mode: Batching, cap: int) -> None:
@@ -31,8 +32,8 @@ def validate_cap(mode: Batching, cap: int) -> None:
         raise ValueError(f"batch cap must be at least 1 page, got {cap}")
     if mode is Batching.PAGE and cap != 1:
         raise ValueError("batching mode 'page' sends exactly one page per command (cap 1)")
-    if mode is Batching.SG and cap > MAX_SG_PAGES:
-        raise ValueError(f"sg batch cap {cap} pages is over the {MAX_SG_PAGES}-page limit "
+    if mode in SCATTERED and cap > MAX_SG_PAGES:
+        raise ValueError(f"{mode} batch cap {cap} pages is over the {MAX_SG_PAGES}-page limit "
                          "(one GPA-list page, as TDX)")
     if cap > 4096:
         raise ValueError(f"batch cap {cap} pages is over the 4096-page (16 MiB) limit")
@@ -49,7 +50,7 @@ def plan_batches(pfns: np.ndarray, mode: Batching, cap: int) -> np.ndarray:
         return np.zeros(1, dtype=np.int64)
     if mode is Batching.PAGE or cap == 1:
         return np.arange(n + 1, dtype=np.int64)
-    if mode is Batching.SG:
+    if mode in SCATTERED:
         return np.append(np.arange(0, n, cap, dtype=np.int64), np.int64(n))
     # contig: run starts where the frame number jumps
     jumps = np.flatnonzero(np.diff(pfns) != 1) + 1

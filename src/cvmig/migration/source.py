@@ -31,7 +31,7 @@ from cvmig.migration.driver import (
     Sent,
 )
 from cvmig.migration.host import Host
-from cvmig.psp.api import GuestState, PlatformCerts, PspError
+from cvmig.psp.api import Batching, GuestState, PlatformCerts, PspError
 from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError
 
@@ -41,7 +41,7 @@ ACK = struct.Struct("<Q")
 # would only fill socket buffers: the source would measure its own speed, not the link's,
 # and the backlog would land in the downtime.
 WINDOW = 2
-MODES = ("page", "contig", "sg")
+MODES = tuple(m.value for m in Batching)
 
 
 class MigrationFailed(Exception):

@@ -73,6 +73,7 @@ class Batching(enum.StrEnum):
     PAGE = "page"  # one 4 KiB page per command: what KVM and QEMU do
     CONTIG = "contig"  # one command per run of physically contiguous pages, up to a cap
     SG = "sg"  # scatter-gather over any pages, per-page MAC bound to address and sequence
+    AEAD = "aead"  # scatter-gather with one AES-GCM tag per page (GPA, sequence as AAD), as TDX
 
 
 class Policy(enum.IntFlag):

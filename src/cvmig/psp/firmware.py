@@ -32,7 +32,7 @@ from cvmig.psp.api import (
 )
 from cvmig.psp.measure import measure_digest, page_measure
 from cvmig.psp.memcrypt import VEK_SIZE, MemoryCipher
-from cvmig.psp.packet import Channel, packet_size
+from cvmig.psp.packet import AEAD_RECORD, Channel, packet_size
 from cvmig.psp.session import shared_secret, unwrap, wrap
 
 DEFAULT_MAX_SG_PAGES = 512  # TDX's TDH.EXPORT.MEM limit; a GPA list page of 8-byte entries
@@ -315,6 +315,13 @@ class Firmware:
             g.cipher.decrypt_pages(pfns, pt, pt)
             g.channel.seal_sg(pfns, pt, ct, out)
             return
+        if mode is Batching.AEAD:
+            pt, rec = self._scratch_bufs(n * AEAD_RECORD, 2)
+            pt = pt[:nbytes].reshape(n, PAGE_SIZE)
+            np.take(g.pages, pfns, axis=0, out=pt)
+            g.cipher.decrypt_pages(pfns, pt, pt)
+            g.channel.seal_aead(pfns, pt, rec.reshape(n, AEAD_RECORD), out)
+            return
         pt, ct = self._scratch_bufs(nbytes, 2)
         p0 = int(pfns[0])
         g.cipher.decrypt_pages(pfns, g.pages[p0 : p0 + n], pt.reshape(n, PAGE_SIZE))
@@ -330,6 +337,8 @@ class Firmware:
         pfns = self._check_pfns(cmd, g, mode, pfns)
         size = packet_size(mode, len(pfns))
         out = self._region(cmd, trans).span(cmd, offset, size)
+        assert g.channel is not None
+        g.channel.bind_mode(cmd, mode)
         self._send_one(cmd, g, mode, pfns, out)
         self.last_work = (1, len(pfns) * PAGE_SIZE)
         return size
@@ -429,10 +438,13 @@ class Firmware:
     ) -> None:
         assert g.channel is not None and g.last_seq is not None and g.measure is not None
         n = len(pfns)
-        if mode is Batching.SG:
+        if mode is Batching.SG or mode is Batching.AEAD:
             scratch, pt = self._scratch_bufs(pkt.size, 2)
             pt = pt[: n * PAGE_SIZE].reshape(n, PAGE_SIZE)
-            seqs = g.channel.open_sg(cmd, pkt, pfns, scratch, pt)
+            if mode is Batching.SG:
+                seqs = g.channel.open_sg(cmd, pkt, pfns, scratch, pt)
+            else:
+                seqs = g.channel.open_aead(cmd, pkt, pfns, scratch, pt)
             if not bool(np.all(seqs > g.last_seq[pfns])):
                 bad = int(np.flatnonzero(seqs <= g.last_seq[pfns])[0])
                 raise PspError(
@@ -467,6 +479,8 @@ class Firmware:
                 f"packet is {length} bytes, {len(pfns)} {mode.value} pages need {size}",
             )
         pkt = self._region(cmd, trans).span(cmd, offset, length)
+        assert g.channel is not None
+        g.channel.bind_mode(cmd, mode)
         self._receive_one(cmd, g, mode, pfns, pkt)
         self.last_work = (1, len(pfns) * PAGE_SIZE)
 
