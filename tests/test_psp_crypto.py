@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import struct
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cvmig.psp import certs as C
-from cvmig.psp.api import SEV_CERT_SIZE, PlatformCerts, PspError, Status
+from cvmig.psp.api import SEV_CERT_SIZE, Batching, PlatformCerts, PspError, Status, packet_size
 from cvmig.psp.kdf import derive_kek_kik, kdf
-from cvmig.psp.session import shared_secret, unwrap, wrap
+from cvmig.psp.packet import AEAD_RECORD, Channel
+from cvmig.psp.session import TransportKeys, shared_secret, unwrap, wrap
 
 
 def test_kdf_published_vector() -> None:
@@ -263,3 +268,182 @@ def test_memcrypt_tweak_is_the_block_index() -> None:
     k1 = Cipher(algorithms.AES(vek[:16]), modes.ECB()).encryptor()
     want = bytes(a ^ b for a, b in zip(k1.update(t), t, strict=True))
     assert ct[0, 80:96].tobytes() == want
+
+
+# --- UPDATE_DATA packets and the finish trailer, computed independently -------------------
+#
+# Each check recomputes a packet from the documented layout (packet.py's docstring) with
+# pyca/cryptography and hmac, from the transport keys alone, and compares bytes.
+
+_TEK, _TIK = bytes(range(16)), bytes(range(0x40, 0x50))
+
+
+def _channel(tek: bytes = _TEK, tik: bytes = _TIK) -> Channel:
+    return Channel(TransportKeys(tek, tik))
+
+
+def _pages(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 4096), dtype=np.uint8)
+
+
+def _seal_aead(ch: Channel, pfns: list[int], pt: np.ndarray) -> bytes:
+    n = len(pfns)
+    rec = np.empty((n, 4096 + 16), dtype=np.uint8)
+    out = np.zeros(packet_size(Batching.AEAD, n), dtype=np.uint8)
+    ch.seal_aead(np.array(pfns, dtype=np.int64), pt, rec, out)
+    return out.tobytes()
+
+
+def _aead_key(tek: bytes, tik: bytes) -> bytes:
+    return hmac.digest(tik, b"\x17" + tek, "sha256")[:16]  # K_AEAD = HMAC(TIK, 0x17 ‖ TEK)[:16]
+
+
+def test_aead_packet_matches_independent_aes_gcm() -> None:
+    ch = _channel()
+    gcm = AESGCM(_aead_key(_TEK, _TIK))
+    seq0 = 0
+    for pfns, seed in (([5, 0, 2**40], 1), ([7], 2), ([5, 5], 3)):  # huge GPA; a repeated page
+        pt = _pages(len(pfns), seed)
+        pkt = _seal_aead(ch, pfns, pt)
+        n = len(pfns)
+        assert len(pkt) == 16 + n * (8 + 4096 + 16)
+        assert pkt[:16] == struct.pack("<IIQ", n, 0, seq0)  # count, FLAGS, first seq
+        assert pkt[16 : 16 + 8 * n] == b"".join(struct.pack("<Q", p * 4096) for p in pfns)
+        recs = pkt[16 + 8 * n :]
+        for i, p in enumerate(pfns):
+            seq = seq0 + i
+            nonce = struct.pack("<Q", seq) + bytes(4)  # seq u64 LE ‖ 0 u32
+            aad = b"\x16" + struct.pack("<QQ", seq, p * 4096)
+            want = gcm.encrypt(nonce, pt[i].tobytes(), aad)  # ciphertext ‖ 16-byte tag
+            assert recs[i * 4112 : (i + 1) * 4112] == want, (pfns, i)
+        seq0 += n
+        assert ch.seq == seq0
+    # Known answer: one zero page at pfn 0, seq 0, under these keys (AES-GCM of 4096 zero
+    # bytes); the tag pins the key derivation, the nonce and the AAD layout.
+    zero = _seal_aead(_channel(), [0], _pages(1, 0) * 0)
+    want = AESGCM(_aead_key(_TEK, _TIK)).encrypt(bytes(12), bytes(4096), b"\x16" + bytes(16))
+    assert zero[24:] == want
+    # K_AEAD is neither the TEK nor keyed by the TEK alone: GCM under the TEK differs.
+    assert zero[24:] != AESGCM(_TEK).encrypt(bytes(12), bytes(4096), b"\x16" + bytes(16))
+
+
+def test_aead_packet_opens_only_under_the_same_keys() -> None:
+    pfns = np.array([3, 1, 4], dtype=np.int64)
+    pt = _pages(3, 4)
+    pkt = np.frombuffer(_seal_aead(_channel(), pfns.tolist(), pt), dtype=np.uint8)
+    got = np.empty_like(pt)
+    rx = _channel()
+    seqs = rx.open_aead("T", pkt, pfns, np.empty_like(pkt), got)
+    assert np.array_equal(got, pt) and seqs.tolist() == [0, 1, 2]
+    assert AEAD_RECORD == 4112
+    # Both keys feed K_AEAD: another TEK, or another TIK, and no tag verifies.
+    for tek, tik in ((bytes(16), _TIK), (_TEK, bytes(16))):
+        with pytest.raises(PspError) as e:
+            _channel(tek, tik).open_aead(
+                "T", pkt, pfns, np.empty_like(pkt), np.empty_like(pt)
+            )
+        assert e.value.status == Status.BAD_MEASUREMENT
+
+
+@settings(max_examples=60, deadline=None)
+@given(pos=st.integers(0, 16 + 2 * 8 + 2 * 4112 - 1), bit=st.integers(0, 7))
+def test_aead_any_bit_flip_is_refused(pos: int, bit: int) -> None:
+    pfns = np.array([6, 2], dtype=np.int64)
+    pt = _pages(2, 5)
+    pkt = np.frombuffer(bytearray(_seal_aead(_channel(), pfns.tolist(), pt)), dtype=np.uint8)
+    pkt[pos] ^= 1 << bit
+    with pytest.raises(PspError) as e:
+        _channel().open_aead(
+            "T", pkt, pfns, np.empty_like(pkt), np.empty_like(pt)
+        )
+    if pos < 4:
+        want = Status.INVALID_LENGTH  # the count no longer matches the command
+    elif pos < 8:
+        want = Status.UNSUPPORTED  # FLAGS
+    elif pos < 16:
+        want = Status.BAD_MEASUREMENT  # the sequence number: another nonce and AAD
+    elif pos < 32:
+        want = Status.INVALID_ADDRESS  # a GPA: not the command's page
+    else:
+        want = Status.BAD_MEASUREMENT  # ciphertext or tag
+    assert e.value.status == want
+
+
+def test_sev_and_sg_packets_match_independent_computation() -> None:
+    def ctr(iv: bytes, data: bytes) -> bytes:
+        return Cipher(algorithms.AES(_TEK), modes.CTR(iv)).encryptor().update(data)
+
+    # SEV (page/contig): FLAGS, IV, MAC = HMAC(TIK, 0x02 ‖ FLAGS ‖ IV ‖ len ‖ len ‖ ct), ct.
+    pt = _pages(2, 6)
+    out = np.empty(52 + 8192, dtype=np.uint8)
+    _channel().seal(pt.reshape(-1), np.empty(8192, dtype=np.uint8), out)
+    pkt = out.tobytes()
+    flags, iv, mac = struct.unpack("<I16s32s", pkt[:52])
+    assert flags == 0 and pkt[52:] == ctr(iv, pt.tobytes())
+    assert mac == hmac.digest(
+        _TIK, struct.pack("<BI16sII", 0x02, 0, iv, 8192, 8192) + pkt[52:], "sha256"
+    )
+    # sg: header MAC over (0x12 ‖ FLAGS ‖ IV ‖ sg header ‖ table); per page
+    # HMAC(TIK, 0x13 ‖ seq ‖ GPA ‖ page ciphertext); one CTR stream from IV.
+    pfns = [9, 3]
+    out = np.empty(52 + 16 + 2 * (40 + 4096), dtype=np.uint8)
+    _channel().seal_sg(
+        np.array(pfns), pt, np.empty_like(pt), out
+    )
+    pkt = out.tobytes()
+    flags, iv, mac = struct.unpack("<I16s32s", pkt[:52])
+    sgh, table, data = pkt[52:68], pkt[68 : 68 + 80], pkt[68 + 80 :]
+    assert flags == 0 and sgh == struct.pack("<IIQ", 2, 0, 0)
+    assert data == ctr(iv, pt.tobytes())
+    assert mac == hmac.digest(_TIK, struct.pack("<BI16s", 0x12, 0, iv) + sgh + table, "sha256")
+    for i, p in enumerate(pfns):
+        entry = table[40 * i : 40 * (i + 1)]
+        assert entry[:8] == struct.pack("<Q", p * 4096)
+        want = hmac.digest(
+            _TIK, struct.pack("<BQQ", 0x13, i, p * 4096) + data[4096 * i : 4096 * (i + 1)], "sha256"
+        )
+        assert entry[8:] == want
+
+
+def test_trailer_is_count_and_mac_over_count_and_format() -> None:
+    def mode_byte(trailer: bytes) -> int:
+        """The format byte under the trailer's MAC: count u64 ‖ HMAC(TIK, 0x15 ‖ count ‖ b)."""
+        count = trailer[:8]
+        hits = [
+            b for b in range(256)
+            if hmac.digest(_TIK, b"\x15" + count + bytes([b]), "sha256") == trailer[8:]
+        ]
+        assert len(hits) == 1, "the trailer is not count ‖ HMAC(TIK, 0x15 ‖ count ‖ mode u8)"
+        return hits[0]
+
+    none = _channel()
+    t = none.trailer()
+    assert len(t) == 40 and t[:8] == struct.pack("<Q", 0)
+    assert mode_byte(t) == 0xFF  # no page sent
+    byte = {}
+    for m in Batching:
+        ch = _channel()
+        ch.bind_mode("T", m)
+        ch.seq = 7
+        t = ch.trailer()
+        assert t[:8] == struct.pack("<Q", 7)
+        byte[m] = mode_byte(t)
+        # A receiver bound to the same format accepts it...
+        rx = _channel()
+        rx.bind_mode("T", m)
+        rx.seq = 7
+        rx.check_trailer("T", t)
+        # ...one bound to no format, or to another, does not.
+        for other in [None, *Batching]:
+            if other is not None and (other is m or {other, m} == {Batching.PAGE, Batching.CONTIG}):
+                continue
+            rx = _channel()
+            if other is not None:
+                rx.bind_mode("T", other)
+            rx.seq = 7
+            with pytest.raises(PspError) as e:
+                rx.check_trailer("T", t)
+            assert e.value.status == Status.BAD_MEASUREMENT, (m, other)
+    # page and contig are one format (SEV's); sg, aead and "none" are each their own
+    assert byte[Batching.PAGE] == byte[Batching.CONTIG]
+    assert len({byte[Batching.PAGE], byte[Batching.SG], byte[Batching.AEAD], 0xFF}) == 4
