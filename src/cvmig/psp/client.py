@@ -171,7 +171,8 @@ class MailboxClient:
         n = len(payload)
         if n > MAX_MESSAGE - 4:
             raise PspError(cmd.name, Status.INVALID_LENGTH,
-                           f"a {n}-byte command buffer is over the mailbox's {MAX_MESSAGE} B")
+                           f"a {n}-byte command buffer is over the mailbox's limit of "
+                           f"{MAX_MESSAGE - 4} B; split the queue")
         h = ring.hdr
         cpu = current_cpu()
         ring.req[:n] = payload
