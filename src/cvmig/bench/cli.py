@@ -9,6 +9,7 @@ from cvmig.cli import LazyGroup
 _BENCHES: dict[str, str] = {
     "psp": "cvmig.bench.psp:psp",
     "paper": "cvmig.bench.paper:paper",
+    "qemu": "cvmig.bench.qemu:qemu",
 }
 
 
