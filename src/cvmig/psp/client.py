@@ -38,6 +38,7 @@ from cvmig.psp.api import (
 )
 from cvmig.psp.commands import MAX_MESSAGE, MAX_REPLY, RING_SETUP, Command, raise_status
 from cvmig.psp.ring import (
+    ACK_SEQ,
     CLIENT_CPU,
     CLIENT_SLEEPING,
     NO_CPU,
@@ -54,6 +55,7 @@ from cvmig.psp.ring import (
     SPIN_S,
     TAKE_S,
     TAKEN_SEQ,
+    WAKE_S,
     Ring,
     current_cpu,
     ring_bell,
@@ -85,7 +87,6 @@ class MailboxClient:
         self._trace = trace
         self._spin_s = spin_s
         self._ring: Ring | None = None
-        self._bell = self._reply_fd = -1
         self._seq = 0
         if ring:
             self._setup_ring()
@@ -97,16 +98,16 @@ class MailboxClient:
 
     def _setup_ring(self) -> None:
         self._sock.send(_U32.pack(RING_SETUP))
-        msg, fds, _, _ = socket.recv_fds(self._sock, 64, 3)
+        msg, fds, _, _ = socket.recv_fds(self._sock, 64, 1)
         if len(msg) < 4:
             raise ConnectionError("the PSP closed the mailbox")
-        if _U32.unpack_from(msg, 0)[0] != Status.SUCCESS or len(fds) != 3 \
+        if _U32.unpack_from(msg, 0)[0] != Status.SUCCESS or len(fds) != 1 \
                 or len(msg) != _SETUP_REPLY.size:
             for fd in fds:  # a PSP without rings: stay on the socket
                 os.close(fd)
             return
         _, size, server_pid = _SETUP_REPLY.unpack(msg)
-        memfd, self._bell, self._reply_fd = fds
+        (memfd,) = fds
         try:
             if size != SIZE:
                 raise ConnectionError(f"PSP ring of {size} B, this client expects {SIZE}")
@@ -115,17 +116,13 @@ class MailboxClient:
             os.close(memfd)
         if server_pid == os.getpid():  # a server thread in this process needs our GIL
             self._spin_s = 0.0
-        self._poll = select.epoll()
-        self._poll.register(self._reply_fd, select.EPOLLIN | select.EPOLLET)  # no drain read
-        self._poll.register(self._sock, select.EPOLLIN)  # readable or HUP: the PSP is gone
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN)  # a bell, or end of file: PSP gone
 
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-            self._poll.close()
-            for fd in (self._bell, self._reply_fd):
-                os.close(fd)
         self._sock.close()
 
     def __enter__(self) -> MailboxClient:
@@ -181,25 +178,27 @@ class MailboxClient:
         h[CLIENT_CPU] = cpu
         seq = self._seq = self._seq + 1
         h[REQ_SEQ] = seq  # publish last
-        if h[SERVER_SLEEPING]:
-            ring_bell(self._bell)
-            self._await_reply(h, seq, 0.0)  # it must wake first: no use spinning
-        elif h[REP_SEQ] != seq:
+        rang = bool(h[SERVER_SLEEPING])
+        if rang:
+            ring_bell(self._sock)
+        if h[REP_SEQ] != seq:
             remote = h[SERVER_CPU] != cpu or cpu == NO_CPU
-            self._await_reply(h, seq, self._spin_s if remote else 0.0)
+            self._await_reply(h, seq, self._spin_s if remote else 0.0, WAKE_S if rang else TAKE_S)
         m = h[REP_LEN]
         if m > MAX_REPLY:
             raise ConnectionError(f"malformed PSP reply ({m} B)")
-        return h[REP_STATUS], bytes(ring.rep[:m])
+        reply = h[REP_STATUS], bytes(ring.rep[:m])
+        h[ACK_SEQ] = seq  # tells the server we run (ring.py)
+        return reply
 
-    def _await_reply(self, h: memoryview, seq: int, spin: float) -> None:
+    def _await_reply(self, h: memoryview, seq: int, spin: float, take: float) -> None:
         """Spin up to ``spin`` s (giving up if the server has not taken the request after
-        ``TAKE_S``), then sleep on the reply eventfd in bounded waits, watching the socket:
+        ``take`` s), then sleep on the socket (a bell, or end of file) in bounded waits:
         a PSP that dies is an error at once, never a hang."""
         if spin > 0:
             perf = time.perf_counter
             t0 = perf()
-            take_by, end = t0 + TAKE_S, t0 + spin
+            take_by, end = t0 + take, t0 + spin
             while h[REP_SEQ] != seq:
                 t = perf()
                 if t > end or (t > take_by and h[TAKEN_SEQ] != seq):
@@ -210,18 +209,29 @@ class MailboxClient:
         try:
             wait = RECHECK_S[0]
             while h[REP_SEQ] != seq:
-                events = self._poll.poll(wait)
-                for fd, _ in events:
-                    if fd != self._reply_fd and h[REP_SEQ] != seq:
-                        raise ConnectionError(
-                            f"the PSP closed the mailbox at {self.socket_path} (its process is gone?)"
-                        )
-                if not events:  # bounded wait over: a doorbell may have been lost (ring.py)
+                if self._poll.poll(wait * 1e3):
+                    self._drain_bells(h, seq)
+                else:  # bounded wait over: a doorbell may have been lost (ring.py)
                     if h[TAKEN_SEQ] != seq:
-                        ring_bell(self._bell)
+                        ring_bell(self._sock)
                     wait = min(2 * wait, RECHECK_S[1])
         finally:
             h[CLIENT_SLEEPING] = 0
+
+    def _drain_bells(self, h: memoryview, seq: int) -> None:
+        while True:
+            try:
+                msg = self._sock.recv(16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = b""
+            if not msg and h[REP_SEQ] != seq:
+                raise ConnectionError(
+                    f"the PSP closed the mailbox at {self.socket_path} (its process is gone?)"
+                )
+            if not msg:
+                return
 
     # -- platform --
     def export_certs(self) -> PlatformCerts:

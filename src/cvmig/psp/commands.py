@@ -239,7 +239,11 @@ COMMAND_NAMES: dict[int, str] = {i: c.name for i, c in COMMANDS.items()}
 # Transport, not a command: asks the server for a shared-memory doorbell ring on this
 # connection (`ring.py`). Only ever sent over the SEQPACKET socket.
 RING_SETUP = 0xE5
+# Transport: "look at the ring", sent only to a side that said it sleeps. A socket wake-up,
+# unlike an eventfd's, is a sync wake-up: on one CPU the woken side runs as the waker sleeps.
+RING_BELL = 0xE6
 COMMAND_NAMES[RING_SETUP] = "RING_SETUP"
+COMMAND_NAMES[RING_BELL] = "RING_BELL"
 
 
 def name_of(cmd_id: int) -> str:

@@ -7,12 +7,14 @@ puts them on the same one; the server's own work is ~3 µs. A spinner sees the o
 store in ~0.5 µs, but spinning for a peer on the SAME CPU only delays it (~130 µs).
 
 So each side publishes the CPU it runs on, and spins (bounded, ``SPIN_S``) only while the
-peer demonstrably runs on another CPU: the server after serving a client on another CPU,
-waiting for its next command; a client whose request found the server spinning (no bell
-needed) on another CPU, and only until the server takes it (``TAKE_S``). Otherwise it
-sleeps at once on an eventfd, which the waker writes only if the other side said it
-sleeps. Spinners never call sched_yield (under load a yielding spinner waits a whole
-scheduler slice, milliseconds).
+peer demonstrably runs on another CPU. A client whose server last ran elsewhere spins for
+its reply, but gives up unless the server takes the request within ``TAKE_S`` (it was
+spinning) or ``WAKE_S`` (it had to be woken). The server, after replying to a client on
+another CPU, spins for the next command only if the client acknowledges the reply within
+``ACK_S``: proof that it runs concurrently, since CPU numbers go stale when the scheduler
+moves tasks. Otherwise a side sleeps at once on its socket, which the waker rings only if
+the other side said it sleeps. Spinners never call sched_yield (under load a yielding
+spinner waits a whole scheduler slice, milliseconds).
 
 Layout of one slot, a sealed memfd the server creates and both map (fixed size: nobody can
 shrink it under the other, so no SIGBUS): a 4 KiB header of u64 words, the request area
@@ -24,8 +26,7 @@ visible in program order (TSO), so publishing the sequence number last is enough
 The "I sleep" flags race (store flag, load the other's sequence number, which x86 may
 reorder): a wake-up can be lost. The sleeper's wait is therefore bounded and re-checks,
 and a client whose request was not taken rings again: a lost wake-up costs a millisecond,
-never a hang. Client and server each wake on their own eventfd: ``doorbell`` (server, one
-for all rings) and the per-connection ``reply`` eventfd.
+never a hang. The bell is a RING_BELL datagram on the connection's SEQPACKET socket.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ import ctypes
 import fcntl
 import mmap
 import os
+import socket
+import struct
 from collections.abc import Callable
 
-from cvmig.psp.commands import MAX_MESSAGE, MAX_REPLY
+from cvmig.psp.commands import MAX_MESSAGE, MAX_REPLY, RING_BELL
 
 HEADER = 4096
 REQ_OFF = HEADER
@@ -45,12 +48,14 @@ REP_OFF = HEADER + MAX_MESSAGE
 SIZE = REP_OFF + MAX_REPLY
 
 # u64 word indices in the header; the client's and the server's words on separate lines.
-REQ_SEQ, REQ_CMD, REQ_LEN, CLIENT_SLEEPING, CLIENT_CPU = 0, 1, 2, 3, 4
+REQ_SEQ, REQ_CMD, REQ_LEN, CLIENT_SLEEPING, CLIENT_CPU, ACK_SEQ = 0, 1, 2, 3, 4, 5
 REP_SEQ, REP_STATUS, REP_LEN, SERVER_SLEEPING, TAKEN_SEQ, SERVER_CPU = 8, 9, 10, 11, 12, 13
 NO_CPU = 0xFFFF_FFFF  # not known (yet)
 
 SPIN_S = 50e-6  # longest spin: a no-op or page command, or the engine's gap between two
 TAKE_S = 10e-6  # a spinning server takes a request within ~3 µs; if not, it is busy or away
+WAKE_S = 40e-6  # a sleeping server on an idle CPU wakes in ~20-40 µs (the host wakes the vCPU)
+ACK_S = 5e-6  # a spinning client acknowledges a reply within ~1 µs
 RECHECK_S = (1e-3, 50e-3)  # a sleeper's first and longest bounded wait (lost wake-ups)
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -100,15 +105,10 @@ def _cpu_getter() -> Callable[[], int]:
 current_cpu = _cpu_getter()
 
 
-def eventfd() -> int:
-    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+BELL = struct.pack("<I", RING_BELL)
 
 
-def ring_bell(fd: int) -> None:
-    with contextlib.suppress(OSError):  # the other side is gone: its own checks see to it
-        os.eventfd_write(fd, 1)
-
-
-def drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        os.eventfd_read(fd)
+def ring_bell(sock: socket.socket) -> None:
+    """Wake the other side: one datagram on the connection (it drains it when it wakes)."""
+    with contextlib.suppress(OSError):  # full or gone: the other side's own checks see to it
+        sock.send(BELL, socket.MSG_DONTWAIT)

@@ -29,6 +29,7 @@ from cvmig.psp.commands import (
     MAX_MESSAGE,
     MAX_REPLY,
     PLATFORM_STATUS,
+    RING_BELL,
     RING_SETUP,
     error_body,
     name_of,
@@ -36,6 +37,8 @@ from cvmig.psp.commands import (
 from cvmig.psp.cost import CostProfile, parse, wait_until
 from cvmig.psp.firmware import Firmware
 from cvmig.psp.ring import (
+    ACK_S,
+    ACK_SEQ,
     CLIENT_CPU,
     CLIENT_SLEEPING,
     NO_CPU,
@@ -52,7 +55,6 @@ from cvmig.psp.ring import (
     TAKEN_SEQ,
     Ring,
     current_cpu,
-    eventfd,
     ring_bell,
 )
 
@@ -68,7 +70,6 @@ Handler = Callable[[memoryview], bytes]
 class _Conn:
     sock: socket.socket
     ring: Ring | None = None
-    reply_fd: int = -1  # the client's eventfd: rung when it sleeps and its reply is ready
     seen: int = 0  # the last request sequence number served
 
 
@@ -95,7 +96,6 @@ class PspServer:
         self._listen.bind(socket_path)
         self._listen.listen(64)
         self._wake_r, self._wake_w = os.pipe()
-        self._doorbell = eventfd()
         self._buf = bytearray(MAX_MESSAGE)  # the PSP's own copy of each command buffer
         self._view = memoryview(self._buf)
         self._rings: list[tuple[_Conn, Ring]] = []  # the connections with a doorbell ring
@@ -185,7 +185,7 @@ class PspServer:
         h[REP_LEN] = len(body)
         h[REP_SEQ] = seq  # publish last
         if h[CLIENT_SLEEPING]:
-            ring_bell(c.reply_fd)
+            ring_bell(c.sock)
         return h[CLIENT_CPU] != cpu or cpu == NO_CPU
 
     def _serve_socket(self, c: _Conn) -> bool:
@@ -198,6 +198,8 @@ class PspServer:
             return False
         cmd = _U32.unpack_from(self._buf, 0)[0] if n >= 4 else -1
         status: int
+        if cmd == RING_BELL:
+            return True  # the rings are scanned at the top of the loop
         if cmd == RING_SETUP:
             return self._setup_ring(c)
         if n > MAX_MESSAGE:
@@ -219,10 +221,9 @@ class PspServer:
         try:
             ring = c.ring = Ring(fd)
             ring.hdr[SERVER_CPU] = NO_CPU
-            c.reply_fd = eventfd()
             self._rings.append((c, ring))
             reply = _SETUP_REPLY.pack(Status.SUCCESS, SIZE, os.getpid())
-            return _send_fds(c.sock, reply, [fd, self._doorbell, c.reply_fd])
+            return _send_fds(c.sock, reply, [fd])
         finally:
             os.close(fd)  # mapped here; the client got its own descriptor
 
@@ -235,25 +236,27 @@ class PspServer:
         ep = select.epoll()
         conns: dict[int, _Conn] = {}
         rings = self._rings
-        listen, wake, bell = self._listen.fileno(), self._wake_r, self._doorbell
+        listen, wake = self._listen.fileno(), self._wake_r
         for fd in (listen, wake) + (() if lifeline is None else (lifeline,)):
             ep.register(fd, select.EPOLLIN)
-        ep.register(bell, select.EPOLLIN | select.EPOLLET)  # edge: no read to drain it
         idle = -1.0 if parent_pid is None else 1.0
-        spin_until = next_poll = 0.0
+        spin_until = next_poll = ack_by = 0.0
+        acker: tuple[_Conn, Ring] | None = None  # the client whose acknowledgement we await
         perf = time.perf_counter
         try:
             while not self._stopping:
-                busy = remote = False
+                busy = False
                 for c, r in rings:
                     if r.hdr[REQ_SEQ] != c.seen:
-                        remote |= self._serve_ring(c, r)
+                        acker = (c, r) if self._serve_ring(c, r) else None
                         busy = True
                 now = perf()
-                if remote:
-                    spin_until = now + self.spin_s
-                elif busy:
-                    spin_until = 0.0  # the client shares our CPU: spinning would only delay it
+                if busy:  # spin for the next command only for a client on another CPU
+                    spin_until, ack_by = (now + self.spin_s if acker else 0.0), now + ACK_S
+                elif acker is not None and now > ack_by:
+                    if acker[1].hdr[ACK_SEQ] != acker[0].seen:
+                        spin_until = 0.0  # no acknowledgement: it does not run, stop spinning
+                    acker = None
                 if now < spin_until:
                     if now < next_poll:
                         continue
@@ -270,8 +273,6 @@ class PspServer:
                         r.hdr[SERVER_SLEEPING] = 0
                 next_poll = perf() + _POLL_EVERY
                 for fd, _ in events:
-                    if fd == bell:
-                        continue  # the rings are scanned at the top of the loop
                     if fd in (wake, lifeline):
                         return
                     elif fd == listen:
@@ -294,7 +295,6 @@ class PspServer:
         if c.ring is not None:
             self._rings[:] = [x for x in self._rings if x[0] is not c]
             c.ring.close()
-            os.close(c.reply_fd)
             c.ring = None
         c.sock.close()
 
@@ -303,7 +303,7 @@ class PspServer:
             self._listen.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        for fd in (self._wake_r, self._wake_w, self._doorbell):
+        for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
