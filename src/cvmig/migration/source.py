@@ -12,7 +12,6 @@ copy, and the guest runs on here as before.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,13 +33,8 @@ from cvmig.migration.host import Host
 from cvmig.psp.api import Batching, GuestState, PlatformCerts, PspError
 from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError
+from cvmig.wire.protocol import WINDOW, Ack, PagesFrame, SharedFrame, Vmsa
 
-PAGES_META = struct.Struct("<BBxxII")  # mode index, queued, commands, pages
-ACK = struct.Struct("<Q")
-# page frames in flight: one being imported at the destination, one queued behind it. More
-# would only fill socket buffers: the source would measure its own speed, not the link's,
-# and the backlog would land in the downtime.
-WINDOW = 2
 MODES = tuple(m.value for m in Batching)
 
 
@@ -112,7 +106,6 @@ class RealWorld:
         self.psp = vm.host.psp
         self.trans = vm.host.transport
         self.mode = params.batching
-        self.mode_index = MODES.index(str(params.batching))
         self.outcome: Outcome | None = None
         self.frames_sent = 0
         self.frames_acked = 0
@@ -160,8 +153,7 @@ class RealWorld:
                                                    total)
             doorbells = ncmds
         psp_s = time.perf_counter() - t0
-        meta = PAGES_META.pack(self.mode_index, queue, ncmds, len(pfns)) + pfns.astype(
-            np.int64).tobytes() + bounds.astype(np.int64).tobytes()
+        meta = PagesFrame(mode, queue, pfns, bounds).encode()
         self._await_window()
         sent = self.chan.send(FrameType.PAGES, meta, [self.trans.view[:total]])
         self.frames_sent += 1
@@ -173,9 +165,8 @@ class RealWorld:
 
     def send_shared(self, pfns: np.ndarray) -> Sent:
         pages = self.vm.memory.pages[pfns]  # shared pages: plaintext by design
-        meta = pfns.astype(np.int64).tobytes() + pages.tobytes()
         self._await_window()
-        sent = self.chan.send(FrameType.SHARED, meta)
+        sent = self.chan.send(FrameType.SHARED, SharedFrame(pfns, pages).encode())
         self.frames_sent += 1
         return Sent(pages=len(pfns), bytes=sent)
 
@@ -191,7 +182,7 @@ class RealWorld:
     def _take_frame(self, want: FrameType | None = None) -> dict[str, object] | None:
         f = self.chan.recv_frame(max_data=1 << 20)
         if f.type is FrameType.ACK:
-            (self.frames_acked,) = ACK.unpack(f.meta)
+            self.frames_acked = Ack.decode(f.meta)
             return None
         if f.type in (FrameType.ERROR, FrameType.CANCEL):
             raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
@@ -218,7 +209,7 @@ class RealWorld:
         t0 = time.perf_counter()
         for pfn in g.vmsa_pfns.tolist():
             n = self.psp.send_update_vmsa(self.vm.handle, int(pfn), region, 0)
-            out.bytes += self.chan.send(FrameType.VMSA, struct.pack("<q", pfn),
+            out.bytes += self.chan.send(FrameType.VMSA, Vmsa.encode(int(pfn)),
                                         [self.trans.view[:n]])
             out.commands += 1
             out.doorbells += 1
