@@ -7,6 +7,9 @@ measurement windows of the rate tests.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,10 +23,12 @@ from hypothesis import strategies as st
 from cvmig.guest import uffd
 from cvmig.guest.memory import PRIVATE, SHARED, GuestMemory
 from cvmig.guest.sqlitewl import CANARY
+from cvmig.guest.vcpu import share
 from cvmig.guest.vm import Guest, GuestConfig
 from cvmig.guest.workloads import parse_workload
 from cvmig.psp.api import Policy
-from cvmig.psp.mailbox import MailboxClient, PspProcess
+from cvmig.psp.mailbox import MailboxClient, PspProcess, fetch_memory_key
+from cvmig.psp.measure import compose, measure_digest, page_measure
 from cvmig.psp.memcrypt import MemoryCipher
 
 MiB = 1 << 20
@@ -224,6 +229,130 @@ def test_move_detects_corruption(psp: Psp) -> None:
                 assert g2.digest() != g.digest()
             finally:
                 g2.shutdown()
+
+
+# --------------------------------------------------------------------------- digest and long work
+
+
+def psp_digest(psp: Psp, g: Guest) -> str:
+    """The digest as a destination's PSP computes it (`cvmig.psp.measure`), straight over
+    the memory with the guest's key: what the vCPUs' spread digest must equal exactly."""
+    mem = g.memory
+    pfns = np.arange(mem.npages, dtype=np.int64)
+    plain = np.empty_like(mem.pages)
+    MemoryCipher(fetch_memory_key(psp[0], g.handle)).decrypt_pages(pfns, mem.pages, plain)
+    private = mem.page_state == PRIVATE
+    values = np.zeros((mem.npages, 2), dtype=np.uint64)
+    values[private] = page_measure(plain[private], pfns[private])
+    return compose(measure_digest(values), mem.pages, mem.page_state)
+
+
+def busy_stamps(g: Guest) -> list[float]:
+    return [float(b) for b in g.control.vcpu["busy"]]
+
+
+@pytest.mark.parametrize("vcpus", [1, 3])
+def test_spread_digest_equals_the_psp_measure(psp: Psp, vcpus: int) -> None:
+    with running(psp, "dirtier:pattern=uniform,rate=100000", vcpus=vcpus) as g:
+        wait_progress(g, 2000)  # RAM, shared I/O pages and (at pause) VMSA pages written
+        g.pause()
+        assert (g.memory.page_state == SHARED).any()
+        t0 = time.monotonic()
+        got = g.digest()
+        assert all(t > t0 for t in busy_stamps(g))  # every vCPU measured a share
+        assert got == psp_digest(psp, g)
+        g.memory.pages[3, 7] ^= 1  # teeth: one ciphertext bit
+        assert g.digest() != got
+
+
+def test_digest_shares_travel_sealed_and_bound(psp: Psp) -> None:
+    """What the hypervisor relays between vCPUs is ciphertext it cannot alter, reorder
+    or replay from an earlier digest."""
+    with running(psp, "dirtier:pattern=uniform", vcpus=2) as g:
+        wait_progress(g, 1000)
+        g.pause()
+        n = g.config.npages
+        ranges = [share(n, 2, k) for k in range(2)]
+        tag = b"t" * 16
+        sealed = g._exchange({k: ("measure", lo, hi, tag) for k, (lo, hi) in enumerate(ranges)}, long=True)
+        lo, hi = ranges[0]
+        private = np.flatnonzero(g.memory.page_state[lo:hi] == PRIVATE)[:4] + lo
+        plain = np.empty((len(private), 4096), dtype=np.uint8)
+        MemoryCipher(fetch_memory_key(psp[0], g.handle)).decrypt_pages(private, g.memory.pages[private], plain)
+        for v in page_measure(plain, private):
+            assert sealed[0].find(v.tobytes()) < 0  # no per-page value in the clear
+        parts = [(lo, hi, sealed[k]) for k, (lo, hi) in enumerate(ranges)]
+        good = g._exchange({0: ("digest", tag, parts)}, long=True)[0]
+        assert good == g.digest()
+        bad_cases = {
+            "altered": [parts[0], (*parts[1][:2], parts[1][2][:-1] + bytes([parts[1][2][-1] ^ 1]))],
+            "tile": [parts[1], parts[0]],
+            "cover": parts[:1],
+        }
+        for why, bad in bad_cases.items():
+            with pytest.raises(RuntimeError, match=why):
+                g._exchange({0: ("digest", tag, bad)}, long=True)
+        with pytest.raises(RuntimeError, match="altered"):  # a replay under another digest's tag
+            g._exchange({0: ("digest", b"u" * 16, parts)}, long=True)
+        assert g.digest() == good  # the vCPUs still answer in step
+
+
+def test_killed_vcpu_fails_a_digest_at_once(psp: Psp) -> None:
+    with running(psp, "idle", vcpus=2, memory=512 * MiB) as g:
+        g.pause()
+        t0 = time.monotonic()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                g.digest()
+            except BaseException as e:
+                errors.append(e)
+
+        th = threading.Thread(target=run)
+        th.start()
+        wait_for(lambda: busy_stamps(g)[1] > t0, timeout=10.0, what="vCPU 1 measuring")
+        killed = time.monotonic()
+        os.kill(g.stats()[1].pid, signal.SIGKILL)
+        th.join(30.0)
+        took = time.monotonic() - killed
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+        assert "vCPU 1" in str(errors[0]) and "SIGKILL during measure" in str(errors[0])
+        assert took < 2.0, f"{took:.1f} s to notice a dead vCPU"
+
+
+def test_silent_vcpu_fails_within_the_liveness_window_and_resyncs(psp: Psp) -> None:
+    with running(psp, "dirtier:pattern=uniform", vcpus=2) as g:
+        wait_progress(g, 1000)
+        g.pause()
+        expect = psp_digest(psp, g)
+        g.liveness = 1.0
+        pid = g.stats()[0].pid
+        os.kill(pid, signal.SIGSTOP)  # alive, but neither heartbeats nor stamps progress
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match="vCPU 0 .* alive but showed no progress"):
+                g.digest()
+            took = time.monotonic() - t0
+            assert 1.0 <= took < 3.0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # the late answer is drained, not taken for the next command's
+        assert g.digest() == expect
+
+
+def test_slow_digest_and_check_are_not_cut_off(psp: Psp) -> None:
+    """Work far longer than the liveness window finishes: the vCPU stamps its progress.
+    (Without the stamps the waits fail after one window.)"""
+    with running(psp, "dirtier:pattern=sequential,rate=max", vcpus=1, memory=1024 * MiB) as g:
+        wait_progress(g, 5000)
+        g.pause()
+        g.liveness = 0.4  # a wide margin over the stamps' spacing (~10 ms) on a loaded box
+        for what, work in (("digest", g.digest), ("check", lambda: g.check()["ok"] or pytest.fail("check"))):
+            t0 = time.monotonic()
+            work()
+            took = time.monotonic() - t0
+            assert took > 2 * g.liveness, f"the {what} took only {took:.2f} s: the test proves nothing"
 
 
 # --------------------------------------------------------------------------- throttle

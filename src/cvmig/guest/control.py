@@ -2,8 +2,9 @@
 
 One POSIX shm object per guest holding, for each vCPU, the fields the hypervisor sets
 (throttle, dirty limit) and those the vCPU publishes (pid, run state, progress counters,
-heartbeat and a ring of recent heartbeats), plus the byte-per-page dirty map used by the
-``dmap`` tracker. Aligned 8-byte fields: single stores, so readers never see torn values.
+heartbeat, a ring of recent heartbeats, a progress stamp for long work), plus the
+byte-per-page dirty map used by the ``dmap`` tracker. Aligned 8-byte fields: single
+stores, so readers never see torn values.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ VCPU_DTYPE = np.dtype(
         ("run_time", "<f8"),  # seconds of vCPU run time (excludes throttle sleep, pause)
         ("throttle_time", "<f8"),  # seconds slept by the throttle
         ("failed", "<i8"),  # 1 once the workload raised; it then idles
-        ("_pad", "<i8", (5,)),
+        # CLOCK_MONOTONIC of the last progress of long work (digest, check): a busy vCPU
+        # passes no slice boundary, so without this it would look hung
+        ("busy", "<f8"),
+        ("_pad", "<i8", (4,)),
     ]
 )
 assert VCPU_DTYPE.itemsize == 128

@@ -2,10 +2,15 @@
 
 It fetches the guest's VEK from the PSP itself (emulating the memory controller: only
 vCPUs ever hold it), maps guest memory, and runs its workload in 10 ms timeslices. Between
-slices, and only there, it serves the hypervisor's commands (pause, resume, digest, check,
-stop), so a paused vCPU never has a write in flight. At pause it saves its state blob into
-its VMSA page, encrypted like any private page (SEV-ES: the hypervisor never sees
-registers); `restore` starts from that blob.
+slices, and only there, it serves the hypervisor's commands (pause, resume, measure, digest,
+check, stop), so a paused vCPU never has a write in flight. At pause it saves its state
+blob into its VMSA page, encrypted like any private page (SEV-ES: the hypervisor never
+sees registers); `restore` starts from that blob.
+
+Work that grows with memory (measure, check) stamps the control block's ``busy`` field
+every chunk: the hypervisor waits for it as long as the stamp moves, not for a fixed time.
+A digest is computed by every vCPU measuring its share of the frames; the shares' values
+travel sealed under a VEK-derived key through the hypervisor to one vCPU, which hashes them.
 
 Throttle is QEMU's: after each 10 ms slice of run time, sleep p/(1-p) x 10 ms (less any
 oversleep of earlier slices, so the run fraction stays 1 - p on a loaded box). Workload
@@ -16,26 +21,31 @@ The dirty limit is a wall-clock quota of pages/s (QEMU dirty-limit), a token buc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cvmig.guest import control as ctl
 from cvmig.guest.memory import PAGE_SIZE, PRIVATE, SHARED, GuestMemory
 from cvmig.guest.workloads import MAGIC_IO, WorkloadSpec, bad_pages, make_pages, make_workload
-from cvmig.psp.measure import compose, measure_digest, page_measure
+from cvmig.psp.measure import compose, page_measure
 from cvmig.psp.memcrypt import MemoryCipher
 
 SLICE = 0.010
 VMSA_MAGIC = b"CVMIGVMSA\x00"
 _CHUNK = 2048  # pages per vectorised decrypt when walking memory
+
 
 def fetch_vek(psp_socket: str, handle: int) -> bytes:
     """The memory controller's key fetch, straight from the PSP: only vCPU processes call
@@ -65,6 +75,10 @@ class VcpuSpec:
     vmsa_pfn: int
 
 
+def _nothing() -> None:
+    pass
+
+
 class VcpuContext:
     """A workload's window on guest memory: private pages go through the VEK."""
 
@@ -82,6 +96,9 @@ class VcpuContext:
         self.pages_written = 0
         self.io_count = 0
         self._ct = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+        # called as reads go by; the vCPU points it at its progress stamp while it serves
+        # long work (a check), so the hypervisor's wait can tell busy from hung
+        self.tick: Callable[[], None] = _nothing
 
     def _buf(self, n: int) -> np.ndarray:
         if len(self._ct) < n:
@@ -120,6 +137,7 @@ class VcpuContext:
         else:
             src = self.pages[pfns]
         self.cipher.decrypt_pages(pfns, src, out)
+        self.tick()
         return out
 
     def iter_private(self, pfns: np.ndarray, chunk: int = _CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -173,19 +191,72 @@ class VcpuContext:
         return state
 
 
-def digest(mem: GuestMemory, cipher: MemoryCipher) -> str:
-    """The guest's memory digest (`cvmig.psp.measure`): every private page's plaintext
-    measured, shared pages and the page states hashed as they are. A destination's PSP
-    computes the same while importing pages, so the two can be compared."""
-    values = np.zeros((mem.npages, 2), dtype=np.uint64)
+def share(npages: int, parts: int, k: int) -> tuple[int, int]:
+    """Frames [lo, hi) that vCPU ``k`` of ``parts`` measures: the whole memory (RAM, shared
+    and VMSA pages alike) split evenly."""
+    return k * npages // parts, (k + 1) * npages // parts
+
+
+def measure_frames(mem: GuestMemory, cipher: MemoryCipher, lo: int, hi: int,
+                   tick: Callable[[], None] = lambda: None) -> np.ndarray:
+    """(hi - lo, 2) uint64 per-page values (`cvmig.psp.measure.page_measure`) of frames
+    [lo, hi): private pages measured from their plaintext, shared pages zero. ``tick`` runs
+    after every chunk, so a waiter can tell this long walk from a hung vCPU."""
+    values = np.zeros((hi - lo, 2), dtype=np.uint64)
     buf = np.empty((_CHUNK, PAGE_SIZE), dtype=np.uint8)
-    for i in range(0, mem.npages, _CHUNK):
-        pfns = np.arange(i, min(i + _CHUNK, mem.npages), dtype=np.int64)
-        out = buf[: len(pfns)]
-        cipher.decrypt_pages(pfns, mem.pages[i : i + len(pfns)], out)
-        private = mem.page_state[i : i + len(pfns)] == PRIVATE
-        values[pfns[private]] = page_measure(out[private], pfns[private])
-    return compose(measure_digest(values), mem.pages, mem.page_state)
+    for i in range(lo, hi, _CHUNK):
+        j = min(i + _CHUNK, hi)
+        pfns = np.arange(i, j, dtype=np.int64)
+        out = buf[: j - i]
+        cipher.decrypt_pages(pfns, mem.pages[i:j], out)
+        private = mem.page_state[i:j] == PRIVATE
+        values[i - lo : j - lo][private] = page_measure(out[private], pfns[private])
+        tick()
+    return values
+
+
+class Sealer:
+    """Messages between vCPUs, relayed by the hypervisor: AES-256-GCM under a key derived
+    from the VEK, so the relay sees ciphertext only and cannot alter, reorder or replay
+    them. (Real vCPUs would talk through private memory, encrypted under the VEK.)"""
+
+    def __init__(self, vek: bytes) -> None:
+        self._aead = AESGCM(hmac.new(vek, b"cvmig vCPU-to-vCPU messages", hashlib.sha256).digest())
+
+    def seal(self, data: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, data, aad)
+
+    def open(self, blob: bytes, aad: bytes) -> bytes:
+        return self._aead.decrypt(blob[:12], blob[12:], aad)
+
+
+def _part_aad(tag: bytes, lo: int, hi: int) -> bytes:
+    return b"measure" + tag + lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+
+
+def combine_digest(mem: GuestMemory, sealer: Sealer, tag: bytes, parts: list[tuple[int, int, bytes]]) -> str:
+    """The guest's memory digest (`cvmig.psp.measure`) from sealed per-share values that
+    must tile every frame in order. SHA-256 is sequential, so the shares' values (16 bytes
+    a page) are hashed here, one after the other; the expensive part, decrypting and
+    measuring the pages, was done by every vCPU in parallel. A destination's PSP computes
+    the same while importing pages, so the two can be compared."""
+    h = hashlib.sha256()
+    at = 0
+    for lo, hi, blob in parts:
+        if lo != at or hi < lo:
+            raise ValueError(f"measured shares do not tile the memory: [{lo}, {hi}) after frame {at}")
+        try:
+            raw = sealer.open(blob, _part_aad(tag, lo, hi))
+        except InvalidTag:
+            raise ValueError(f"the measurement of frames [{lo}, {hi}) was altered in transit") from None
+        if len(raw) != (hi - lo) * 16:
+            raise ValueError(f"the measurement of frames [{lo}, {hi}) has {len(raw)} bytes")
+        h.update(raw)
+        at = hi
+    if at != mem.npages:
+        raise ValueError(f"measured shares cover frames [0, {at}) of {mem.npages}")
+    return compose(h.digest(), mem.pages, mem.page_state)
 
 
 def _attach(spec: VcpuSpec) -> GuestMemory:
@@ -203,7 +274,10 @@ class _Vcpu:
         self.me = self.block.vcpu[spec.index : spec.index + 1]
         self.ring = self.block.ring[spec.index]
         self.mem = mem if mem is not None else _attach(spec)
-        self.cipher = MemoryCipher(fetch_vek(spec.psp_socket, spec.handle))
+        vek = fetch_vek(spec.psp_socket, spec.handle)
+        self.cipher = MemoryCipher(vek)
+        self.sealer = Sealer(vek)
+        del vek
         self.writer = None
         if spec.tracker == "uffd":
             from cvmig.guest.uffd import UffdWriter
@@ -264,6 +338,9 @@ class _Vcpu:
         m["run_time"] = self.run_time
         m["throttle_time"] = self.throttle_time
 
+    def _tick(self) -> None:
+        self.me["busy"] = time.monotonic()
+
     def _heartbeat(self, now: float) -> None:
         n = int(self.me["hb_count"][0])
         self.ring[n % ctl.RING] = now
@@ -290,13 +367,27 @@ class _Vcpu:
                 self.tokens_at = now
                 self.me["state"] = ctl.RUNNING
             self.conn.send(("ok", None))
+        elif op == "measure":
+            _, lo, hi, tag = cmd
+            self._tick()
+            values = measure_frames(self.mem, self.cipher, lo, hi, self._tick)
+            self.conn.send(("ok", self.sealer.seal(values.tobytes(), _part_aad(tag, lo, hi))))
         elif op == "digest":
-            self.conn.send(("ok", digest(self.mem, self.cipher)))
+            _, tag, parts = cmd
+            self._tick()
+            try:
+                self.conn.send(("ok", combine_digest(self.mem, self.sealer, tag, parts)))
+            except ValueError as e:
+                self.conn.send(("error", str(e)))
         elif op == "check":
+            self._tick()
+            self.ctx.tick = self._tick
             try:
                 res = self.workload.check()
             except Exception as e:  # a check that cannot run is a failed check
                 res = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                self.ctx.tick = _nothing
             io = self.ctx.io_check()
             res["io"] = io
             res["ok"] = bool(res["ok"]) and bool(io["ok"]) and self.error is None

@@ -14,26 +14,30 @@ cross back.
 from __future__ import annotations
 
 import contextlib
+import secrets
+import signal
 import socket
 import subprocess
 import sys
 import time
 import weakref
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Any
+from multiprocessing.connection import Connection, wait
+from typing import Any, cast
 
 import numpy as np
 
 from cvmig.guest import control as ctl
 from cvmig.guest.memory import PAGE_SIZE, GuestMemory, check_size
-from cvmig.guest.vcpu import VcpuSpec
+from cvmig.guest.vcpu import VcpuSpec, share
 from cvmig.guest.workloads import WorkloadSpec, parse_workload
 
 TRACKERS = ("auto", "uffd", "dmap")
 MAX_VCPUS = 64
 _START_TIMEOUT = 60.0
-_CMD_TIMEOUT = 8.0
+_CMD_TIMEOUT = 8.0  # commands whose work does not grow with memory (pause, resume, ...)
+LIVENESS = 5.0  # a vCPU doing long work that neither heartbeats nor stamps progress this long is hung
+_POLL = 0.1
 _MIN_RAM_PER_VCPU = 256  # pages
 
 
@@ -149,6 +153,9 @@ class Guest:
         self._scanners: list[Any] = []
         self._logging = False
         self._paused = False
+        self._owed: list[int] = []  # answers each vCPU still owes (a wait that gave up leaves one)
+        # seconds a vCPU doing long work may go without a heartbeat or a progress stamp
+        self.liveness = LIVENESS
         # a Guest dropped without shutdown() still kills its vCPUs and unlinks its control shm
         self._finalizer = weakref.finalize(self, _release, self.control, self._procs, self._conns)
         self._standby = False
@@ -207,6 +214,7 @@ class Guest:
                 self._procs.append(p)
                 conn = Connection(ours.detach())
                 self._conns.append(conn)
+                self._owed.append(0)
                 conn.send(self._spec(i, mode))
             if mode == "standby":
                 for i, conn in enumerate(self._conns):
@@ -254,29 +262,88 @@ class Guest:
             raise
         self._paused = True
 
+    def _exited(self, i: int) -> RuntimeError:
+        p = self._procs[i]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(1.0)  # the pipe closes a moment before the exit status is there
+        rc = p.poll()
+        if rc is None:
+            how = "closed its connection"
+        elif rc < 0:
+            how = f"was killed by {signal.Signals(-rc).name}"
+        else:
+            how = f"exited with code {rc}"
+        return RuntimeError(f"vCPU {i} (pid {p.pid}) {how}")
+
     def _recv(self, i: int, conn: Connection, timeout: float) -> tuple[str, Any]:
         if not conn.poll(timeout):
             raise TimeoutError(f"vCPU {i} did not answer within {timeout:.0f} s")
         try:
             msg: tuple[str, Any] = conn.recv()
         except EOFError:
-            raise RuntimeError(f"vCPU {i} exited (exit code {self._procs[i].poll()})") from None
+            raise self._exited(i) from None
         return msg
 
-    def _command(self, op: str, vcpus: list[int] | None = None) -> list[Any]:
-        """Send ``op`` to vCPUs (all by default) and wait for every answer."""
+    def _exchange(self, msgs: dict[int, tuple[Any, ...]], long: bool = False) -> dict[int, Any]:
+        """Send each vCPU its message and wait for every answer, all vCPUs at once.
+
+        A short command must be answered within _CMD_TIMEOUT. ``long`` work (it grows with
+        memory) is waited for as long as the vCPU lives and shows signs of it: a heartbeat
+        or a progress stamp no older than ``self.liveness`` seconds. A vCPU that dies fails
+        the wait at once."""
         if not self._conns:
             raise RuntimeError("the guest is not running (boot() or restore() first)")
-        idx = list(range(len(self._conns))) if vcpus is None else vcpus
-        for i in idx:
-            self._conns[i].send((op,))
-        out = []
-        for i in idx:
-            kind, val = self._recv(i, self._conns[i], _CMD_TIMEOUT)
-            if kind == "error":
-                raise RuntimeError(f"vCPU {i}: {val}")
-            out.append(val)
+        op = next(iter(msgs.values()))[0]
+        for i, m in msgs.items():
+            self._conns[i].send(m)
+            self._owed[i] += 1
+        pending = {self._conns[i]: i for i in msgs}
+        out: dict[int, Any] = {}
+        t0 = time.monotonic()
+        # progress is a change seen on our own clock: a restored vCPU's heartbeat can come
+        # from the source host's clock
+        last = {i: (self._signs(i), t0) for i in msgs}
+        while pending:
+            for c in cast("list[Connection]", wait(list(pending), _POLL)):
+                i = pending[c]
+                try:
+                    kind, val = c.recv()
+                except EOFError:
+                    raise RuntimeError(f"{self._exited(i)} during {op}") from None
+                self._owed[i] -= 1
+                if self._owed[i]:
+                    continue  # the late answer to a command whose wait gave up
+                del pending[c]
+                if kind == "error":
+                    raise RuntimeError(f"vCPU {i}: {val}")
+                out[i] = val
+            now = time.monotonic()
+            for i in pending.values():
+                if self._procs[i].poll() is not None:
+                    raise RuntimeError(f"{self._exited(i)} during {op}")
+                if not long:
+                    if now - t0 > _CMD_TIMEOUT:
+                        raise TimeoutError(f"vCPU {i} did not answer {op} within {_CMD_TIMEOUT:.0f} s")
+                    continue
+                signs, seen = last[i]
+                if self._signs(i) != signs:
+                    last[i] = (self._signs(i), now)
+                elif now - seen > self.liveness:
+                    raise TimeoutError(
+                        f"vCPU {i} (pid {self._procs[i].pid}) is alive but showed no progress "
+                        f"for {now - seen:.1f} s during {op} (liveness window {self.liveness:g} s)"
+                    )
         return out
+
+    def _signs(self, i: int) -> tuple[int, float]:
+        r = self.control.vcpu[i]
+        return int(r["hb_count"]), float(r["busy"])
+
+    def _command(self, op: str, vcpus: list[int] | None = None, long: bool = False) -> list[Any]:
+        """Send ``op`` to vCPUs (all by default) and wait for every answer."""
+        idx = list(range(len(self._conns))) if vcpus is None else vcpus
+        res = self._exchange({i: (op,) for i in idx}, long)
+        return [res[i] for i in idx]
 
     def pause(self) -> None:
         """Returns once every vCPU is paused at a slice boundary, no write in flight, with
@@ -316,6 +383,7 @@ class Guest:
         # cleared in place: the finalizer holds these lists
         self._procs.clear()
         self._conns.clear()
+        self._owed.clear()
         self._maps.clear()
 
     def __enter__(self) -> Guest:
@@ -445,10 +513,17 @@ class Guest:
 
     # -- inside the trust boundary (computed by vCPU processes)
     def digest(self) -> str:
-        """SHA-256 of the whole plaintext memory and page states, computed by vCPU 0."""
-        return str(self._command("digest", [0])[0])
+        """SHA-256 of the whole plaintext memory and page states (`cvmig.psp.measure`):
+        every vCPU measures an even share of the frames in parallel; one of them hashes
+        the shares' values, which reach it sealed (this process never sees them)."""
+        v, n = len(self._conns), self.config.npages
+        tag = secrets.token_bytes(16)  # binds the parts to this digest: no replays
+        ranges = [share(n, v, k) for k in range(v)]
+        sealed = self._exchange({k: ("measure", lo, hi, tag) for k, (lo, hi) in enumerate(ranges)}, long=True)
+        parts = [(lo, hi, sealed[k]) for k, (lo, hi) in enumerate(ranges)]
+        return str(self._exchange({0: ("digest", tag, parts)}, long=True)[0])
 
     def check(self) -> dict[str, Any]:
         """Each vCPU checks its own part with the workload's own check."""
-        res = self._command("check")
+        res = self._command("check", long=True)
         return {"ok": all(r["ok"] for r in res), "workload": str(self.config.workload), "vcpus": res}

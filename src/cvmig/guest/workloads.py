@@ -342,6 +342,7 @@ class Dirtier(Workload):
             n = min(chunk, self.count - j0)
             idx = self.indices(j0, n)
             np.maximum.at(last, idx, np.arange(j0 + 1, j0 + n + 1, dtype=np.int64))
+            self.ctx.tick()
         return last
 
     def check(self) -> dict[str, Any]:
