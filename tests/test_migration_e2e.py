@@ -109,3 +109,47 @@ def test_cli_rejects_bad_input_before_starting() -> None:
         assert r.returncode == 2, (args, r.stderr)
         assert needle in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_defaults_converge_and_report_progress_off_a_terminal(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """`cvmig migrate` with no tuning (as `make run`, on a small guest) uses the report's
+    optimizations, converges and verifies; with stderr not a terminal it still says where
+    it stands, in plain lines."""
+    out = os.path.join(tmp_path, "rep.json")
+    r = subprocess.run(
+        [sys.executable, "-m", "cvmig", "migrate", "--memory", "32M", "--warmup", "0.2",
+         "--json", out],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert r.returncode == 0, r.stderr
+    with open(out) as f:
+        rep = json.load(f)
+    _assert_good(rep, 32 * MiB)
+    assert rep["params"]["x-batching"] == "aead"
+    assert rep["params"]["x-throttle"] == "auto-converge"
+    assert rep["x-switchover"] == "converged"
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("[")]
+    assert any("active" in ln for ln in lines), r.stderr
+    assert all(" s] " in ln and "%" in ln for ln in lines), lines
+    assert "\x1b[" not in r.stderr  # no terminal control codes in a log
+
+
+@pytest.mark.slow
+def test_cli_timeout_cancels_with_advice() -> None:
+    """The baseline cannot keep up with a guest that rewrites all its memory: the timeout
+    cancels, says what to try, and the guest runs on at the source."""
+    r = subprocess.run(
+        [sys.executable, "-m", "cvmig", "migrate", "--memory", "32M", "--warmup", "0.2",
+         "--batching", "page", "--throttle", "none", "--timeout", "2", "--quiet",
+         "--workload", "dirtier:rate=400000,pattern=uniform"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "not converged after 2 s" in r.stderr, r.stderr
+    assert "Try:" in r.stderr and "--batching aead" in r.stderr
+    assert "--throttle auto-converge" in r.stderr
+    assert "nothing was lost" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1092,3 +1092,19 @@ def test_receive_finish_returns_the_measurement_of_what_was_imported(
     assert got != measure_digest(page_measure(pt2, pfns))
     # the guest on the destination holds exactly that plaintext under its new VEK
     assert np.array_equal(world.read(world.dst, world.hd, world.dmem), pt)
+
+
+@pytest.mark.parametrize("mode", [Batching.SG, Batching.AEAD])
+def test_a_refused_forged_packet_does_not_pick_the_sessions_format(
+    world: World, mode: Batching
+) -> None:
+    """Garbage fed as a page packet first is refused, and the genuine stream still goes
+    through: only a packet that verifies binds the session's format."""
+    world.start()
+    n = world.send(mode, [1, 2])
+    garbage = packet_size(Batching.PAGE, 1)
+    world.trans.arr[n : n + garbage] = 0xA5
+    with pytest.raises(PspError):
+        world.recv(Batching.PAGE, [3], garbage, n)
+    world.recv(mode, [1, 2], n)
+    world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))

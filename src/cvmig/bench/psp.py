@@ -8,7 +8,9 @@ exactly those packets in order. Rates come from the median time of a mailbox mes
 mean is in the JSON too), so that spikes from other processes on the machine do not
 count. The guest keeps running (SEND_CANCEL ends each session), as it does during pre-copy.
 Contig batches above 4 pages exceed the SEV spec's 16 KiB cap: both PSPs run with a larger
-cap for them, an extension, and the records say so.
+cap for them, an extension, and the records say so. Beside each cost stands the format's
+floor on this machine (`cvmig.bench.floor`: its cryptography alone) and the share of the
+achieved cost that floor is.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from typing import Any
 import click
 import numpy as np
 
+from cvmig.bench.floor import floor_us_per_page, primitives
 from cvmig.bench.machine import machine_info, machine_line
 from cvmig.psp.api import PAGE_SIZE, SPEC_MAX_LENGTH, Batching, packet_size
 from cvmig.psp.cost import parse
 from cvmig.psp.mailbox import MailboxClient, PspProcess
 from cvmig.psp.testing import ShmRegion
 
-MODES = ("page", "contig", "sg", "queue")
+MODES = ("page", "contig", "sg", "aead", "queue")
 DEFAULT_BATCHES = (1, 2, 4, 16, 64, 256)
 MAX_BATCH = 256
 TRANSPORT = 96 << 20
@@ -51,6 +54,8 @@ class Cell:
     mb_per_s: float
     us_per_page_mean: float  # the rates above use the median message; this is the mean
     spec_compliant: bool  # within SEV's 16 KiB per command, one command per doorbell
+    floor_us_per_page: float = 0.0  # the format's cryptography alone (cvmig.bench.floor)
+    pct_of_floor: float = 0.0  # floor / achieved: 100 % = nothing but the cryptography
 
 
 @dataclass
@@ -63,7 +68,7 @@ class _Plan:
 def _pfn_batches(plan: _Plan, npages: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``count`` pfn lists, each one command (or, for a queue, one doorbell's commands)."""
     b = plan.batch
-    if plan.mode is Batching.SG:  # scattered pages, distinct within a batch
+    if plan.mode in (Batching.SG, Batching.AEAD):  # scattered pages, distinct within a batch
         perm = rng.permutation(npages)
         return [perm[(i * b) % (npages - npages % b) :][:b].copy() for i in range(count)]
     span = npages - npages % b  # contiguous runs (queue: consecutive single pages)
@@ -117,7 +122,7 @@ def _measure(
 def _cell(direction: str, plan: _Plan, times: list[float]) -> Cell:
     """Rates from the median message time, so a noisy neighbour's spikes do not count."""
     spec = (plan.batch * PAGE_SIZE <= SPEC_MAX_LENGTH or plan.mode is Batching.PAGE) and not (
-        plan.queue or plan.mode is Batching.SG
+        plan.queue or plan.mode in (Batching.SG, Batching.AEAD)
     )
     per_msg_cmds = plan.batch if plan.queue else 1
     msgs = len(times)
@@ -188,7 +193,7 @@ def _profile(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--pages", type=click.IntRange(MAX_BATCH, 1 << 20), default=4096, show_default=True,
               help="Guest size in 4 KiB pages.")
 @click.option("--modes", default=",".join(MODES), show_default=True,
-              callback=_csv(str, MODES), help="Comma list of page, contig, sg, queue.")
+              callback=_csv(str, MODES), help="Comma list of page, contig, sg, aead, queue.")
 @click.option("--batches", default=",".join(map(str, DEFAULT_BATCHES)), show_default=True,
               callback=_csv(int), help="Pages per command (queue: commands per doorbell).")
 @click.option("--psp-profile", default="none", show_default=True, callback=_profile,
@@ -220,10 +225,18 @@ def psp(seconds: float, pages: int, modes: list[str], batches: list[int], psp_pr
             ta, tb = a.map_region(wire.name, wire.size), b.map_region(wire.name, wire.size)
             h = a.launch(g, pages, 0x1)
             rt = _round_trip(a, h)
+            floors: dict[int, dict[str, float]] = {}
             for plan in plans:
                 t_send, t_recv = _measure(a, b, h, d, pages, ta, tb, plan, seconds, rng)
-                cells.append(_cell("send", plan, t_send))
-                cells.append(_cell("receive", plan, t_recv))
+                # one command's pages: a queue's commands are one page each
+                per_cmd = 1 if plan.queue else plan.batch
+                prims = floors.setdefault(per_cmd, primitives(per_cmd))
+                floor = floor_us_per_page(plan.mode, per_cmd, prims)
+                for direction, times in (("send", t_send), ("receive", t_recv)):
+                    c = _cell(direction, plan, times)
+                    c.floor_us_per_page = round(floor, 2)
+                    c.pct_of_floor = round(100 * floor / c.us_per_page, 1)
+                    cells.append(c)
     _print(cells, rt, psp_profile)
     if json_path:
         records = [dict(asdict(c), profile=psp_profile, machine=machine) for c in cells]
@@ -243,13 +256,17 @@ def _round_trip(c: MailboxClient, h: int, n: int = 2000) -> float:
 
 def _print(cells: list[Cell], rt_us: float, profile: str) -> None:
     click.echo(f"PSP profile {profile}; mailbox round trip (GUEST_STATUS) {rt_us:.1f} µs")
-    head = f"{'dir':<8}{'mode':<7}{'batch':>6}{'cmd/s':>10}{'µs/cmd':>10}{'µs/page':>10}{'MB/s':>9}  note"
+    click.echo("floor: the format's cryptography alone on this machine; % of floor = "
+               "floor / achieved")
+    head = (f"{'dir':<8}{'mode':<7}{'batch':>6}{'cmd/s':>10}{'µs/cmd':>10}{'µs/page':>10}"
+            f"{'MB/s':>9}{'floor':>8}{'% fl':>7}  note")
     click.echo(head)
     click.echo("-" * len(head))
     for c in cells:
         note = "" if c.spec_compliant else "extension"
         click.echo(
             f"{c.direction:<8}{c.mode:<7}{c.batch_pages:>6}{c.commands_per_s:>10.0f}"
-            f"{c.us_per_command:>10.1f}{c.us_per_page:>10.2f}{c.mb_per_s:>9.1f}  {note}"
+            f"{c.us_per_command:>10.1f}{c.us_per_page:>10.2f}{c.mb_per_s:>9.1f}"
+            f"{c.floor_us_per_page:>8.2f}{c.pct_of_floor:>6.0f}%  {note}"
         )
     click.echo(machine_line())

@@ -16,6 +16,11 @@ from cvmig.migration.throttle import ThrottleKind, ThrottleParams
 from cvmig.psp.api import Batching, Policy
 
 DEFAULT_WORKLOAD = "dirtier:rate=5000,pattern=hotcold"
+# The report's optimizations are the default; `--batching page --throttle none --timeout 0`
+# is the baseline.
+DEFAULT_BATCHING = Batching.AEAD.value
+DEFAULT_THROTTLE = ThrottleKind.AUTO_CONVERGE.value
+DEFAULT_TIMEOUT_S = 120.0
 
 
 class SizeParam(click.ParamType):
@@ -80,16 +85,19 @@ def psp_option(f: Any) -> Any:
 def migration_options(f: Any) -> Any:
     for opt in reversed([
         click.option("--batching", "-b", type=click.Choice([m.value for m in Batching]),
-                     default="page", show_default=True,
+                     default=DEFAULT_BATCHING, show_default=True,
                      help="page: one page per firmware command (baseline); contig: runs of "
-                          "contiguous pages; sg: scatter-gather."),
+                          "contiguous pages; sg: scatter-gather, a MAC per page; aead: "
+                          "scatter-gather, an AES-GCM tag per page (fastest)."),
         click.option("--cap", type=click.IntRange(0, 4096), default=0,
                      help="Pages per command (contig default 4 = 16 KiB, the SEV limit; "
-                          "sg default 256)."),
+                          "sg and aead default 256)."),
         click.option("--queue/--no-queue", default=False,
                      help="Many commands behind one mailbox doorbell (CSV ring style)."),
         click.option("--throttle", type=click.Choice([k.value for k in ThrottleKind]),
-                     default="none", show_default=True),
+                     default=DEFAULT_THROTTLE, show_default=True,
+                     help="auto-converge throttles only a guest that dirties faster than "
+                          "the link carries; none reproduces the baseline."),
         click.option("--throttle-pct", type=click.IntRange(0, 99), default=None,
                      help="precopy policy: a fixed throttle instead of an adaptive one."),
         click.option("--downtime-limit", type=click.IntRange(0, 2_000_000), default=300,
@@ -98,8 +106,9 @@ def migration_options(f: Any) -> Any:
                      help="Bytes/s (K/M/G suffixes); 0 = unlimited."),
         click.option("--max-rounds", type=click.IntRange(0), default=0,
                      help="Stop-and-copy after this many iterative rounds (0 = no cap)."),
-        click.option("--timeout", type=click.FloatRange(0), default=0.0,
-                     help="Seconds; 0 = none."),
+        click.option("--timeout", type=click.FloatRange(0), default=DEFAULT_TIMEOUT_S,
+                     show_default=True,
+                     help="Seconds of pre-copy before --timeout-action; 0 = none."),
         click.option("--timeout-action", type=click.Choice(["cancel", "force"]),
                      default="cancel", show_default=True),
         click.option("--switchover", type=click.Choice(["qemu", "firmware"]), default="qemu",

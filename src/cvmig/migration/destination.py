@@ -7,8 +7,8 @@ its own digest with the one our PSP measured on import, releases it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 
@@ -18,12 +18,14 @@ from cvmig.guest.memory import GuestMemory
 from cvmig.guest.vm import Guest
 from cvmig.migration.config import config_from_json
 from cvmig.migration.host import Host
-from cvmig.migration.source import ACK, MODES, PAGES_META, describe_failure, guest_ops
-from cvmig.psp.api import Batching, PspError, SendSession, packet_size
+from cvmig.migration.receiver import Receiver
+from cvmig.migration.source import MODES, describe_failure, guest_ops
+from cvmig.psp.api import PspError, SendSession, packet_size
 from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError, parse_json
+from cvmig.wire.protocol import WINDOW, Ack, slot_size
 
 VERIFY_WAIT_S = 10.0  # how long the workload may take to show progress after resume
 
@@ -94,56 +96,16 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         guest = Guest(config, memory, hostobj.psp_socket, handle)
         guest.prepare()
         memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
-        tview = trans.view
-        pages = memory.pages
-        frames = 0
-        while True:
-            h = chan.recv_header()
-            if h.type is FrameType.PAGES:
-                meta = chan.recv_meta(h)
-                mode_i, queue, ncmds, n = PAGES_META.unpack_from(meta)
-                off = PAGES_META.size
-                if (mode_i >= len(MODES) or h.data_len > len(tview)
-                        or len(meta) != off + 8 * (n + ncmds + 1)):
-                    raise ProtocolError("malformed PAGES frame")
-                pfns = np.frombuffer(meta, np.int64, n, off)
-                bounds = np.frombuffer(meta, np.int64, ncmds + 1, off + 8 * n)
-                _check_pfns(pfns, npages)
-                chan.recv_into(tview[: h.data_len])
-                _receive_packets(psp, handle, Batching(MODES[mode_i]), bool(queue), pfns,
-                                 bounds, trans.region, h.data_len)
-                frames += 1
-                chan.send(FrameType.ACK, ACK.pack(frames))
-            elif h.type is FrameType.SHARED:
-                meta = chan.recv_meta(h)
-                n = len(meta) // (8 + 4096)
-                pfns = np.frombuffer(meta, np.int64, n)
-                _check_pfns(pfns, npages)
-                pages[pfns] = np.frombuffer(meta, np.uint8, n * 4096, 8 * n).reshape(n, 4096)
-                frames += 1
-                chan.send(FrameType.ACK, ACK.pack(frames))
-            elif h.type is FrameType.VMSA:
-                meta = chan.recv_meta(h)
-                (pfn,) = struct.unpack("<q", meta)
-                chan.recv_into(tview[: h.data_len])
-                psp.receive_update_vmsa(handle, pfn, trans.region, 0, h.data_len)
-            elif h.type is FrameType.PAGE_STATE:
-                meta = chan.recv_meta(h)
-                if len(meta) != npages:
-                    raise ProtocolError("page-state map has the wrong size")
-                memory.page_state[:] = np.frombuffer(meta, np.uint8)
-            elif h.type is FrameType.FINISH:
-                chan.recv_meta(h)
-                trailer = bytearray(h.data_len)
-                chan.recv_into(memoryview(trailer))
-                break
-            elif h.type in (FrameType.CANCEL, FrameType.ERROR):
-                meta = chan.recv_meta(h)
-                raise RemoteError(h.type, str(parse_json(h, meta).get("message", "")))
-            else:
-                raise ProtocolError(f"unexpected {h.type.name} frame during the transfer")
-
-        private = psp.receive_finish(handle, bytes(trailer))
+        rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages).start()
+        try:
+            trailer = _import_stream(rx, psp, handle, trans.region, memory)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RD)  # wakes the reader; ERROR can still go out
+            raise
+        finally:
+            rx.stop()
+        private = psp.receive_finish(handle, trailer)
         # measured by our PSP as it imported the pages: no pass over memory in the downtime
         digest = compose(private, memory.pages, memory.page_state)
         guest.restore()  # vCPUs up, paused, state imported from the VMSAs
@@ -188,28 +150,52 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         chan.close()
 
 
-def _receive_packets(psp: MailboxClient, handle: int, mode: Batching, queue: bool,
-                     pfns: np.ndarray, bounds: np.ndarray, region: int, length: int) -> None:
-    ncmds = len(bounds) - 1
-    if ncmds <= 0 or bounds[0] != 0 or bounds[-1] != len(pfns) or np.any(np.diff(bounds) <= 0):
-        raise ProtocolError("PAGES frame has malformed command bounds")
-    counts = np.diff(bounds).tolist()
-    sizes = [packet_size(mode, k) for k in counts]
-    if sum(sizes) != length:
-        raise ProtocolError("PAGES frame data length does not match its commands")
-    if queue:
-        psp.receive_update_data_queue(handle, mode, pfns, bounds, region, 0, length)
-        return
-    off = 0
-    b = bounds.tolist()
-    for i in range(ncmds):
-        psp.receive_update_data(handle, mode, pfns[b[i] : b[i + 1]], region, off, sizes[i])
-        off += sizes[i]
-
-
-def _check_pfns(pfns: np.ndarray, npages: int) -> None:
-    if len(pfns) and (pfns.min() < 0 or pfns.max() >= npages):
-        raise ProtocolError("page frame number outside guest memory")
+def _import_stream(rx: Receiver, psp: MailboxClient, handle: int, region: int,
+                   memory: GuestMemory) -> bytes:
+    """Import frames as the receiver hands them over, acknowledging each page frame;
+    return the finish trailer."""
+    chan = rx.chan
+    frames = 0
+    while True:
+        item = rx.next()
+        t = item.type
+        if t is FrameType.PAGES:
+            f = item.pages
+            assert f is not None
+            off = rx.offset(item.slot)
+            try:
+                if f.queued:
+                    psp.receive_update_data_queue(handle, f.mode, f.pfns, f.bounds, region, off,
+                                                  item.length)
+                else:
+                    b = f.bounds.tolist()
+                    for i in range(len(b) - 1):
+                        n = packet_size(f.mode, b[i + 1] - b[i])
+                        psp.receive_update_data(handle, f.mode, f.pfns[b[i] : b[i + 1]], region,
+                                                off, n)
+                        off += n
+            finally:
+                rx.release(item.slot)
+            frames += 1
+            chan.send(FrameType.ACK, Ack.encode(frames))
+        elif t is FrameType.SHARED:
+            sh = item.shared
+            assert sh is not None
+            memory.pages[sh.pfns] = sh.pages
+            frames += 1
+            chan.send(FrameType.ACK, Ack.encode(frames))
+        elif t is FrameType.VMSA:
+            try:
+                psp.receive_update_vmsa(handle, item.pfn, region, rx.offset(item.slot),
+                                        item.length)
+            finally:
+                rx.release(item.slot)
+        elif t is FrameType.PAGE_STATE:
+            memory.page_state[:] = np.frombuffer(item.raw, np.uint8)
+        elif t is FrameType.FINISH:
+            return item.raw
+        else:
+            raise ProtocolError(f"unexpected {t.name} frame during the transfer")
 
 
 def _verify(guest: Guest, resumed_at: float, window_s: float = 0.5) -> dict[str, object]:

@@ -35,7 +35,7 @@ from cvmig.psp.api import PAGE_SIZE, Batching
 # the two frames in flight at the switch short.
 CHUNK_TARGET_S = 0.025
 MIN_CHUNK_PAGES = 16
-MAX_CHUNK_PAGES = 2048
+MAX_CHUNK_PAGES = 1024  # what one PAGES frame carries (cvmig.wire.protocol)
 RATE_WINDOW_S = 0.1  # QEMU's BUFFER_DELAY: the max-bandwidth budget is per 100 ms
 
 
@@ -289,8 +289,8 @@ class Driver:
                 if p.timeout_action is TimeoutAction.CANCEL:
                     raise MigrationCancelled(
                         f"timeout: not converged after {p.timeout_s:g} s "
-                        f"({remaining >> 20} MiB still dirty, threshold "
-                        f"{int(rnd.threshold_bytes) >> 20} MiB)"
+                        f"({remaining / 2**20:.1f} MiB still dirty, threshold "
+                        f"{rnd.threshold_bytes / 2**20:.1f} MiB). Try: {self._advice()}"
                     )
                 prog.switchover = "timeout"
                 break
@@ -316,6 +316,20 @@ class Driver:
         prog.remaining_pages = 0
         self._status("completed")
         return prog
+
+    def _advice(self) -> str:
+        """What a user whose migration did not converge can change, most useful first."""
+        p = self.params
+        tips = []
+        if p.batching not in (Batching.AEAD, Batching.SG):
+            tips.append("--batching aead (fewer, cheaper firmware commands)")
+        if p.throttle is ThrottleKind.NONE:
+            tips.append("--throttle auto-converge (slows the guest's writes)")
+        tips.append(f"a larger --downtime-limit (now {p.downtime_limit_ms} ms)")
+        if p.timeout_action is TimeoutAction.CANCEL:
+            tips.append("--timeout-action force (stop and copy what is left)")
+        tips.append("a longer --timeout")
+        return "; ".join(tips)
 
     def _send_round(
         self, index: int, kind: str, pfns: np.ndarray, *, dirty: int, rate_limited: bool = True

@@ -12,7 +12,7 @@ from cvmig.guest.memory import GuestMemory
 from cvmig.psp.api import PAGE_SIZE
 from cvmig.psp.mailbox import MailboxClient, PspProcess
 
-TRANSPORT_SIZE = 24 << 20  # one chunk of packets (2048 pages of 4 KiB plus headers) fits
+TRANSPORT_SIZE = 24 << 20  # the receive ring (cvmig.wire.protocol: WINDOW slots) fits
 
 
 @dataclass

@@ -13,14 +13,21 @@ from rich.table import Table
 from cvmig.migration.driver import Progress as MigrationProgress
 from cvmig.migration.live import RateMeter, migration_info, percent
 
+LINE_EVERY_S = 3.0  # off a terminal (a log, CI): one plain progress line this often
+
 
 class ProgressView:
-    """A rich progress bar fed by the driver's observer."""
+    """A rich progress bar fed by the driver's observer; plain lines when the output is
+    not a terminal, so a log shows a migration is alive and where it stands."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
         self.meter = RateMeter()
-        self.console = Console(stderr=True)
+        self.console = console or Console(stderr=True)
+        self.live = self.console.is_terminal
+        self._t0 = time.monotonic()
+        self._next_line = self._t0 + LINE_EVERY_S
+        self._last_status = ""
         self._bar = Progress(
             TextColumn("[bold]Migration:[/] {task.description}"),
             BarColumn(),
@@ -33,13 +40,13 @@ class ProgressView:
         self._task = self._bar.add_task("setup", total=100.0, detail="", start=True)
 
     def __enter__(self) -> ProgressView:
-        if self.enabled:
+        if self.enabled and self.live:
             self._bar.start()
         return self
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self.enabled:
+        if self.enabled and self.live:
             self._bar.stop()
 
     def observe(self, event: str, p: MigrationProgress) -> None:
@@ -56,8 +63,16 @@ class ProgressView:
             f"remaining {ram.get('remaining', 0) / 2**20:7.1f} MiB  "
             f"throttle {info.get('cpu-throttle-percentage', 0):2d} %"
         )
-        self._bar.update(self._task, completed=percent(info), description=p.status,
-                         detail=detail)
+        if self.live:
+            self._bar.update(self._task, completed=percent(info), description=p.status,
+                             detail=detail)
+            return
+        now = time.monotonic()
+        if now >= self._next_line or p.status != self._last_status:
+            self._next_line = now + LINE_EVERY_S
+            self._last_status = p.status
+            self.console.print(f"[{now - self._t0:6.1f} s] {p.status:9s} {percent(info):5.1f} %  "
+                               f"{detail}", highlight=False, soft_wrap=True)
 
 
 def print_summary(rep: dict[str, Any], console: Console | None = None) -> None:

@@ -12,7 +12,6 @@ copy, and the guest runs on here as before.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,17 +30,14 @@ from cvmig.migration.driver import (
     Sent,
 )
 from cvmig.migration.host import Host
+from cvmig.migration.sender import Sender
 from cvmig.psp.api import Batching, GuestState, PlatformCerts, PspError
 from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
-from cvmig.wire.frames import VERSION, FrameType, ProtocolError
+from cvmig.wire.frames import VERSION, FrameType, ProtocolError, json_meta
+from cvmig.wire.protocol import WINDOW, PagesFrame, SharedFrame, Vmsa, slot_size
 
-PAGES_META = struct.Struct("<BBxxII")  # mode index, queued, commands, pages
-ACK = struct.Struct("<Q")
-# page frames in flight: one being imported at the destination, one queued behind it. More
-# would only fill socket buffers: the source would measure its own speed, not the link's,
-# and the backlog would land in the downtime.
-WINDOW = 2
 MODES = tuple(m.value for m in Batching)
+SOURCE_SLOTS = 3  # one the PSP fills, one on the wire, one queued between them
 
 
 class MigrationFailed(Exception):
@@ -112,10 +108,9 @@ class RealWorld:
         self.psp = vm.host.psp
         self.trans = vm.host.transport
         self.mode = params.batching
-        self.mode_index = MODES.index(str(params.batching))
         self.outcome: Outcome | None = None
-        self.frames_sent = 0
-        self.frames_acked = 0
+        self.sender = Sender(chan, self.trans.view, SOURCE_SLOTS, slot_size(), WINDOW,
+                             io_timeout=chan.sock.gettimeout() or 60.0)
 
     # -- clock --------------------------------------------------------------------------
     def now(self) -> float:
@@ -148,24 +143,22 @@ class RealWorld:
         if ncmds == 0:
             return Sent()
         handle, mode, region = self.vm.handle, self.mode, self.trans.region
+        slot = self.sender.slot()  # the PSP fills this while earlier frames are on the wire
+        base = self.sender.offset(slot)
         t0 = time.perf_counter()
         if queue:
-            total = self.psp.send_update_data_queue(handle, mode, pfns, bounds, region, 0)
+            total = self.psp.send_update_data_queue(handle, mode, pfns, bounds, region, base)
             doorbells = 1
         else:
             total = 0
             b = bounds.tolist()
             for i in range(ncmds):
                 total += self.psp.send_update_data(handle, mode, pfns[b[i] : b[i + 1]], region,
-                                                   total)
+                                                   base + total)
             doorbells = ncmds
         psp_s = time.perf_counter() - t0
-        meta = PAGES_META.pack(self.mode_index, queue, ncmds, len(pfns)) + pfns.astype(
-            np.int64).tobytes() + bounds.astype(np.int64).tobytes()
-        self._await_window()
-        sent = self.chan.send(FrameType.PAGES, meta, [self.trans.view[:total]])
-        self.frames_sent += 1
-        self._peer_check()
+        meta = PagesFrame(mode, queue, pfns, bounds).encode()
+        sent = self.sender.submit(FrameType.PAGES, meta, slot, total, windowed=True)
         if self.outcome is not None:
             self.outcome.timeline.append((time.monotonic(), guest_ops(self.vm.guest)))
         return Sent(pages=len(pfns), bytes=sent, commands=ncmds, doorbells=doorbells,
@@ -173,26 +166,15 @@ class RealWorld:
 
     def send_shared(self, pfns: np.ndarray) -> Sent:
         pages = self.vm.memory.pages[pfns]  # shared pages: plaintext by design
-        meta = pfns.astype(np.int64).tobytes() + pages.tobytes()
-        self._await_window()
-        sent = self.chan.send(FrameType.SHARED, meta)
-        self.frames_sent += 1
+        sent = self.sender.submit(FrameType.SHARED, SharedFrame(pfns, pages).encode(),
+                                  windowed=True)
         return Sent(pages=len(pfns), bytes=sent)
 
-    def _peer_check(self) -> None:
-        """Take in what the destination said so far (acks; an ERROR if it failed)."""
-        while self.chan.readable():
-            self._take_frame()
-
-    def _await_window(self) -> None:
-        while self.frames_sent - self.frames_acked >= WINDOW:
-            self._take_frame()
-
     def _take_frame(self, want: FrameType | None = None) -> dict[str, object] | None:
+        """After the sender has handed the socket back: the destination's next frame."""
         f = self.chan.recv_frame(max_data=1 << 20)
         if f.type is FrameType.ACK:
-            (self.frames_acked,) = ACK.unpack(f.meta)
-            return None
+            return None  # late acknowledgements of the last page frames
         if f.type in (FrameType.ERROR, FrameType.CANCEL):
             raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
         if f.type is want:
@@ -215,17 +197,18 @@ class RealWorld:
     def send_vcpu_state(self) -> Sent:
         out = Sent()
         g, region = self.vm.guest, self.trans.region
-        t0 = time.perf_counter()
         for pfn in g.vmsa_pfns.tolist():
-            n = self.psp.send_update_vmsa(self.vm.handle, int(pfn), region, 0)
-            out.bytes += self.chan.send(FrameType.VMSA, struct.pack("<q", pfn),
-                                        [self.trans.view[:n]])
+            slot = self.sender.slot()
+            t0 = time.perf_counter()
+            n = self.psp.send_update_vmsa(self.vm.handle, int(pfn), region,
+                                          self.sender.offset(slot))
+            out.psp_seconds += time.perf_counter() - t0
+            out.bytes += self.sender.submit(FrameType.VMSA, [Vmsa.encode(int(pfn))], slot, n)
             out.commands += 1
             out.doorbells += 1
             out.pages += 1
-        out.psp_seconds = time.perf_counter() - t0
         state = np.asarray(self.vm.memory.page_state)
-        out.bytes += self.chan.send(FrameType.PAGE_STATE, state.tobytes())
+        out.bytes += self.sender.submit(FrameType.PAGE_STATE, [state.data.cast("B")])
         return out
 
     def complete(self) -> float:
@@ -234,7 +217,9 @@ class RealWorld:
         memory: the digests must match before anything is released."""
         assert self.outcome is not None
         trailer = self.psp.send_trailer(self.vm.handle)
-        self.chan.send_json(FrameType.FINISH, {}, [trailer])
+        self.sender.submit(FrameType.FINISH, [json_meta({})], data=[trailer])
+        self.sender.flush()
+        self.sender.close()  # the socket is ours again: the handoff reads from it
         confirm = None
         while confirm is None:
             confirm = self._take_frame(FrameType.CONFIRM)
@@ -320,6 +305,8 @@ def migrate_out(
         vm.shutdown()
         return outcome
     except BaseException as e:
+        if world is not None:
+            world.sender.close()  # the socket is ours again for the CANCEL
         if chan is not None and isinstance(e, PeerGone | OSError):
             e = _peer_reason(chan) or e  # the destination may have said why it hung up
         reason = describe_failure(e, "destination")

@@ -338,8 +338,9 @@ class Firmware:
         size = packet_size(mode, len(pfns))
         out = self._region(cmd, trans).span(cmd, offset, size)
         assert g.channel is not None
-        g.channel.bind_mode(cmd, mode)
+        fmt = g.channel.check_mode(cmd, mode)
         self._send_one(cmd, g, mode, pfns, out)
+        g.channel.bind_mode(fmt)
         self.last_work = (1, len(pfns) * PAGE_SIZE)
         return size
 
@@ -480,8 +481,9 @@ class Firmware:
             )
         pkt = self._region(cmd, trans).span(cmd, offset, length)
         assert g.channel is not None
-        g.channel.bind_mode(cmd, mode)
+        fmt = g.channel.check_mode(cmd, mode)
         self._receive_one(cmd, g, mode, pfns, pkt)
+        g.channel.bind_mode(fmt)
         self.last_work = (1, len(pfns) * PAGE_SIZE)
 
     def receive_update_data_queue(

@@ -38,8 +38,8 @@ A session is bound to one batching mode: each side's firmware locks the mode of 
 UPDATE_DATA command and refuses any other afterwards, and the finish trailer carries the
 sender's mode under its MAC, so a stream rewritten to another mode (a downgrade, or the
 VMSA packet fed back as a private page) fails at RECEIVE_FINISH, before the guest runs.
-The trailer: count u64 ‖ HMAC(TIK, 0x15 ‖ count u64 ‖ mode u8), mode 0xFF if no page was
-sent.
+The trailer: count u64 ‖ HMAC(TIK, 0x15 ‖ count u64 ‖ format u8), format 0 for SEV's
+(page, contig), 2 for sg, 3 for aead, 0xFF if no page was sent.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ _GPA_FMT = struct.Struct("<Q")
 _ENTRY_DT = np.dtype([("gpa", "<u8"), ("mac", "V32")])  # one sg table entry
 _AEAD_HDR = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<QI")
-_MODE_BYTE = {m: i for i, m in enumerate(Batching)}
+# the trailer's format byte: fixed values, so that a new mode cannot renumber the old ones
+_MODE_BYTE = {Batching.PAGE: 0, Batching.CONTIG: 1, Batching.SG: 2, Batching.AEAD: 3}
 _FORMAT_NAME = {Batching.PAGE: "SEV (page/contig)", Batching.SG: "sg", Batching.AEAD: "aead"}
 
 
@@ -116,19 +117,23 @@ class Channel:
         self.seq = 0
         self.mode: Batching | None = None  # the session's batching mode, once data moved
 
-    def bind_mode(self, cmd: str, mode: Batching) -> None:
-        """Lock the session to ``mode``'s packet format on its first data command; refuse
-        any other format after. page and contig share SEV's format (a page packet is a
+    def check_mode(self, cmd: str, mode: Batching) -> Batching:
+        """Refuse ``mode`` if the session is bound to another packet format; return the
+        format ``mode`` uses. page and contig share SEV's format (a page packet is a
         one-page contig packet), so they count as one."""
         fmt = Batching.PAGE if mode is Batching.CONTIG else mode
-        if self.mode is None:
-            self.mode = fmt
-        elif fmt is not self.mode:
+        if self.mode is not None and fmt is not self.mode:
             raise PspError(
                 cmd, Status.INVALID_PARAM,
                 f"this session moves {_FORMAT_NAME[self.mode]} packets; a {mode.value} packet is "
                 "refused (the packet format is bound to the session)",
             )
+        return fmt
+
+    def bind_mode(self, fmt: Batching) -> None:
+        """Lock the session to packet format ``fmt`` (after its first packet was made or
+        verified: a forged packet refused must not pick the session's format)."""
+        self.mode = fmt
 
     def _ctr_into(self, iv: bytes, src: np.ndarray, dst: np.ndarray) -> None:
         self._ctr.reset_nonce(iv)

@@ -53,16 +53,17 @@ class Channel:
     def send(
         self,
         ftype: FrameType,
-        meta: bytes | memoryview = b"",
+        meta: bytes | memoryview | Sequence[bytes | memoryview] = b"",
         data: Sequence[memoryview | bytes] = (),
     ) -> int:
-        """Send one frame; ``data`` buffers go out as they are, without being copied."""
-        data_len = sum(len(d) for d in data)
-        bufs: list[bytes | memoryview] = [encode_header(ftype, meta, data_len)]
-        if len(meta):
-            bufs.append(meta)
-        bufs.extend(d for d in data if len(d))
-        total = HEADER_SIZE + len(meta) + data_len
+        """Send one frame; ``meta`` (one buffer or several) and ``data`` buffers go out as
+        they are, without being copied."""
+        metas = [meta] if isinstance(meta, bytes | bytearray | memoryview) else list(meta)
+        data_len = sum(memoryview(d).nbytes for d in data)
+        bufs: list[bytes | memoryview] = [encode_header(ftype, metas, data_len)]
+        bufs.extend(m for m in metas if memoryview(m).nbytes)
+        bufs.extend(d for d in data if memoryview(d).nbytes)
+        total = sum(memoryview(b).nbytes for b in bufs)
         self._sendmsg_all(bufs, total)
         self.bytes_sent += total
         return total

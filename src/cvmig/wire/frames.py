@@ -6,8 +6,8 @@ For firmware packets the data is protected by the packets' own MACs; for everyth
 
     magic u16 | version u8 | type u8 | meta_len u32 | data_len u64 | crc32 u32 | reserved u32
 
-The stream opens with HELLO from each side; the rest follows the protocol in
-`cvmig.migration.source` / `destination`.
+The stream opens with HELLO from each side; the sequence of frames, and the formats of
+the bulk ones, are in `cvmig.wire.protocol`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import enum
 import json
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAGIC = 0xC5E7
@@ -53,9 +54,17 @@ class Header:
     crc: int
 
 
-def encode_header(ftype: FrameType, meta: bytes | bytearray | memoryview, data_len: int) -> bytes:
-    crc = zlib.crc32(meta, zlib.crc32(struct.pack("<BIQ", ftype, len(meta), data_len)))
-    return HEADER.pack(MAGIC, VERSION, ftype, len(meta), data_len, crc, 0)
+Buffer = bytes | bytearray | memoryview
+
+
+def encode_header(ftype: FrameType, meta: Buffer | Sequence[Buffer], data_len: int) -> bytes:
+    """The header of a frame whose meta is one buffer or several sent back to back."""
+    parts = [meta] if isinstance(meta, bytes | bytearray | memoryview) else meta
+    meta_len = sum(memoryview(m).nbytes for m in parts)
+    crc = zlib.crc32(struct.pack("<BIQ", ftype, meta_len, data_len))
+    for m in parts:
+        crc = zlib.crc32(m, crc)
+    return HEADER.pack(MAGIC, VERSION, ftype, meta_len, data_len, crc, 0)
 
 
 def decode_header(raw: bytes | bytearray | memoryview) -> Header:

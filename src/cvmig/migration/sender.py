@@ -1,0 +1,176 @@
+"""The source's sending half of the data path: frames from a ring of transport slots onto
+the socket, on a thread of its own, within the destination's window, while the engine has
+its secure processor fill the next slot. The source PSP never waits for the network or
+for the destination's acknowledgements while a slot is free.
+
+Ownership, in the manner of asyncio's transports: the engine takes a free slot (`slot`),
+has the PSP write packets into it and hands it over with its frame (`submit`); from then
+on the slot belongs to the sender until the frame is on the socket. The sender owns the
+socket (both directions) while it runs: it reads the destination's ACKs and any ERROR or
+CANCEL. `close` gives the socket back to the engine for the handoff. Frames go out in
+submission order. A failure of the sender is raised to the engine at its next call.
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cvmig.wire.channel import Channel, PeerGone, RemoteError
+from cvmig.wire.frames import HEADER_SIZE, FrameType, ProtocolError
+from cvmig.wire.protocol import Ack
+
+POLL_S = 0.25  # how often a blocked wait looks at whether the other side gave up
+
+Buffers = Sequence[bytes | memoryview]
+
+
+@dataclass
+class _Out:
+    type: FrameType
+    meta: Buffers
+    data: Buffers
+    slot: int  # -1: data is not in a slot
+    windowed: bool  # counts against the destination's window (PAGES, SHARED)
+
+
+def frame_bytes(meta: Buffers, data: Buffers) -> int:
+    """Bytes a frame occupies on the wire."""
+    return HEADER_SIZE + sum(memoryview(b).nbytes for b in meta) + sum(
+        memoryview(b).nbytes for b in data)
+
+
+class Sender:
+    """Sends frames whose data lies in ``slots`` slots of ``slot_bytes`` in ``view`` (a
+    transport buffer the local PSP has mapped), at most ``window`` PAGES/SHARED frames
+    unacknowledged by the destination. ``io_timeout`` bounds each wait on the peer."""
+
+    def __init__(self, chan: Channel, view: memoryview, slots: int, slot_bytes: int,
+                 window: int, io_timeout: float) -> None:
+        if slots * slot_bytes > len(view):
+            raise ValueError(f"{slots} slots of {slot_bytes} B do not fit the transport buffer")
+        self.chan = chan
+        self.view = view
+        self.slot_bytes = slot_bytes
+        self.window = window
+        self.io_timeout = io_timeout
+        self.frames_sent = 0
+        self.frames_acked = 0
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(slots):
+            self._free.put(i)
+        self._out: queue.SimpleQueue[_Out | None] = queue.SimpleQueue()
+        self._pending = 0  # frames submitted, not yet on the socket
+        self._idle = threading.Condition()
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cvmig-sender", daemon=True)
+        self._thread.start()
+
+    # -- the engine's side ----------------------------------------------------------------
+    def offset(self, slot: int) -> int:
+        return slot * self.slot_bytes
+
+    def slot(self) -> int:
+        """A free transport slot; waits while every slot is queued or on the wire."""
+        while True:
+            self._check()
+            try:
+                return self._free.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+
+    def submit(self, ftype: FrameType, meta: Buffers, slot: int = -1, length: int = 0,
+               data: Buffers = (), windowed: bool = False) -> int:
+        """Queue a frame; its data is ``slot``'s first ``length`` bytes, or ``data``.
+        Returns the bytes it will occupy on the wire."""
+        self._check()
+        if slot >= 0:
+            off = self.offset(slot)
+            data = [self.view[off : off + length]]
+        with self._idle:
+            self._pending += 1
+        self._out.put(_Out(ftype, meta, data, slot, windowed))
+        return frame_bytes(meta, data)
+
+    def flush(self) -> None:
+        """Wait until every submitted frame is on the socket."""
+        with self._idle:
+            while self._pending and self._error is None and self._thread.is_alive():
+                self._idle.wait(POLL_S)
+        self._check()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the sender thread (after `flush`, or to abandon what is queued); the
+        socket is the engine's again."""
+        self._stopping.set()
+        self._out.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def peer_check(self) -> None:
+        """Raise what the sender learned: the destination's ERROR, a broken link."""
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._thread.is_alive() and not self._stopping.is_set():
+            raise ProtocolError("the sender stopped unexpectedly")
+
+    # -- the sender thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                out = self._out.get()
+                if out is None or self._stopping.is_set():
+                    return
+                if out.windowed:
+                    self._await_window()
+                self.chan.send(out.type, out.meta, out.data)
+                if out.windowed:
+                    self.frames_sent += 1
+                if out.slot >= 0:
+                    self._free.put(out.slot)
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+                self._take_acks(wait=False)
+        except BaseException as e:  # noqa: BLE001 - raised to the engine at its next call
+            self._error = e
+            with self._idle:
+                self._idle.notify_all()
+
+    def _await_window(self) -> None:
+        deadline = time.monotonic() + self.io_timeout
+        while self.frames_sent - self.frames_acked >= self.window:
+            if self._stopping.is_set():
+                raise PeerGone("sender stopped while waiting for the destination")
+            if time.monotonic() > deadline:
+                raise PeerGone(
+                    f"the destination acknowledged nothing for {self.io_timeout:g} s")
+            self._take_acks(wait=True)
+
+    def _take_acks(self, wait: bool) -> None:
+        """Read whatever the destination sent: ACKs, or an ERROR/CANCEL (raised)."""
+        sock = self.chan.sock
+        while True:
+            r, _, _ = select.select([sock], [], [], POLL_S if wait else 0)
+            if not r:
+                return
+            f = self.chan.recv_frame(max_data=1 << 20)
+            if f.type is FrameType.ACK:
+                acked = Ack.decode(f.meta)
+                if not self.frames_acked <= acked <= self.frames_sent:
+                    raise ProtocolError(
+                        f"ACK for {acked} frames, {self.frames_sent} were sent")
+                self.frames_acked = acked
+                wait = False  # got one: take the rest without blocking
+                continue
+            if f.type in (FrameType.ERROR, FrameType.CANCEL):
+                raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
+            raise ProtocolError(f"unexpected {f.type.name} from the destination mid-stream")

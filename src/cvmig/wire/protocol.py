@@ -1,0 +1,175 @@
+"""The migration protocol in one place: the bulk frames' formats and the order of frames.
+
+Sequence (source S, destination D); every frame is `cvmig.wire.frames`' header + meta + data:
+
+    S -> D  HELLO       json: version, role "source", capabilities (packet formats)
+    D -> S  HELLO       json: version, role "destination", capabilities
+    D -> S  CERTS       the destination platform's certificate chain (PDH, PEK, OCA, CEK, ...)
+    S -> D  START       json: guest config, npages, policy, batching, cap; data: PDH + session
+    S -> D  PAGES*      `PagesFrame`: firmware packets of private pages      \\  any order,
+    S -> D  SHARED*     `SharedFrame`: plaintext of shared pages              } at most
+    D -> S  ACK*        `Ack`: page frames imported so far                   /  WINDOW unacked
+    S -> D  VMSA*       pfn; data: the SEND_UPDATE_VMSA packet (guest paused from here)
+    S -> D  PAGE_STATE  the page-state map
+    S -> D  FINISH      data: the finish trailer (sequenced page count + packet format, MAC'd)
+    D -> S  CONFIRM     json: status "running", the digest D's PSP measured on import
+    S -> D  RELEASED    S's digest matched and SEND_FINISH is done: the guest is D's
+    D -> S  CONFIRM     json: the workload's own check after it ran at D
+
+Either side may send ERROR or CANCEL (json message) instead of its next frame; the other
+side then discards its half (D) or resumes the guest (S). Until RELEASED the guest
+belongs to the source.
+
+Flow control: D acknowledges every PAGES and SHARED frame once imported; S keeps at most
+`WINDOW` unacknowledged, which is also the depth of D's ring of transport slots, so D can
+always read the next frame while its secure processor imports the last.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from cvmig.psp.api import PAGE_SIZE, Batching, packet_size
+from cvmig.wire.frames import ProtocolError
+
+# page frames in flight: one being imported at D, one received behind it, one on the wire.
+# More would only fill socket buffers: S would measure its own speed, not the link's, and
+# the backlog would land in the downtime.
+WINDOW = 3
+MAX_FRAME_PAGES = 1024  # pages one PAGES frame carries at most (a transport slot's worth)
+
+
+def slot_size() -> int:
+    """Bytes of one transport slot: the largest PAGES frame's data in any format."""
+    return max(
+        packet_size(Batching.SG, MAX_FRAME_PAGES),
+        packet_size(Batching.AEAD, MAX_FRAME_PAGES),
+        MAX_FRAME_PAGES * packet_size(Batching.PAGE, 1),
+    )
+
+
+@dataclass(frozen=True)
+class PagesFrame:
+    """Meta of a PAGES frame: the packet format by value, whether the commands were
+    queued behind one doorbell, the pages and the command boundaries
+    (command i covers ``pfns[bounds[i]:bounds[i+1]]``). The data is the packets."""
+
+    mode: Batching
+    queued: bool
+    pfns: np.ndarray  # int64
+    bounds: np.ndarray  # int64, len = commands + 1
+
+    HEAD = struct.Struct("<8sBxxxII")  # mode (ASCII), queued, commands, pages
+
+    def encode(self) -> list[bytes | memoryview]:
+        """The meta as buffers to send as they are (the pfn and bound arrays uncopied)."""
+        pfns = np.ascontiguousarray(self.pfns, dtype="<i8")
+        bounds = np.ascontiguousarray(self.bounds, dtype="<i8")
+        head = self.HEAD.pack(self.mode.value.encode(), self.queued, len(bounds) - 1, len(pfns))
+        return [head, pfns.data.cast("B"), bounds.data.cast("B")]
+
+    @classmethod
+    def decode(cls, meta: bytes, data_len: int, npages: int) -> PagesFrame:
+        """Parse and check against the guest's size; the data length must be exactly what
+        these commands' packets occupy. Raises ProtocolError."""
+        if len(meta) < cls.HEAD.size:
+            raise ProtocolError("PAGES frame meta is too short")
+        raw_mode, queued, ncmds, n = cls.HEAD.unpack_from(meta)
+        try:
+            mode = Batching(raw_mode.rstrip(b"\0").decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(f"PAGES frame names an unknown packet format {raw_mode!r}") from None
+        off = cls.HEAD.size
+        if not 1 <= n <= MAX_FRAME_PAGES or not 1 <= ncmds <= n:
+            raise ProtocolError(f"PAGES frame of {n} pages in {ncmds} commands is out of bounds")
+        if len(meta) != off + 8 * (n + ncmds + 1):
+            raise ProtocolError("PAGES frame meta length does not match its page count")
+        pfns = np.frombuffer(meta, np.int64, n, off)
+        bounds = np.frombuffer(meta, np.int64, ncmds + 1, off + 8 * n)
+        check_pfns(pfns, npages)
+        counts = np.diff(bounds)
+        if bounds[0] != 0 or bounds[-1] != n or np.any(counts <= 0):
+            raise ProtocolError("PAGES frame has malformed command bounds")
+        try:
+            if mode in (Batching.SG, Batching.AEAD):
+                need = sum(packet_size(mode, int(k)) for k in counts.tolist())
+            else:
+                per = packet_size(mode, 1) - PAGE_SIZE  # one header per command
+                need = ncmds * per + n * PAGE_SIZE
+                if mode is Batching.PAGE and ncmds != n:
+                    raise ValueError("page mode carries one page per command")
+        except ValueError as e:
+            raise ProtocolError(f"PAGES frame: {e}") from None
+        if need != data_len:
+            raise ProtocolError(
+                f"PAGES frame carries {data_len} bytes, its {ncmds} commands need {need}")
+        return cls(mode, bool(queued), pfns, bounds)
+
+
+@dataclass(frozen=True)
+class SharedFrame:
+    """Meta of a SHARED frame: n pfns, then n plaintext pages (shared by design)."""
+
+    pfns: np.ndarray
+    pages: np.ndarray  # (n, 4096) uint8
+
+    def encode(self) -> list[bytes | memoryview]:
+        pfns = np.ascontiguousarray(self.pfns, dtype="<i8")
+        pages = np.ascontiguousarray(self.pages, dtype=np.uint8)
+        return [pfns.data.cast("B"), pages.reshape(-1).data]
+
+    @classmethod
+    def decode(cls, meta: bytes, npages: int) -> SharedFrame:
+        n, rest = divmod(len(meta), 8 + PAGE_SIZE)
+        if rest or n == 0:
+            raise ProtocolError("SHARED frame meta is not a whole number of pages")
+        pfns = np.frombuffer(meta, np.int64, n)
+        check_pfns(pfns, npages)
+        return cls(pfns, np.frombuffer(meta, np.uint8, n * PAGE_SIZE, 8 * n).reshape(n, PAGE_SIZE))
+
+
+class Ack:
+    """Meta of an ACK frame: u64 count of page frames imported so far."""
+
+    FMT = struct.Struct("<Q")
+
+    @classmethod
+    def encode(cls, frames: int) -> bytes:
+        return cls.FMT.pack(frames)
+
+    @classmethod
+    def decode(cls, meta: bytes) -> int:
+        if len(meta) != cls.FMT.size:
+            raise ProtocolError("ACK frame meta must be 8 bytes")
+        return int(cls.FMT.unpack(meta)[0])
+
+
+class Vmsa:
+    """Meta of a VMSA frame: the VMSA page's pfn (i64); data: one page packet."""
+
+    FMT = struct.Struct("<q")
+
+    @classmethod
+    def encode(cls, pfn: int) -> bytes:
+        return cls.FMT.pack(pfn)
+
+    @classmethod
+    def decode(cls, meta: bytes, data_len: int, npages: int) -> int:
+        if len(meta) != cls.FMT.size:
+            raise ProtocolError("VMSA frame meta must be 8 bytes")
+        (pfn,) = cls.FMT.unpack(meta)
+        if not 0 <= pfn < npages:
+            raise ProtocolError(f"VMSA frame names pfn {pfn}, outside the guest's {npages} pages")
+        if data_len != packet_size(Batching.PAGE, 1):
+            raise ProtocolError(
+                f"VMSA frame carries {data_len} bytes, a VMSA packet is "
+                f"{packet_size(Batching.PAGE, 1)}")
+        return int(pfn)
+
+
+def check_pfns(pfns: np.ndarray, npages: int) -> None:
+    if len(pfns) and (int(pfns.min()) < 0 or int(pfns.max()) >= npages):
+        raise ProtocolError("page frame number outside guest memory")
