@@ -154,10 +154,12 @@ def test_no_ratio_without_a_qemu_result() -> None:
 def test_table_shows_each_mode_and_its_ratio() -> None:
     text = q.format_table(q.compare(_runs()))
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["system", "mode", "total", "ms"]
+    assert lines[0].split()[:6] == ["system", "mode", "runs", "ok", "total", "ms"]
     page = next(ln for ln in lines if " page " in ln)
     assert "8000" in page and "10.00" in page and "2.00" in page and page.endswith("yes")
-    assert "failed (1 runs)" in next(ln for ln in lines if " contig " in ln)
+    assert "0/1" in next(ln for ln in lines if " contig " in ln)
+    sg = next(ln for ln in lines if " sg " in ln)
+    assert " 1/2 " in sg and "2000" in sg
 
 
 @pytest.mark.parametrize(("args", "msg"), [

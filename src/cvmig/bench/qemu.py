@@ -281,15 +281,15 @@ def compare(runs: list[Run]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The plain-text table the command prints."""
-    head = ("system", "mode", "total ms", "downtime ms", "MiB sent", "time ×QEMU",
+    head = ("system", "mode", "runs ok", "total ms", "downtime ms", "MiB sent", "time ×QEMU",
             "downtime ×QEMU", "verified")
     lines = [head]
     for r in rows:
         if "total_ms" not in r:
-            lines.append((r["system"], r["mode"], f"failed ({r['runs']} runs)", "", "", "", "", ""))
+            lines.append((r["system"], r["mode"], f"0/{r['runs']}", "failed", "", "", "", "", ""))
             continue
-        lines.append((
-            r["system"], r["mode"], f"{r['total_ms']:.0f}", f"{r['downtime_ms']:.0f}",
+        lines.append((  # medians over the completed runs only: "runs ok" says how many
+            r["system"], r["mode"], f"{r['completed']}/{r['runs']}", f"{r['total_ms']:.0f}", f"{r['downtime_ms']:.0f}",
             f"{r['transferred_mib']:.1f}",
             f"{r['time_vs_qemu']:.2f}" if "time_vs_qemu" in r else "-",
             f"{r['downtime_vs_qemu']:.2f}" if "downtime_vs_qemu" in r else "-",
@@ -717,7 +717,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     from cvmig.bench.plots import _save
 
     sel = [r for r in rows if "total_ms" in r]
-    labels = ["QEMU\nprecopy" if r["system"] == "qemu" else f"cvmig\n{r['mode']}" for r in sel]
+    labels = [("QEMU\nprecopy" if r["system"] == "qemu" else f"cvmig\n{r['mode']}")
+              + (f"\n({r['completed']}/{r['runs']} ok)" if r["completed"] < r["runs"] else "")
+              for r in sel]
     colors = ["tab:gray" if r["system"] == "qemu" else "tab:blue" for r in sel]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, ratio, title in ((a, "total_ms", "time_vs_qemu", "total time (ms)"),
