@@ -24,17 +24,19 @@ _WORDS = PAGE_SIZE // 8
 
 _rng = np.random.Generator(np.random.PCG64(0x5E5EC0DE))
 _K = (_rng.integers(0, 2**63, size=(2, _WORDS), dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
+_KT = np.ascontiguousarray(_K.T)
+_PFN_K = np.array([_K[0, 1], _K[1, 2]], dtype=np.uint64)
 
 
 def page_measure(pages: np.ndarray, pfns: np.ndarray) -> np.ndarray:
     """(n, 2) uint64 per-page values of plaintext ``pages`` (n, 4096) at frames ``pfns``."""
     w = np.ascontiguousarray(pages).view(np.uint64).reshape(len(pages), _WORDS)
-    out = np.empty((len(pages), 2), dtype=np.uint64)
     with np.errstate(over="ignore"):
+        # both lanes in one integer matmul: no (n, 512) temporaries, half the time of a
+        # multiply-then-sum per lane; the same wrapping arithmetic, so the same values
+        out = w @ _KT
         # the frame number enters the value: a page at the wrong address measures wrong
-        for lane in range(2):
-            out[:, lane] = (w * _K[lane]).sum(axis=1, dtype=np.uint64) ^ (
-                np.asarray(pfns, dtype=np.uint64) * _K[lane, lane + 1])
+        out ^= np.asarray(pfns, dtype=np.uint64)[:, None] * _PFN_K
     return out
 
 
