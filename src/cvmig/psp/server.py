@@ -254,7 +254,7 @@ class PspServer:
                 if busy:  # spin for the next command only for a client on another CPU
                     spin_until, ack_by = (now + self.spin_s if acker else 0.0), now + ACK_S
                 elif acker is not None and now > ack_by:
-                    if acker[1].hdr[ACK_SEQ] != acker[0].seen:
+                    if acker[0].ring is None or acker[1].hdr[ACK_SEQ] != acker[0].seen:  # gone
                         spin_until = 0.0  # no acknowledgement: it does not run, stop spinning
                     acker = None
                 if now < spin_until:
