@@ -13,9 +13,11 @@ The PSP maps ``(name, size)``, i.e. only the pages; the hypervisor and the vCPUs
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import secrets
+import threading
 
 import numpy as np
 
@@ -25,6 +27,8 @@ SHARED = 1
 
 MIN_MEMORY = 16 * 1024 * 1024
 _MADV_POPULATE_WRITE = 23  # not exported by Python 3.11's mmap module
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _SHM_DIR = "/dev/shm"
 
 
@@ -67,6 +71,41 @@ def populate_mapping(mm: mmap.mmap) -> None:
         view = np.frombuffer(mm, dtype=np.uint8)
         view[::PAGE_SIZE] |= 0
         del view
+
+
+class Populator:
+    """Faults a mapping's pages in on a thread of its own, in ascending 64 MiB steps, so a
+    large memory's first-touch cost overlaps other work instead of preceding it (a page
+    touched before the thread gets there simply faults in where it is touched)."""
+
+    STEP = 64 << 20
+
+    def __init__(self, mm: mmap.mmap, size: int) -> None:
+        holder = ctypes.c_char.from_buffer(mm)
+        self._base = ctypes.addressof(holder)
+        del holder  # keep only the address: the mapping may be closed once we have stopped
+        self._size = size
+        self._stop = threading.Event()
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cvmig-populate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for off in range(0, self._size, self.STEP):
+                if self._stop.is_set():
+                    return
+                n = min(self.STEP, self._size - off)
+                # ctypes releases the GIL: the engine's threads run on meanwhile
+                if _libc.madvise(self._base + off, n, _MADV_POPULATE_WRITE) != 0:
+                    return  # an old kernel: pages fault in where they are first written
+        finally:
+            self.done.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the current step (before the mapping may be closed)."""
+        self._stop.set()
+        self._thread.join(timeout)
 
 
 class GuestMemory:
@@ -119,6 +158,11 @@ class GuestMemory:
         """Pre-fault this process's mapping of the pages (each process has its own PTEs)."""
         if self._mm is not None:
             populate_mapping(self._mm)
+
+    def populate_in_background(self) -> Populator:
+        """Pre-fault the pages on a thread; `Populator.stop` it before `close`."""
+        assert self._mm is not None
+        return Populator(self._mm, self.size)
 
     @property
     def address(self) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cvmig.guest.memory import GuestMemory
+from cvmig.guest.memory import GuestMemory, Populator
 from cvmig.guest.vm import Guest
 from cvmig.migration.config import config_from_json
 from cvmig.migration.host import Host
@@ -71,6 +71,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
     trans = hostobj.transport
     assert psp is not None and trans is not None
     memory: GuestMemory | None = None
+    populator: Populator | None = None
     handle: int | None = None
     guest: Guest | None = None
     try:
@@ -86,7 +87,10 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         npages = int(info["npages"])  # type: ignore[call-overload]
         tail = start.meta[start.header.meta_len:]
         sender_pdh, session = tail[:-128], tail[-128:]
-        memory = GuestMemory.create(config.memory, populate=True)
+        memory = GuestMemory.create(config.memory, populate=False)
+        # first-touch faults of a large memory cost seconds per GiB here: taken on a
+        # thread, ahead of the pages arriving in order, not before the first one
+        populator = memory.populate_in_background()
         if memory.npages != npages:
             raise ProtocolError(f"source guest has {npages} pages, config says {memory.npages}")
         region = psp.map_region(memory.name, memory.size)
@@ -105,6 +109,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
             raise
         finally:
             rx.stop()
+        populator.stop()  # whatever it has not reached was faulted in by the import
         private = psp.receive_finish(handle, trailer)
         # measured by our PSP as it imported the pages: no pass over memory in the downtime
         digest = compose(private, memory.pages, memory.page_state)
@@ -140,6 +145,8 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
                 psp.decommission(handle)
             except PspError:
                 pass
+        if populator is not None:
+            populator.stop()
         if memory is not None:
             memory.close()
             memory.unlink()

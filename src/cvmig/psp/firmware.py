@@ -37,6 +37,7 @@ from cvmig.psp.session import shared_secret, unwrap, wrap
 
 DEFAULT_MAX_SG_PAGES = 512  # TDX's TDH.EXPORT.MEM limit; a GPA list page of 8-byte entries
 _LAUNCH_CHUNK = 1024  # pages encrypted per pass when a guest's memory is initialised
+_POPULATE_MAX = 64 << 20  # regions up to this size are populated when mapped
 
 
 def shm_path(name: str) -> str:
@@ -62,8 +63,12 @@ class Region:
                 raise PspError(
                     "MAP_REGION", Status.INVALID_LENGTH, f"{name} holds {have} bytes, asked {size}"
                 )
-            # Populate the page tables now, so that commands do not pay first-touch faults.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            # Populate a transport buffer's page tables now, so that commands do not pay
+            # first-touch faults; a guest's memory is populated by its owner, on its own
+            # schedule (a large one while pages arrive), and faults in here as it is used.
+            flags = mmap.MAP_SHARED
+            if size <= _POPULATE_MAX:
+                flags |= getattr(mmap, "MAP_POPULATE", 0)
             self._mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
@@ -101,6 +106,14 @@ class GuestContext:
     channel: Channel | None = None
     last_seq: np.ndarray | None = None  # receiver: newest sg sequence number per page
     measure: np.ndarray | None = None  # receiver: per-page measurement of what was imported
+
+
+def _zero_fill(g: GuestContext) -> None:
+    """Every page becomes zero plaintext under the guest's VEK (LAUNCH_UPDATE_DATA of zeros)."""
+    zeros = np.zeros((min(g.npages, _LAUNCH_CHUNK), PAGE_SIZE), dtype=np.uint8)
+    for lo in range(0, g.npages, _LAUNCH_CHUNK):
+        hi = min(g.npages, lo + _LAUNCH_CHUNK)
+        g.cipher.encrypt_pages(np.arange(lo, hi, dtype=np.int64), zeros[: hi - lo], g.pages[lo:hi])
 
 
 def _api_version(policy: int) -> tuple[int, int]:
@@ -167,7 +180,8 @@ class Firmware:
                 f"guest {g.handle} is {g.state.name}, the command needs {want}",
             )
 
-    def _new_guest(self, cmd: str, region: int, npages: int, policy: int, state: GuestState) -> GuestContext:
+    def _new_guest(self, cmd: str, region: int, npages: int, policy: int, state: GuestState,
+                   *, zero: bool = True) -> GuestContext:
         r = self._region(cmd, region)
         if npages < 1 or npages * PAGE_SIZE > r.size:
             raise PspError(
@@ -181,15 +195,16 @@ class Firmware:
         vek = os.urandom(VEK_SIZE)
         cipher = MemoryCipher(vek)
         pages = r.arr[: npages * PAGE_SIZE].reshape(npages, PAGE_SIZE)
-        # Memory starts as zero plaintext under the new VEK (LAUNCH_UPDATE_DATA of zeros).
-        zeros = np.zeros((min(npages, _LAUNCH_CHUNK), PAGE_SIZE), dtype=np.uint8)
-        for lo in range(0, npages, _LAUNCH_CHUNK):
-            hi = min(npages, lo + _LAUNCH_CHUNK)
-            pfns = np.arange(lo, hi, dtype=np.int64)
-            cipher.encrypt_pages(pfns, zeros[: hi - lo], pages[lo:hi])
         h = self._next_handle
         self._next_handle += 1
         g = GuestContext(h, region, npages, policy & 0xFFFFFFFF, vek, cipher, pages, state)
+        # A launched guest's memory starts as zero plaintext under the new VEK
+        # (LAUNCH_UPDATE_DATA of zeros). A received one is written page by page by
+        # RECEIVE_UPDATE_DATA, as on hardware, so no work of the guest's size precedes the
+        # first page; a private page never received measures as missing, and the
+        # hypervisor writes shared pages itself.
+        if zero:
+            _zero_fill(g)
         self._guests[h] = g
         return g
 
@@ -428,7 +443,7 @@ class Firmware:
             raise PspError(cmd, e.status, e.detail) from None
         z = shared_secret(self.identity.pdh_key, pdh.public_key)
         keys = unwrap(z, session.policy, session.session)  # before any guest is created
-        g = self._new_guest(cmd, region, npages, session.policy, GuestState.RUPDATE)
+        g = self._new_guest(cmd, region, npages, session.policy, GuestState.RUPDATE, zero=False)
         g.channel = Channel(keys)
         g.last_seq = np.full(npages, -1, dtype=np.int64)
         g.measure = np.zeros((npages, 2), dtype=np.uint64)
