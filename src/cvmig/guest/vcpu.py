@@ -262,9 +262,10 @@ def combine_digest(mem: GuestMemory, sealer: Sealer, tag: bytes, parts: list[tup
     return compose(h.digest(), mem.pages, mem.page_state)
 
 
-def _attach(spec: VcpuSpec) -> GuestMemory:
+def _attach(spec: VcpuSpec, populate: bool = True) -> GuestMemory:
     mem = GuestMemory.attach(spec.mem_name, spec.npages)
-    mem.populate()  # our page tables, now: no first-touch faults while running
+    if populate:
+        mem.populate()  # our page tables, now: no first-touch faults while running
     return mem
 
 
@@ -509,12 +510,15 @@ def vcpu_main(spec: VcpuSpec, conn: Connection) -> None:
         # imports and the page tables cost the downtime nothing. The key can only be had
         # after RECEIVE_FINISH, so it waits for "go" to restore.
         try:
-            mem = _attach(spec)
+            mem = _attach(spec, populate=False)
             block = ctl.ControlBlock.attach(spec.ctl_name, spec.nvcpus, spec.npages)
         except BaseException as e:
             conn.send(("error", f"vCPU {spec.index} failed to attach: {type(e).__name__}: {e}"))
             return
         conn.send(("standby", None))
+        # our page tables fill on a thread while pages arrive (seconds for a large guest):
+        # neither the first page nor "go" waits for it; it runs on until done
+        mem.populate_in_background()
         if conn.recv() != ("go",):
             return
         spec = dataclasses.replace(spec, mode="restore")
