@@ -63,7 +63,7 @@ def predict(guest: GuestModel, costs: Costs, params: MigrationParams) -> dict[st
               help="Memory the writes fall on, uniformly.")
 @click.option("--vcpus", type=click.IntRange(1, 512), default=4, show_default=True)
 @click.option("--modes", default="page,contig,sg", show_default=True,
-              help="Batching modes to compare (page, contig, sg, queue).")
+              help="Batching modes to compare (page, contig, sg, aead, queue).")
 @click.option("--throttle", type=click.Choice([k.value for k in ThrottleKind]),
               default="none", show_default=True)
 @click.option("--downtime-limit", type=click.IntRange(0, 2_000_000), default=300,
@@ -84,8 +84,8 @@ def model(memory: int, dirty_rate: float, working_set: int, vcpus: int, modes: s
         costs = costs_from_profile(psp_profile, link_gbit)
         names = [m.strip() for m in modes.split(",") if m.strip()]
         for m in names:
-            if m not in ("page", "contig", "sg", "queue"):
-                raise ValueError(f"unknown mode {m!r}; allowed: page, contig, sg, queue")
+            if m not in ("page", "contig", "sg", "aead", "queue"):
+                raise ValueError(f"unknown mode {m!r}; allowed: page, contig, sg, aead, queue")
         if working_set > memory:
             raise ValueError("working set is larger than memory")
     except ValueError as e:
