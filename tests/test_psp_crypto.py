@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import struct
 
@@ -406,34 +407,44 @@ def test_sev_and_sg_packets_match_independent_computation() -> None:
 
 
 def test_trailer_is_count_and_mac_over_count_and_format() -> None:
+    stream = hashlib.sha256(b"pages").digest()  # any 32 bytes: the receiver compares them
+
     def mode_byte(trailer: bytes) -> int:
-        """The format byte under the trailer's MAC: count u64 ‖ HMAC(TIK, 0x15 ‖ count ‖ b)."""
-        count = trailer[:8]
+        """The format byte under the MAC: count ‖ stream ‖ HMAC(TIK, 0x15 ‖ count ‖ b ‖ stream)."""
+        count, sent = trailer[:8], trailer[8:40]
         hits = [
             b for b in range(256)
-            if hmac.digest(_TIK, b"\x15" + count + bytes([b]), "sha256") == trailer[8:]
+            if hmac.digest(_TIK, b"\x15" + count + bytes([b]) + sent, "sha256") == trailer[40:]
         ]
-        assert len(hits) == 1, "the trailer is not count ‖ HMAC(TIK, 0x15 ‖ count ‖ mode u8)"
+        assert len(hits) == 1, "the trailer is not count ‖ stream ‖ HMAC(TIK, 0x15 ‖ count ‖ mode ‖ stream)"
         return hits[0]
 
     none = _channel()
-    t = none.trailer()
-    assert len(t) == 40 and t[:8] == struct.pack("<Q", 0)
+    t = none.trailer(stream)
+    assert len(t) == 72 and t[:8] == struct.pack("<Q", 0) and t[8:40] == stream
     assert mode_byte(t) == 0xFF  # no page sent
     byte = {}
     for m in Batching:
         ch = _channel()
         ch.bind_mode(ch.check_mode("T", m))
         ch.seq = 7
-        t = ch.trailer()
+        t = ch.trailer(stream)
         assert t[:8] == struct.pack("<Q", 7)
         byte[m] = mode_byte(t)
-        # A receiver bound to the same format accepts it...
+        # A receiver bound to the same format, that imported the same pages, accepts it...
         rx = _channel()
         rx.bind_mode(rx.check_mode("T", m))
         rx.seq = 7
-        rx.check_trailer("T", t)
-        # ...one bound to no format, or to another, does not.
+        rx.check_trailer("T", t, stream)
+        # ...not if what it imported differs from what was sent...
+        with pytest.raises(PspError) as e:
+            rx.check_trailer("T", t, hashlib.sha256(b"other pages").digest())
+        assert e.value.status == Status.BAD_MEASUREMENT and "not the last ones sent" in str(e.value)
+        # ...nor if a sender's stream digest was swapped in transit (it is under the MAC)...
+        with pytest.raises(PspError) as e:
+            rx.check_trailer("T", t[:8] + bytes(32) + t[40:], bytes(32))
+        assert e.value.status == Status.BAD_MEASUREMENT and "MAC" in str(e.value)
+        # ...and one bound to no format, or to another, does not.
         for other in [None, *Batching]:
             if other is not None and (other is m or {other, m} == {Batching.PAGE, Batching.CONTIG}):
                 continue
@@ -442,7 +453,7 @@ def test_trailer_is_count_and_mac_over_count_and_format() -> None:
                 rx.bind_mode(rx.check_mode("T", other))
             rx.seq = 7
             with pytest.raises(PspError) as e:
-                rx.check_trailer("T", t)
+                rx.check_trailer("T", t, stream)
             assert e.value.status == Status.BAD_MEASUREMENT, (m, other)
     # page and contig are one format (SEV's); sg, aead and "none" are each their own
     assert byte[Batching.PAGE] == byte[Batching.CONTIG]

@@ -845,18 +845,41 @@ def test_trailer_of_another_session_refused(fws: tuple[Firmware, Firmware], mode
             w.close()
 
 
-def test_page_mode_has_seves_gap(world: World) -> None:
-    # Faithful SEV: a page-mode packet is bound to nothing, so a redirect or a replay is
-    # accepted. The sg mode exists to close exactly this.
-    pt = random_pages(1, 8)
-    world.write(np.array([1]), pt)
+def test_page_mode_has_seves_gap_and_finish_closes_it(world: World) -> None:
+    # Faithful SEV: a page-mode packet is bound to nothing, so RECEIVE_UPDATE_DATA accepts
+    # a redirect or a replay. The stream digest in the finish trailer catches it before
+    # the guest can run: the destination did not import the last version of every page
+    # sent, exactly where it was sent.
+    pt = random_pages(2, 8)
+    world.write(np.array([1, 2]), pt)
     world.start()
-    n = world.send(Batching.PAGE, [1])
-    world.recv(Batching.PAGE, [7], n)  # redirected to pfn 7
-    world.recv(Batching.PAGE, [7], n)  # and replayed
+    old = world.send(Batching.PAGE, [1])
+    world.recv(Batching.PAGE, [1], old)
+    world.write(np.array([1]), pt[1:2])  # the guest rewrites page 1...
+    new = world.send(Batching.PAGE, [1], old)  # ...and the new version is sent
+    world.recv(Batching.PAGE, [1], new, old)
+    world.recv(Batching.PAGE, [7], old)  # an attacker redirects the old packet to pfn 7
+    world.recv(Batching.PAGE, [1], old)  # and replays it over the new page 1
+    with pytest.raises(PspError) as e:
+        world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
+    assert status_of(e) == Status.BAD_MEASUREMENT and "replayed, misplaced" in str(e.value)
+    assert world.dst.guest_status(world.hd)[0] == GuestState.RUPDATE  # it can never run
+
+
+def test_page_mode_stream_that_arrived_whole_finishes(world: World) -> None:
+    """Every page's last version, where it was sent, in any order: RECEIVE_FINISH passes."""
+    pt = random_pages(3, 9)
+    world.write(np.array([1, 2, 3]), pt)
+    world.start()
+    offs, off = [], 0
+    for p in (1, 2, 3):
+        n = world.send(Batching.PAGE, [p], off)
+        offs.append((p, off, n))
+        off += n
+    for p, o, n in reversed(offs):
+        world.recv(Batching.PAGE, [p], n, o)
     world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
-    world.src.send_finish(world.h)
-    assert np.array_equal(world.read(world.dst, world.hd, world.dmem)[7], pt[0])
+    assert np.array_equal(world.read(world.dst, world.hd, world.dmem)[1:4], pt)
 
 
 # --- a session is bound to one packet format -------------------------------------------

@@ -104,6 +104,7 @@ class GuestContext:
     pages: np.ndarray  # (npages, 4096) view of guest memory
     state: GuestState
     channel: Channel | None = None
+    sent: np.ndarray | None = None  # sender: per-page measurement of the last version sent
     last_seq: np.ndarray | None = None  # receiver: newest sg sequence number per page
     measure: np.ndarray | None = None  # receiver: per-page measurement of what was imported
 
@@ -315,19 +316,21 @@ class Firmware:
         z = shared_secret(self.identity.pdh_key, pdh.public_key)
         blob, keys = wrap(z, g.policy)
         g.channel = Channel(keys)
+        g.sent = np.zeros((g.npages, 2), dtype=np.uint64)
         g.state = GuestState.SUPDATE
         return SendSession(g.policy, self.identity.certs.pdh, blob)
 
     def _send_one(
         self, cmd: str, g: GuestContext, mode: Batching, pfns: np.ndarray, out: np.ndarray
     ) -> None:
-        assert g.channel is not None
+        assert g.channel is not None and g.sent is not None
         n = len(pfns)
         nbytes = n * PAGE_SIZE
         if mode is Batching.SG:
             pt, ct = (b.reshape(n, PAGE_SIZE) for b in self._scratch_bufs(nbytes, 2))
             np.take(g.pages, pfns, axis=0, out=pt)
             g.cipher.decrypt_pages(pfns, pt, pt)
+            g.sent[pfns] = page_measure(pt, pfns)
             g.channel.seal_sg(pfns, pt, ct, out)
             return
         if mode is Batching.AEAD:
@@ -335,11 +338,13 @@ class Firmware:
             pt = pt[:nbytes].reshape(n, PAGE_SIZE)
             np.take(g.pages, pfns, axis=0, out=pt)
             g.cipher.decrypt_pages(pfns, pt, pt)
+            g.sent[pfns] = page_measure(pt, pfns)
             g.channel.seal_aead(pfns, pt, rec.reshape(n, AEAD_RECORD), out)
             return
         pt, ct = self._scratch_bufs(nbytes, 2)
         p0 = int(pfns[0])
         g.cipher.decrypt_pages(pfns, g.pages[p0 : p0 + n], pt.reshape(n, PAGE_SIZE))
+        g.sent[p0 : p0 + n] = page_measure(pt.reshape(n, PAGE_SIZE), pfns)
         g.channel.seal(pt, ct, out)
 
     def send_update_data(
@@ -403,19 +408,21 @@ class Firmware:
         return size
 
     def send_trailer(self, handle: int) -> bytes:
-        """Extension, SUPDATE, no state change: the count of sg pages sent so far, MAC'd
+        """Extension, SUPDATE, no state change: the count of sequenced pages sent, the
+        stream digest of the last version of every page sent and the packet format, MAC'd
         under the TIK, for RECEIVE_FINISH. Taken after the last UPDATE command and before
         SEND_FINISH, which must wait until the destination has confirmed."""
         cmd = "SEND_TRAILER"
         g = self._guest(cmd, handle)
         self._need_state(cmd, g, GuestState.SUPDATE)
-        assert g.channel is not None
-        return g.channel.trailer()
+        assert g.channel is not None and g.sent is not None
+        return g.channel.trailer(g.channel.stream_digest(g.sent))
 
     def send_finish(self, handle: int) -> None:
         cmd = "SEND_FINISH"
         g = self._guest(cmd, handle)
         self._need_state(cmd, g, GuestState.SUPDATE)
+        g.sent = None
         g.channel = None  # channel keys erased
         g.state = GuestState.SENT
 
@@ -423,6 +430,7 @@ class Firmware:
         cmd = "SEND_CANCEL"
         g = self._guest(cmd, handle)
         self._need_state(cmd, g, GuestState.SUPDATE)
+        g.sent = None
         g.channel = None
         g.state = GuestState.RUNNING
 
@@ -552,7 +560,7 @@ class Firmware:
         g = self._guest(cmd, handle)
         self._need_state(cmd, g, GuestState.RUPDATE)
         assert g.channel is not None and g.measure is not None
-        g.channel.check_trailer(cmd, trailer)
+        g.channel.check_trailer(cmd, trailer, g.channel.stream_digest(g.measure))
         g.channel = None  # channel keys erased
         g.last_seq = None
         digest = measure_digest(g.measure)

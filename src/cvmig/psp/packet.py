@@ -38,8 +38,12 @@ A session is bound to one batching mode: each side's firmware locks the mode of 
 UPDATE_DATA command and refuses any other afterwards, and the finish trailer carries the
 sender's mode under its MAC, so a stream rewritten to another mode (a downgrade, or the
 VMSA packet fed back as a private page) fails at RECEIVE_FINISH, before the guest runs.
-The trailer: count u64 ‖ HMAC(TIK, 0x15 ‖ count u64 ‖ format u8), format 0 for SEV's
-(page, contig), 2 for sg, 3 for aead, 0xFF if no page was sent.
+The trailer: count u64 ‖ stream 32 B ‖ HMAC(TIK, 0x15 ‖ count u64 ‖ format u8 ‖ stream),
+format 0 for SEV's (page, contig), 2 for sg, 3 for aead, 0xFF if no page was sent; stream
+= HMAC(TIK, 0x18 ‖ the per-page measurements of the last version of each page sent,
+zero for pages never sent), which RECEIVE_FINISH compares with the same over what it
+imported: in every mode, SEV's included, memory altered in transit fails before the
+guest can run.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from cvmig.psp.session import TransportKeys
 HDR = PACKET_HEADER_SIZE
 SG_HDR = 16
 SG_ENTRY = 8 + 32  # GPA u64 + page MAC
-TRAILER_SIZE = 8 + 32
+TRAILER_SIZE = 8 + 32 + 32
 
 CTX_DATA = 0x02  # the firmware's "DATA" channel context (used for VMSA too, as on Genoa)
 CTX_SG = 0x12  # extension: scatter-gather packet header
@@ -67,6 +71,7 @@ CTX_SG_PAGE = 0x13  # extension: one scatter-gather page
 CTX_TRAILER = 0x15  # extension: the finish trailer
 CTX_AEAD_PAGE = 0x16  # extension: one aead page's AAD
 CTX_AEAD_KEY = 0x17  # extension: derivation of K_AEAD
+CTX_STREAM = 0x18  # extension: the keyed digest of the pages a session moved
 AEAD_HDR = 16
 AEAD_TAG = 16
 AEAD_RECORD = PAGE_SIZE + AEAD_TAG
@@ -303,31 +308,45 @@ class Channel:
 
     # -- finish trailer --------------------------------------------------------------------
 
-    def _trailer_mac(self, count: bytes) -> bytes:
+    def stream_digest(self, measure: np.ndarray) -> bytes:
+        """HMAC(TIK, 0x18 ‖ per-page measurements): what the session moved, page by page,
+        keyed so that it says nothing of the guest to anyone without the TIK."""
+        return self._digest(bytes([CTX_STREAM]), np.ascontiguousarray(measure))
+
+    def _trailer_mac(self, count: bytes, stream: bytes) -> bytes:
         mode = NO_MODE if self.mode is None else _MODE_BYTE[self.mode]
-        return self._digest(bytes([CTX_TRAILER]), count, bytes([mode]))
+        return self._digest(bytes([CTX_TRAILER]), count, bytes([mode]), stream)
 
-    def trailer(self) -> bytes:
-        """Sender: the count of sequenced (sg, aead) pages sent and the session's batching
-        mode, MAC'd under the TIK."""
+    def trailer(self, stream: bytes) -> bytes:
+        """Sender: the count of sequenced (sg, aead) pages sent, the stream digest of the
+        last version of every page sent, and the session's packet format, MAC'd."""
         c = struct.pack("<Q", self.seq)
-        return c + self._trailer_mac(c)
+        return c + stream + self._trailer_mac(c, stream)
 
-    def check_trailer(self, cmd: str, trailer: bytes) -> None:
-        """Receiver: the trailer is genuine, the stream kept the sender's batching mode,
-        and every sequenced page sent was received."""
+    def check_trailer(self, cmd: str, trailer: bytes, stream: bytes) -> None:
+        """Receiver: the trailer is genuine, the stream kept the sender's packet format,
+        every sequenced page sent was received, and the last version of every page
+        imported (``stream``, our own digest) is the last version sent — in any mode, so
+        a replayed, misplaced or missing page is caught before the guest runs."""
         if len(trailer) != TRAILER_SIZE:
-            raise PspError(cmd, Status.INVALID_LENGTH, f"trailer is {len(trailer)} bytes, want 40")
-        c = trailer[:8]
-        if not hmac.compare_digest(self._trailer_mac(c), trailer[8:]):
+            raise PspError(cmd, Status.INVALID_LENGTH,
+                           f"trailer is {len(trailer)} bytes, want {TRAILER_SIZE}")
+        c, sent = trailer[:8], trailer[8:40]
+        if not hmac.compare_digest(self._trailer_mac(c, sent), trailer[40:]):
             raise PspError(
                 cmd, Status.BAD_MEASUREMENT,
                 "finish trailer MAC does not verify (forged, or the stream's packet format "
                 f"{_FORMAT_NAME[self.mode] if self.mode else 'none'} is not the sender's)",
             )
-        sent = struct.unpack("<Q", c)[0]
-        if sent != self.seq:
+        n = struct.unpack("<Q", c)[0]
+        if n != self.seq:
             raise PspError(
                 cmd, Status.BAD_MEASUREMENT,
-                f"sender sent {sent} scatter-gather pages, {self.seq} were received (dropped)",
+                f"sender sent {n} scatter-gather pages, {self.seq} were received (dropped)",
+            )
+        if not hmac.compare_digest(sent, stream):
+            raise PspError(
+                cmd, Status.BAD_MEASUREMENT,
+                "the pages imported are not the last ones sent (a page replayed, misplaced "
+                "or missing in transit)",
             )
