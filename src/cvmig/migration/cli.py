@@ -261,7 +261,9 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
         while not stop.is_set():
             conn, peer = srv.accept()
             try:
-                incoming_vm = migrate_in(host, conn)
+                incoming_vm = migrate_in(
+                    host, conn, listener=srv,
+                    on_in_doubt=lambda m: say({"event": "in-doubt", "message": m}))
             except IncomingFailed as e:
                 say({"event": "failed", "error": str(e)})
                 if once:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,14 +25,25 @@ from cvmig.psp.api import PspError, SendSession, packet_size
 from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
-from cvmig.wire.frames import VERSION, FrameType, ProtocolError, parse_json
+from cvmig.wire.frames import VERSION, FrameType, Header, ProtocolError, parse_json
 from cvmig.wire.protocol import WINDOW, Ack, slot_size
 
 VERIFY_WAIT_S = 10.0  # how long the workload may take to show progress after resume
+LEASE_S = 5.0  # a guest the source has not released runs here this long without word
+HANDSHAKE_S = 5.0  # a connection must say who it is within this
+POLL_S = 0.5
+
 
 
 class IncomingFailed(Exception):
     """The incoming migration did not complete; nothing of it is kept."""
+
+
+class IncomingInDoubt(IncomingFailed):
+    """The guest is held paused here, in doubt, with no way to hear the source's decision
+    (``vm``: the paused guest, for the caller to hold until someone decides)."""
+
+    vm: IncomingVM | None = None
 
 
 @dataclass
@@ -63,8 +75,14 @@ def listen(host: str, port: int) -> socket.socket:
     return srv
 
 
-def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> IncomingVM:
-    """Receive one guest over ``conn``. Raises IncomingFailed (after discarding it)."""
+def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
+               lease_s: float = LEASE_S, listener: socket.socket | None = None,
+               on_in_doubt: Callable[[str], None] | None = None) -> IncomingVM:
+    """Receive one guest over ``conn``. Raises IncomingFailed (after discarding it).
+
+    Once resumed here, the guest runs on a lease from the source: if the source falls
+    silent for ``lease_s`` before releasing it, the guest is paused and held in doubt
+    until the source's decision arrives on ``listener`` (see `_await_resolution`)."""
     conn.settimeout(io_timeout)
     chan = Channel(conn)
     psp = hostobj.psp
@@ -74,6 +92,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
     populator: Populator | None = None
     handle: int | None = None
     guest: Guest | None = None
+    leased = False
     try:
         chan.send_json(FrameType.HELLO, {"version": VERSION, "role": "destination",
                                          "capabilities": list(MODES)})
@@ -102,7 +121,8 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
         rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages).start()
         try:
-            trailer = _import_stream(rx, psp, handle, trans.region, memory)
+            trailer, finish_meta, heard = _import_stream(rx, psp, handle, trans.region,
+                                                         memory)
         except BaseException:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)  # wakes the reader; ERROR can still go out
@@ -110,36 +130,62 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
         finally:
             rx.stop()
         populator.stop()  # whatever it has not reached was faulted in by the import
+        finish = parse_json(Header(FrameType.FINISH, 0, 0, 0), finish_meta) if finish_meta else {}
+        mig_id = str(finish.get("id", ""))
+        # never stale: our PSP refuses a stream whose pages differ from those sent (any
+        # mode), and the shared pages and page states must be the source's, before we run
         private = psp.receive_finish(handle, trailer)
+        if finish.get("shared") != compose(b"", memory.pages, memory.page_state):
+            raise IncomingFailed("shared pages or page states differ from the source's: "
+                                 "altered in transit; the guest stays at the source")
         # measured by our PSP as it imported the pages: no pass over memory in the downtime
         digest = compose(private, memory.pages, memory.page_state)
         guest.restore()  # vCPUs up, paused, state imported from the VMSAs
-        guest.resume()
-        resumed_at = time.monotonic()
-        chan.send_json(FrameType.CONFIRM, {"status": "running", "digest": digest})
         vm = IncomingVM(guest, memory, handle)
-        released = chan.recv_frame()
-        if released.type is not FrameType.RELEASED:
-            # the source found the digests differ, or could not release: two copies must
-            # never run, and the source's is the one that stays
-            why = released.json().get("message", released.type.name)
-            raise IncomingFailed(f"source did not release the guest: {why}")
-        vm.report = _verify(guest, resumed_at)
+        in_doubt = False
+        leased = True  # we run the guest on the source's lease, from its last frame
         try:
-            chan.send_json(FrameType.CONFIRM, vm.report)
-        except (PeerGone, OSError):
-            pass
+            if time.monotonic() - heard >= lease_s:
+                raise PeerGone("the lease ran out before the guest could resume")
+            guest.resume()
+            resumed_at = time.monotonic()
+            chan.send_json(FrameType.CONFIRM, {"status": "running", "digest": digest})
+            _hold_until_released(chan, heard, lease_s)
+            leased = False
+        except (PeerGone, ProtocolError, OSError) as e:
+            # the lease is lost: the source may still resume its copy, so ours must not
+            # run; nor may it be discarded, since the source may have released it
+            guest.pause()
+            in_doubt = True
+            decision = _await_resolution(listener, mig_id, f"{describe_failure(e, 'source')}",
+                                         on_in_doubt)
+            if decision != "released":
+                raise IncomingFailed("in doubt, resolved: the source kept the guest") from None
+            guest.resume()
+            resumed_at = time.monotonic()
+        if not in_doubt:
+            chan.send_json(FrameType.OWNED, {})
+            vm.report = _verify(guest, resumed_at)
+            with contextlib.suppress(PeerGone, OSError):
+                chan.send_json(FrameType.CONFIRM, vm.report)
+        else:
+            vm.report = _verify(guest, resumed_at)
         return vm
+    except IncomingInDoubt as e:
+        e.vm = IncomingVM(guest, memory, handle) if guest and memory and handle else None
+        raise  # held paused, not discarded: the source may have released it (never lost)
     except BaseException as e:
         reason = str(e) if isinstance(e, IncomingFailed) else describe_failure(e, "source")
+        if guest is not None:
+            guest.shutdown()  # first: what we say next is the source's proof it stopped here
         try:
             chan.sock.settimeout(1.0)
             if not isinstance(e, RemoteError | PeerGone):
                 chan.send_json(FrameType.ERROR, {"message": reason})
+            elif isinstance(e, RemoteError) and e.ftype is FrameType.CANCEL and leased:
+                chan.send_json(FrameType.CANCEL, {"message": "discarded"})
         except (OSError, PeerGone):
             pass
-        if guest is not None:
-            guest.shutdown()
         if handle is not None:
             try:
                 psp.decommission(handle)
@@ -158,9 +204,9 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 60.0) -> 
 
 
 def _import_stream(rx: Receiver, psp: MailboxClient, handle: int, region: int,
-                   memory: GuestMemory) -> bytes:
+                   memory: GuestMemory) -> tuple[bytes, bytes, float]:
     """Import frames as the receiver hands them over, acknowledging each page frame;
-    return the finish trailer."""
+    return the finish trailer, the FINISH frame's meta and when it arrived."""
     chan = rx.chan
     frames = 0
     while True:
@@ -200,9 +246,68 @@ def _import_stream(rx: Receiver, psp: MailboxClient, handle: int, region: int,
         elif t is FrameType.PAGE_STATE:
             memory.page_state[:] = np.frombuffer(item.raw, np.uint8)
         elif t is FrameType.FINISH:
-            return item.raw
+            return item.raw, item.meta, item.at
         else:
             raise ProtocolError(f"unexpected {t.name} frame during the transfer")
+
+
+def _hold_until_released(chan: Channel, heard: float, lease_s: float) -> None:
+    """Run the guest on the source's lease: it ends ``lease_s`` after the last frame we
+    heard (at ``heard``, monotonic), and every frame renews it; return at RELEASED.
+    Raises RemoteError if the source cancelled (its digest differed), PeerGone if it fell
+    silent until the lease ran out or the link broke."""
+    while True:
+        left = heard + lease_s - time.monotonic()
+        if left <= 0:
+            raise PeerGone(f"the source was silent for {lease_s:g} s (lease ran out)")
+        chan.sock.settimeout(left)
+        f = chan.recv_frame()
+        heard = time.monotonic()
+        if f.type is FrameType.HEARTBEAT:
+            continue
+        if f.type is FrameType.RELEASED:
+            return
+        if f.type in (FrameType.CANCEL, FrameType.ERROR):
+            raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
+        raise ProtocolError(f"unexpected {f.type.name} while the source decides")
+
+
+def _await_resolution(listener: socket.socket | None, mig_id: str, why: str,
+                      on_in_doubt: Callable[[str], None] | None) -> str:
+    """In doubt: hold the paused guest until the source's decision ("released" or
+    "aborted") arrives over a new connection to ``listener``, from the source (naming
+    this migration's id) or an operator (`cvmig resolve`). Other connections are told we
+    are busy. Returns the decision. Without a listener nobody can resolve it here: the
+    guest stays paused and IncomingInDoubt says so."""
+    msg = (f"in doubt after the guest resumed here ({why}): holding it paused until the "
+           "source's decision arrives")
+    if on_in_doubt is not None:
+        on_in_doubt(msg)
+    if listener is None:
+        raise IncomingInDoubt(msg)
+    listener.settimeout(POLL_S)
+    while True:  # each wait is bounded; only a decision ends this (never lost)
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.settimeout(HANDSHAKE_S)
+            ch = Channel(conn)
+            try:
+                hello = ch.expect(FrameType.HELLO).json()
+                decision = str(hello.get("decision", ""))
+                ours = hello.get("resolve") == mig_id or hello.get("role") == "operator"
+                if not ours or decision not in ("released", "aborted"):
+                    ch.send_json(FrameType.ERROR, {
+                        "message": "busy: holding an in-doubt guest; only its source's "
+                                   "decision (or `cvmig resolve`) is accepted"})
+                    continue
+                ch.send_json(FrameType.OWNED if decision == "released" else FrameType.CANCEL,
+                             {"message": f"destination: {decision}"})
+                return decision
+            except (PeerGone, ProtocolError, RemoteError, OSError):
+                continue
 
 
 def _verify(guest: Guest, resumed_at: float, window_s: float = 0.5) -> dict[str, object]:

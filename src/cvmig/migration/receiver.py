@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 from cvmig.psp.packet import TRAILER_SIZE
@@ -34,6 +35,8 @@ class Item:
     slot: int = -1
     length: int = 0
     raw: bytes = b""  # PAGE_STATE map, FINISH trailer
+    meta: bytes = b""  # FINISH: its json
+    at: float = 0.0  # when the frame was in (monotonic): the destination's lease runs from it
 
 
 class Receiver:
@@ -117,14 +120,17 @@ class Receiver:
                     self._items.put(Item(t, pfn=pfn, slot=slot, length=h.data_len))
                     continue
                 if t is FrameType.FINISH:
-                    chan.recv_meta(h)
+                    if h.meta_len > 4096:
+                        raise ProtocolError(f"FINISH frame meta of {h.meta_len} bytes")
+                    finish_meta = chan.recv_meta(h)
                     if h.data_len != TRAILER_SIZE:
                         raise ProtocolError(
                             f"FINISH frame carries {h.data_len} bytes; the trailer is "
                             f"{TRAILER_SIZE}")
                     trailer = bytearray(TRAILER_SIZE)
                     chan.recv_into(memoryview(trailer))
-                    self._items.put(Item(t, raw=bytes(trailer)))
+                    self._items.put(Item(t, raw=bytes(trailer), meta=finish_meta,
+                                         at=time.monotonic()))
                     return
                 if h.data_len:
                     raise ProtocolError(f"unexpected {h.data_len} data bytes on a {t.name} frame")

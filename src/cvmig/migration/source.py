@@ -11,7 +11,10 @@ copy, and the guest runs on here as before.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,16 +35,32 @@ from cvmig.migration.driver import (
 from cvmig.migration.host import Host
 from cvmig.migration.sender import Sender
 from cvmig.psp.api import Batching, GuestState, PlatformCerts, PspError
+from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError, json_meta
 from cvmig.wire.protocol import WINDOW, PagesFrame, SharedFrame, Vmsa, slot_size
 
 MODES = tuple(m.value for m in Batching)
+IO_TIMEOUT_S = 15.0  # a silent destination during the transfer is noticed within this
+ENDGAME_TIMEOUT_S = 5.0  # ... and after the pause, when the guest runs nowhere
+HEARTBEAT_S = 1.0  # the source's heartbeat while the destination runs on its lease
+LEASE_S = 5.0  # the destination's lease (cvmig.migration.destination.LEASE_S)
+LEASE_MARGIN_S = 1.0  # for the destination to notice and pause
+RESOLVE_WINDOW_S = 30.0  # how long a released source keeps trying to tell the destination
 SOURCE_SLOTS = 3  # one the PSP fills, one on the wire, one queued between them
 
 
 class MigrationFailed(Exception):
     """A migration did not complete; the guest still runs on the source."""
+
+
+class DigestMismatch(MigrationFailed):
+    """The destination's memory is not the source's: the guest must stay here."""
+
+
+class MigrationInDoubt(Exception):
+    """The source released the guest but could not hear the destination take it: the
+    destination holds it paused until told (`cvmig resolve`)."""
 
 
 @dataclass
@@ -110,7 +129,10 @@ class RealWorld:
         self.mode = params.batching
         self.outcome: Outcome | None = None
         self.sender = Sender(chan, self.trans.view, SOURCE_SLOTS, slot_size(), WINDOW,
-                             io_timeout=chan.sock.gettimeout() or 60.0)
+                             io_timeout=chan.sock.gettimeout() or IO_TIMEOUT_S)
+        self.mig_id = secrets.token_hex(8)
+        self.finish_sent_at = 0.0  # when FINISH went out (0: not yet): a break is in doubt
+        self.last_tx = 0.0  # our last frame: the destination's lease runs from it
 
     # -- clock --------------------------------------------------------------------------
     def now(self) -> float:
@@ -173,8 +195,8 @@ class RealWorld:
     def _take_frame(self, want: FrameType | None = None) -> dict[str, object] | None:
         """After the sender has handed the socket back: the destination's next frame."""
         f = self.chan.recv_frame(max_data=1 << 20)
-        if f.type is FrameType.ACK:
-            return None  # late acknowledgements of the last page frames
+        if f.type in (FrameType.ACK, FrameType.HEARTBEAT):
+            return None  # late acknowledgements of the last page frames; liveness
         if f.type in (FrameType.ERROR, FrameType.CANCEL):
             raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
         if f.type is want:
@@ -213,25 +235,65 @@ class RealWorld:
 
     def complete(self) -> float:
         """Finish the stream; return when the destination runs the guest (the end of the
-        downtime). Then, with the destination running, the paused source measures its own
-        memory: the digests must match before anything is released."""
+        downtime). Then, with the destination running on our lease (renewed by
+        heartbeats), the paused source measures its own memory: the digests must match
+        before anything is released."""
         assert self.outcome is not None
         trailer = self.psp.send_trailer(self.vm.handle)
-        self.sender.submit(FrameType.FINISH, [json_meta({})], data=[trailer])
+        shared = compose(b"", self.vm.memory.pages, self.vm.memory.page_state)
+        self.sender.submit(FrameType.FINISH, [json_meta({"id": self.mig_id, "shared": shared})],
+                           data=[trailer])
         self.sender.flush()
         self.sender.close()  # the socket is ours again: the handoff reads from it
+        self.finish_sent_at = self.last_tx = time.monotonic()  # from here a break is in doubt
+        self.chan.sock.settimeout(ENDGAME_TIMEOUT_S)
         confirm = None
         while confirm is None:
             confirm = self._take_frame(FrameType.CONFIRM)
         running_at = time.monotonic()
         self.outcome.confirm = confirm
-        digest = self.vm.guest.digest()
+        digest = self._digest_keeping_lease()
         self.outcome.source_digest = digest
         if confirm.get("digest") != digest:
-            raise MigrationFailed(
+            raise DigestMismatch(
                 f"destination memory digest {confirm.get('digest')} does not match the "
                 f"source's {digest}: refusing to release the guest")
         return running_at
+
+    def _digest_keeping_lease(self) -> str:
+        """Our own digest (the vCPUs measure the paused memory) while heartbeats keep the
+        destination's lease alive; a destination that fails meanwhile is heard at once."""
+        result: list[str] = []
+        error: list[BaseException] = []
+
+        def measure() -> None:
+            try:
+                result.append(self.vm.guest.digest())
+            except BaseException as e:  # noqa: BLE001 - raised below, in this thread
+                error.append(e)
+
+        t = threading.Thread(target=measure, name="cvmig-digest", daemon=True)
+        t.start()
+        while t.is_alive():
+            self.heartbeat()
+            t.join(HEARTBEAT_S)
+        if error:
+            raise error[0]
+        return result[0]
+
+    def heartbeat(self) -> None:
+        self.chan.send(FrameType.HEARTBEAT)
+        self.last_tx = time.monotonic()
+        while self.chan.readable():
+            self._take_frame()  # a destination that failed says so: raised here
+
+    def release(self) -> None:
+        """The decision is made (SEND_FINISH done): tell the destination, and return once
+        it acknowledges that it owns the guest. Raises if that cannot be heard."""
+        self.chan.send_json(FrameType.RELEASED, {"id": self.mig_id})
+        self.last_tx = time.monotonic()
+        while self._take_frame(FrameType.OWNED) is None:
+            pass
 
 
 def _psp_state(vm: SourceVM) -> GuestState | None:
@@ -249,7 +311,8 @@ def migrate_out(
     observer: Observer | None = None,
     should_cancel: Callable[[], bool] = lambda: False,
     connect_timeout: float = 10.0,
-    io_timeout: float = 60.0,
+    io_timeout: float = IO_TIMEOUT_S,
+    resolve_window_s: float = RESOLVE_WINDOW_S,
     on_channel: Callable[[Channel], None] | None = None,
 ) -> Outcome:
     """Migrate ``vm`` to the destination listening at ``uri``.
@@ -264,6 +327,7 @@ def migrate_out(
     chan: Channel | None = None
     world: RealWorld | None = None
     driver: Driver | None = None
+    committed = False
     try:
         try:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
@@ -293,30 +357,99 @@ def migrate_out(
         driver = Driver(world, params, observer or (lambda e, p: None), should_cancel)
         outcome.progress = driver.progress
         driver.run()
-        # confirmed: the destination runs the guest. Release ours.
+        # the digests agree: commit. After SEND_FINISH our copy can never run again, so
+        # from here the guest is the destination's, whatever happens to this link.
         psp.send_finish(vm.handle)
+        committed = True
         try:
-            chan.send_json(FrameType.RELEASED, {})
-            verified = chan.recv_frame()
-            if verified.type is FrameType.CONFIRM:
-                outcome.verified = verified.json()
-        except (PeerGone, ProtocolError, OSError):
-            pass  # the guest runs there; a late check we could not read changes nothing
+            world.release()
+        except (PeerGone, ProtocolError, RemoteError, OSError) as e:
+            # in doubt: the destination holds the guest paused until it hears this
+            _deliver(uri, world.mig_id, "released", resolve_window_s,
+                     why=describe_failure(e, "destination"))
+        else:
+            with contextlib.suppress(PeerGone, ProtocolError, OSError):
+                verified = chan.recv_frame()  # the workload's own check, there
+                if verified.type is FrameType.CONFIRM:
+                    outcome.verified = verified.json()
         vm.shutdown()
         return outcome
+    except MigrationInDoubt:
+        vm.shutdown()  # SENT: it can never run here; the destination holds the only copy
+        raise
     except BaseException as e:
+        if committed:
+            raise  # SEND_FINISH is done: nothing here to roll back to
         if world is not None:
             world.sender.close()  # the socket is ours again for the CANCEL
         if chan is not None and isinstance(e, PeerGone | OSError):
             e = _peer_reason(chan) or e  # the destination may have said why it hung up
         reason = describe_failure(e, "destination")
+        told = True  # an ERROR or CANCEL from the destination: it stopped its copy first
+        if world is not None and world.finish_sent_at and not isinstance(e, RemoteError):
+            told = _await_lease_end(world, chan, reason)  # never twice: it stopped there
         _roll_back(vm, chan, driver, reason)
+        if not told and world is not None:
+            # the destination may hold its copy paused, in doubt, until it hears this
+            with contextlib.suppress(MigrationInDoubt):
+                _deliver(uri, world.mig_id, "aborted", 2 * HEARTBEAT_S, why=reason)
         if isinstance(e, KeyboardInterrupt):
             raise
         raise MigrationFailed(reason) from e
     finally:
         if chan is not None:
             chan.close()
+
+
+def _await_lease_end(world: RealWorld, chan: Channel | None, reason: str) -> bool:
+    """After FINISH, before resuming here: make sure the destination no longer runs the
+    guest. It stops once it has told us so (a CANCEL we send it is answered by closing),
+    or at the latest when its lease from our last frame has run out. Returns whether it
+    told us (else it may hold its copy paused, in doubt)."""
+    deadline = world.last_tx + LEASE_S + LEASE_MARGIN_S
+    if chan is not None:
+        with contextlib.suppress(PeerGone, OSError):
+            chan.sock.settimeout(1.0)
+            chan.send_json(FrameType.CANCEL, {"message": reason})
+        try:  # a destination that discarded its copy answers CANCEL: that is our proof
+            while (left := deadline - time.monotonic()) > 0:
+                chan.sock.settimeout(min(left, HEARTBEAT_S))
+                if chan.recv_frame(max_data=1 << 20).type is FrameType.CANCEL:
+                    return True
+        except (PeerGone, ProtocolError, OSError):
+            pass  # a closed link proves nothing (a middlebox may have closed it)
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))  # the lease's own clock: this IS the wait
+    return False
+
+
+def _deliver(uri: str, mig_id: str, decision: str, window_s: float, why: str) -> None:
+    """Tell the destination our decision over new connections until it answers or the
+    window ends; then MigrationInDoubt says what an operator must do."""
+    host, port = parse_uri(uri)
+    deadline = time.monotonic() + window_s
+    last = why
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=HEARTBEAT_S) as sock:
+                sock.settimeout(ENDGAME_TIMEOUT_S)
+                ch = Channel(sock)
+                ch.send_json(FrameType.HELLO, {"version": VERSION, "role": "source",
+                                               "resolve": mig_id, "decision": decision})
+                f = ch.recv_frame(max_data=1 << 20)
+                want = FrameType.OWNED if decision == "released" else FrameType.CANCEL
+                if f.type is want:
+                    return
+                last = str(f.json().get("message", f.type.name))
+        except (OSError, PeerGone, ProtocolError) as e:
+            last = str(e)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # retry pacing
+    raise MigrationInDoubt(
+        f"in doubt: the guest was {decision} by this source, but the destination at {uri} "
+        f"could not be told ({last}). It holds the guest paused until told: run "
+        f"`cvmig resolve {uri} --{'keep' if decision == 'released' else 'discard'}` there.")
 
 
 def _peer_reason(chan: Channel) -> RemoteError | None:

@@ -291,7 +291,7 @@ class Machine:
                     self.job = job
                     self._status("active")
                 try:
-                    ivm = migrate_in(self.host, conn)
+                    ivm = migrate_in(self.host, conn, listener=srv)
                 except BaseException as e:  # noqa: BLE001 - keep listening for another try
                     with self.lock:
                         self._conn = None

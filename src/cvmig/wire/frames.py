@@ -40,6 +40,8 @@ class FrameType(enum.IntEnum):
     ERROR = 11  # either way: json message
     RELEASED = 12  # source -> destination: the source has released the guest (SEND_FINISH)
     ACK = 13  # destination -> source: u64 count of page frames imported so far
+    HEARTBEAT = 14  # either way, no meta: I am alive (renews the destination's lease)
+    OWNED = 15  # destination -> source: RELEASED received, the guest is the destination's
 
 
 class ProtocolError(Exception):
