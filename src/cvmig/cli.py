@@ -18,6 +18,7 @@ _COMMANDS: dict[str, str] = {
     "guest": "cvmig.guest.cli:guest",
     "bench": "cvmig.bench.cli:bench",
     "model": "cvmig.model.cli:model",
+    "resolve": "cvmig.migration.resolve:resolve",
 }
 
 

@@ -167,7 +167,7 @@ def migrate(**o: Any) -> None:
     """
     from cvmig.migration.progress import ProgressView, print_summary
     from cvmig.migration.session import MigrateOptions, migrate_local_or_remote
-    from cvmig.migration.source import MigrationFailed
+    from cvmig.migration.source import MigrationFailed, MigrationInDoubt
     from cvmig.wire.channel import parse_uri
 
     try:
@@ -192,6 +192,9 @@ def migrate(**o: Any) -> None:
         click.secho(f"migration failed: {e}", fg="red", err=True)
         click.echo("the guest kept running on the source; nothing was lost", err=True)
         sys.exit(1)
+    except MigrationInDoubt as e:
+        click.secho(str(e), fg="yellow", err=True)
+        sys.exit(3)
     if o["json_path"]:
         o["json_path"].write_text(json.dumps(report, indent=2) + "\n")
     print_summary(report)
