@@ -6,19 +6,28 @@ Sequence (source S, destination D); every frame is `cvmig.wire.frames`' header +
     D -> S  HELLO       json: version, role "destination", capabilities
     D -> S  CERTS       the destination platform's certificate chain (PDH, PEK, OCA, CEK, ...)
     S -> D  START       json: guest config, npages, policy, batching, cap; data: PDH + session
-    S -> D  PAGES*      `PagesFrame`: firmware packets of private pages      \\  any order,
+    S -> D  PAGES*      `PagesFrame`: firmware packets of private pages      \  any order,
     S -> D  SHARED*     `SharedFrame`: plaintext of shared pages              } at most
     D -> S  ACK*        `Ack`: page frames imported so far                   /  WINDOW unacked
     S -> D  VMSA*       pfn; data: the SEND_UPDATE_VMSA packet (guest paused from here)
     S -> D  PAGE_STATE  the page-state map
-    S -> D  FINISH      data: the finish trailer (sequenced page count + packet format, MAC'd)
+    S -> D  FINISH      json: migration id, digest of shared pages + page states; data: the
+                        finish trailer (count, stream digest, packet format; MAC'd)
+            D: RECEIVE_FINISH refuses a stream altered in transit; the shared digest must
+               match; then D resumes the guest, on a lease of LEASE_S from S's last frame
     D -> S  CONFIRM     json: status "running", the digest D's PSP measured on import
-    S -> D  RELEASED    S's digest matched and SEND_FINISH is done: the guest is D's
+    S -> D  HEARTBEAT*  while S measures its own (paused) memory: each renews D's lease
+    S -> D  RELEASED    digests matched and SEND_FINISH is done: the guest is D's
+    D -> S  OWNED       D heard it: only now does S report "completed"
     D -> S  CONFIRM     json: the workload's own check after it ran at D
 
 Either side may send ERROR or CANCEL (json message) instead of its next frame; the other
-side then discards its half (D) or resumes the guest (S). Until RELEASED the guest
-belongs to the source.
+side then discards its half (D) or resumes the guest (S). After FINISH, D stops its copy
+before it answers a CANCEL with CANCEL or sends ERROR, and S resumes only on such an
+answer or once D's lease has run out. If D's lease runs out before RELEASED, D pauses the
+guest and holds it in doubt; the decision then comes over a new connection: HELLO with
+role "source", the migration id and decision "released" or "aborted" (or role "operator":
+`cvmig resolve`), answered OWNED or CANCEL. The migration README draws the states.
 
 Flow control: D acknowledges every PAGES and SHARED frame once imported; S keeps at most
 `WINDOW` unacknowledged, which is also the depth of D's ring of transport slots, so D can
