@@ -17,9 +17,10 @@ import queue
 import select
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from cvmig.migration.driver import MigrationCancelled
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import HEADER_SIZE, FrameType, ProtocolError
 from cvmig.wire.protocol import Ack
@@ -50,7 +51,8 @@ class Sender:
     unacknowledged by the destination. ``io_timeout`` bounds each wait on the peer."""
 
     def __init__(self, chan: Channel, view: memoryview, slots: int, slot_bytes: int,
-                 window: int, io_timeout: float) -> None:
+                 window: int, io_timeout: float,
+                 should_cancel: Callable[[], bool] = lambda: False) -> None:
         if slots * slot_bytes > len(view):
             raise ValueError(f"{slots} slots of {slot_bytes} B do not fit the transport buffer")
         self.chan = chan
@@ -58,6 +60,7 @@ class Sender:
         self.slot_bytes = slot_bytes
         self.window = window
         self.io_timeout = io_timeout
+        self.should_cancel = should_cancel  # checked by every wait, at least every POLL_S
         self.frames_sent = 0
         self.frames_acked = 0
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -101,6 +104,8 @@ class Sender:
         """Wait until every submitted frame is on the socket."""
         with self._idle:
             while self._pending and self._error is None and self._thread.is_alive():
+                if self.should_cancel():
+                    break
                 self._idle.wait(POLL_S)
         self._check()
 
@@ -119,6 +124,8 @@ class Sender:
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
+        if self.should_cancel():
+            raise MigrationCancelled("migration cancelled")
         if not self._thread.is_alive() and not self._stopping.is_set():
             raise ProtocolError("the sender stopped unexpectedly")
 

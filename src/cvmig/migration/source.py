@@ -38,7 +38,14 @@ from cvmig.psp.api import Batching, GuestState, PlatformCerts, PspError
 from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError, json_meta
-from cvmig.wire.protocol import WINDOW, PagesFrame, SharedFrame, Vmsa, slot_size
+from cvmig.wire.protocol import (
+    MAX_FRAME_PAGES,
+    WINDOW,
+    PagesFrame,
+    SharedFrame,
+    Vmsa,
+    slot_size,
+)
 
 MODES = tuple(m.value for m in Batching)
 IO_TIMEOUT_S = 15.0  # a silent destination during the transfer is noticed within this
@@ -119,7 +126,8 @@ class Outcome:
 class RealWorld:
     """The driver's world on real processes, a real PSP and a real socket."""
 
-    def __init__(self, vm: SourceVM, chan: Channel, params: MigrationParams) -> None:
+    def __init__(self, vm: SourceVM, chan: Channel, params: MigrationParams,
+                 should_cancel: Callable[[], bool] = lambda: False) -> None:
         self.vm = vm
         self.chan = chan
         self.params = params
@@ -129,7 +137,8 @@ class RealWorld:
         self.mode = params.batching
         self.outcome: Outcome | None = None
         self.sender = Sender(chan, self.trans.view, SOURCE_SLOTS, slot_size(), WINDOW,
-                             io_timeout=chan.sock.gettimeout() or IO_TIMEOUT_S)
+                             io_timeout=chan.sock.gettimeout() or IO_TIMEOUT_S,
+                             should_cancel=should_cancel)
         self.mig_id = secrets.token_hex(8)
         self.finish_sent_at = 0.0  # when FINISH went out (0: not yet): a break is in doubt
         self.last_tx = 0.0  # our last frame: the destination's lease runs from it
@@ -187,10 +196,14 @@ class RealWorld:
                     psp_seconds=psp_s)
 
     def send_shared(self, pfns: np.ndarray) -> Sent:
-        pages = self.vm.memory.pages[pfns]  # shared pages: plaintext by design
-        sent = self.sender.submit(FrameType.SHARED, SharedFrame(pfns, pages).encode(),
-                                  windowed=True)
-        return Sent(pages=len(pfns), bytes=sent)
+        out = Sent()
+        for lo in range(0, len(pfns), MAX_FRAME_PAGES):  # a frame's bound (wire.frames)
+            part = pfns[lo : lo + MAX_FRAME_PAGES]
+            pages = self.vm.memory.pages[part]  # shared pages: plaintext by design
+            out.bytes += self.sender.submit(FrameType.SHARED, SharedFrame(part, pages).encode(),
+                                            windowed=True)
+            out.pages += len(part)
+        return out
 
     def _take_frame(self, want: FrameType | None = None) -> dict[str, object] | None:
         """After the sender has handed the socket back: the destination's next frame."""
@@ -241,11 +254,13 @@ class RealWorld:
         assert self.outcome is not None
         trailer = self.psp.send_trailer(self.vm.handle)
         shared = compose(b"", self.vm.memory.pages, self.vm.memory.page_state)
+        # from the moment FINISH may be on the wire, a break leaves the outcome in doubt
+        self.finish_sent_at = self.last_tx = time.monotonic()
         self.sender.submit(FrameType.FINISH, [json_meta({"id": self.mig_id, "shared": shared})],
                            data=[trailer])
         self.sender.flush()
         self.sender.close()  # the socket is ours again: the handoff reads from it
-        self.finish_sent_at = self.last_tx = time.monotonic()  # from here a break is in doubt
+        self.last_tx = time.monotonic()
         self.chan.sock.settimeout(ENDGAME_TIMEOUT_S)
         confirm = None
         while confirm is None:
@@ -351,7 +366,7 @@ def migrate_out(
             "batching": str(params.batching),
             "cap": params.cap,
         }, [sess.sender_pdh, sess.session])
-        world = RealWorld(vm, chan, params)
+        world = RealWorld(vm, chan, params, should_cancel)
         outcome = Outcome(Progress())
         world.outcome = outcome
         driver = Driver(world, params, observer or (lambda e, p: None), should_cancel)

@@ -44,6 +44,28 @@ class FrameType(enum.IntEnum):
     OWNED = 15  # destination -> source: RELEASED received, the guest is the destination's
 
 
+_KIB = 1 << 10
+# The most meta each frame kind can carry (PAGES: 1024 pfns and bounds; SHARED: 1024
+# pages; PAGE_STATE: a byte per page of a 64 GiB guest).
+META_LIMIT: dict[FrameType, int] = {
+    FrameType.HELLO: 4 * _KIB,
+    FrameType.CERTS: 64 * _KIB,
+    FrameType.START: 64 * _KIB,
+    FrameType.PAGES: 32 * _KIB,
+    FrameType.SHARED: 1024 * (8 + 4096),
+    FrameType.PAGE_STATE: 16 << 20,
+    FrameType.VMSA: 8,
+    FrameType.FINISH: 4 * _KIB,
+    FrameType.CONFIRM: 1024 * _KIB,
+    FrameType.CANCEL: 64 * _KIB,
+    FrameType.ERROR: 64 * _KIB,
+    FrameType.RELEASED: 4 * _KIB,
+    FrameType.ACK: 8,
+    FrameType.HEARTBEAT: 0,
+    FrameType.OWNED: 4 * _KIB,
+}
+
+
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame at this point of the protocol."""
 
@@ -79,8 +101,10 @@ def decode_header(raw: bytes | bytearray | memoryview) -> Header:
         t = FrameType(ftype)
     except ValueError:
         raise ProtocolError(f"unknown frame type {ftype}") from None
-    if meta_len > MAX_META:
-        raise ProtocolError(f"frame meta of {meta_len} bytes is over {MAX_META}")
+    limit = META_LIMIT.get(t, MAX_META)
+    if meta_len > limit:
+        # checked before anything is allocated: a hostile length costs nothing
+        raise ProtocolError(f"{t.name} frame meta of {meta_len} bytes is over its {limit}")
     return Header(t, meta_len, data_len, crc)
 
 

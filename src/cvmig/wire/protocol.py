@@ -1,4 +1,4 @@
-"""The migration protocol in one place: the bulk frames' formats and the order of frames.
+r"""The migration protocol in one place: the bulk frames' formats and the order of frames.
 
 Sequence (source S, destination D); every frame is `cvmig.wire.frames`' header + meta + data:
 
