@@ -20,6 +20,7 @@ The dirty limit is a wall-clock quota of pages/s (QEMU dirty-limit), a token buc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -501,8 +502,42 @@ class _Vcpu:
         self._publish()
 
 
-def vcpu_main(spec: VcpuSpec, conn: Connection) -> None:
-    """Entry point of a vCPU process."""
+def _where(e: BaseException) -> str:
+    """``Type: message (at file:line in function)`` of the innermost frame."""
+    frames = traceback.extract_tb(e.__traceback__)
+    at = ""
+    if frames:
+        f = frames[-1]
+        at = f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name})"
+    return f"{type(e).__name__}: {e}{at}"
+
+
+def _orphaned(spec: VcpuSpec, parent: int) -> None:
+    """The hypervisor died without stopping us (kill -9): remove the shm names it would
+    have removed, in case it died before it could. Harmless if they are gone already; the
+    mappings (ours, the PSP's) stay valid until they are closed."""
+    # a dying process closes its descriptors a moment before we are re-parented
+    deadline = time.monotonic() + 1.0
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return  # it only closed our connection: it lives and cleans up itself
+        time.sleep(0.01)
+    for name in (spec.mem_name, spec.ctl_name):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join("/dev/shm", name))
+
+
+def vcpu_main(spec: VcpuSpec, conn: Connection, parent: int | None = None) -> None:
+    """Entry point of a vCPU process. ``parent``: the hypervisor's pid (our parent's at
+    start); when it is gone we exit, since our connection to it reads end of file."""
+    parent = os.getppid() if parent is None else parent
+    try:
+        _vcpu_main(spec, conn, parent)
+    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
+        _orphaned(spec, parent)  # the hypervisor went away
+
+
+def _vcpu_main(spec: VcpuSpec, conn: Connection, parent: int) -> None:
     mem = None
     block = None
     if spec.mode == "standby":
@@ -529,11 +564,11 @@ def vcpu_main(spec: VcpuSpec, conn: Connection) -> None:
         return
     try:
         vcpu.run()
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        pass  # the hypervisor went away
-    except BaseException:
-        try:
-            conn.send(("error", f"vCPU {spec.index} crashed:\n{traceback.format_exc()}"))
+    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
+        raise  # the hypervisor went away
+    except BaseException as e:
+        try:  # one line for whoever reports it: where and what, not the whole traceback
+            conn.send(("error", f"vCPU {spec.index} crashed: {_where(e)}"))
         except OSError:
             pass
     finally:
@@ -549,5 +584,11 @@ if __name__ == "__main__":
 
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <vcpu pid> dumps its stacks
 
+    # the hypervisor's pid, from it: it may have died before we got here to ask
+    _parent = int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid()
     _conn = Connection(int(sys.argv[1]))
-    vcpu_main(_conn.recv(), _conn)
+    try:
+        _spec = _conn.recv()
+    except (EOFError, OSError, KeyboardInterrupt):
+        sys.exit(0)  # the hypervisor was gone before it told us what to run
+    vcpu_main(_spec, _conn, _parent)

@@ -14,6 +14,7 @@ cross back.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import signal
 import socket
@@ -207,9 +208,13 @@ class Guest:
                 ours, theirs = socket.socketpair()
                 with theirs:
                     p = subprocess.Popen(
-                        [sys.executable, "-m", "cvmig.guest.vcpu", str(theirs.fileno())],
+                        [sys.executable, "-m", "cvmig.guest.vcpu", str(theirs.fileno()),
+                         str(os.getpid())],
                         pass_fds=(theirs.fileno(),),
                         stdin=subprocess.DEVNULL,
+                        # a terminal's Ctrl-C reaches the hypervisor only; a vCPU ends
+                        # with it all the same (its connection reads end of file)
+                        start_new_session=True,
                     )
                 self._procs.append(p)
                 conn = Connection(ours.detach())

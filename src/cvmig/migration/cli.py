@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -12,6 +16,7 @@ from typing import Any
 import click
 
 from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
+from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
 from cvmig.psp.api import Batching, Policy
 
@@ -165,9 +170,10 @@ def migrate(**o: Any) -> None:
     With no options: a 256 MiB guest running the dirtier moves over loopback to a
     destination process with its own secure processor, and a summary is printed.
     """
+    from cvmig.migration.messages import clean
     from cvmig.migration.progress import ProgressView, print_summary
     from cvmig.migration.session import MigrateOptions, migrate_local_or_remote
-    from cvmig.migration.source import MigrationFailed, MigrationInDoubt
+    from cvmig.migration.source import MigrationFailed, MigrationInDoubt, describe_failure
     from cvmig.wire.channel import parse_uri
 
     try:
@@ -182,22 +188,49 @@ def migrate(**o: Any) -> None:
         raise click.UsageError(str(e)) from None
     opts = MigrateOptions(guest=guest, params=params, psp_profile=o["psp_profile"],
                           policy=policy, warmup_s=o["warmup"])
+    # Ctrl-C (SIGINT, which a terminal sends to the whole foreground process group: our
+    # children run in sessions of their own and do not get it) and SIGTERM cancel: the
+    # migration rolls back, the guest runs on here until we exit, and we exit as shells do
+    # for a signal (128 + its number).
     cancel = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    signals: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not signals:
+            click.echo(f"\n{signal.Signals(signum).name}: cancelling the migration; the guest "
+                       "keeps running on the source", err=True)
+        signals.append(signum)
+        cancel.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     view = ProgressView(enabled=not o["quiet"])
     try:
         with view:
             report = migrate_local_or_remote(opts, o["uri"], view.observe, cancel.is_set)
     except MigrationFailed as e:
-        click.secho(f"migration failed: {e}", fg="red", err=True)
+        if signals:
+            name = signal.Signals(signals[0]).name
+            click.secho(f"migration cancelled ({name}): {clean(e)}", fg="yellow", err=True)
+            click.echo("the guest kept running on the source, nothing lost; it was shut "
+                       "down as cvmig exits", err=True)
+            sys.exit(128 + signals[0])
+        click.secho(f"migration failed: {clean(e)}", fg="red", err=True)
         click.echo("the guest kept running on the source; nothing was lost", err=True)
         sys.exit(1)
     except MigrationInDoubt as e:
-        click.secho(str(e), fg="yellow", err=True)
+        click.secho(clean(e), fg="yellow", err=True)
         sys.exit(3)
+    except Exception as e:  # noqa: BLE001 - a user sees one line, never a traceback
+        click.secho(f"cvmig migrate failed: {clean(describe_failure(e, 'destination'))}",
+                    fg="red", err=True)
+        sys.exit(128 + signals[0] if signals else 1)
     if o["json_path"]:
         o["json_path"].write_text(json.dumps(report, indent=2) + "\n")
     print_summary(report)
+    if signals:
+        click.echo(f"{signal.Signals(signals[0]).name} came after the switch-over: the "
+                   "migration completed", err=True)
     ok = report["verify"]["memory"] == "match" and report["verify"]["workload"].get("ok", False)
     sys.exit(0 if ok else 2)
 
@@ -226,13 +259,24 @@ def _check_profile(name: str) -> None:
               help="Serve a QMP monitor on this UNIX socket until `quit`. Without "
                    "--incoming: boot a source VM from the guest options and wait for "
                    "commands (`migrate`, ...).")
+@click.option("--handshake-timeout", type=click.FloatRange(0, min_open=True),
+              default=HANDSHAKE_TIMEOUT_S, show_default=True,
+              help="Seconds a connection to --incoming has to complete its handshake "
+                   "before it is dropped.")
 @guest_options
 def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner: str | None,
-       once: bool, announce: bool, run_after: float, qmp: str | None, **guest: Any) -> None:
+       once: bool, announce: bool, run_after: float, qmp: str | None,
+       handshake_timeout: float, **guest: Any) -> None:
     """Run a VM host: a destination waiting for an incoming migration, or (with --qmp)
-    a VM controlled through a QMP monitor. Guest options apply to a --qmp source only."""
+    a VM controlled through a QMP monitor. Guest options apply to a --qmp source only.
+
+    SIGINT and SIGTERM end it cleanly (an incoming migration is abandoned: the source
+    keeps the guest), with exit code 128 + the signal's number."""
     from cvmig.migration.destination import IncomingFailed, listen, migrate_in
     from cvmig.migration.host import Host
+    from cvmig.migration.listener import Listener
+    from cvmig.migration.messages import clean
+    from cvmig.psp.child import Parent
     from cvmig.wire.channel import parse_uri
 
     def say(obj: dict[str, Any]) -> None:
@@ -241,8 +285,13 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
         else:
             click.echo(" ".join(f"{k}={v}" for k, v in obj.items()), err=True)
 
+    def note(msg: str) -> None:
+        if not announce:  # a parent reading our events gets only those
+            click.echo(msg, err=True)
+
     if qmp is not None:
-        _vm_with_monitor(qmp, incoming, psp_profile, max_contig_pages, psp_owner, guest, say)
+        _vm_with_monitor(qmp, incoming, psp_profile, max_contig_pages, psp_owner, guest, say,
+                         handshake_timeout)
         return
     if incoming is None:
         raise click.UsageError("--incoming tcp:HOST:PORT or --qmp unix:PATH is required")
@@ -253,36 +302,82 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
         raise click.UsageError(str(e)) from None
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ending: list[int] = []  # the signal that ends us
+    current: list[Any] = [None]  # the connection of the incoming migration in progress
+
+    def abort(signum: int | None) -> None:
+        if signum is not None and not ending:
+            ending.append(signum)
+        stop.set()
+        conn = current[0]
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # the incoming migration fails at once
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: abort(signum))
+    parent = Parent.from_env()  # started by a local `cvmig migrate`: end with it
+    if parent is not None:
+        threading.Thread(target=_watch_lifeline, args=(parent, lambda: abort(None)),
+                         name="cvmig-lifeline", daemon=True).start()
+    code = 0
     with Host("destination", psp_profile, contig_cap=max_contig_pages,
               psp_owner=psp_owner) as host:
         try:
             srv = listen(addr, port)
         except OSError as e:
             raise click.ClickException(f"cannot listen on {incoming}: {e.strerror or e}") from None
-        say({"event": "listening", "port": srv.getsockname()[1]})
-        while not stop.is_set():
-            conn, peer = srv.accept()
-            try:
-                incoming_vm = migrate_in(
-                    host, conn, listener=srv,
-                    on_in_doubt=lambda m: say({"event": "in-doubt", "message": m}))
-            except IncomingFailed as e:
-                say({"event": "failed", "error": str(e)})
-                if once:
-                    sys.exit(1)
-                continue
-            say({"event": "migrated", "report": incoming_vm.report})
-            if once:
-                stop.wait(run_after)
+        with Listener(srv, handshake_timeout, note) as front:
+            say({"event": "listening", "port": front.port})
+            while not stop.is_set():
+                conn = front.take(timeout=0.2)
+                if conn is None:
+                    continue
+                current[0] = conn
+                if stop.is_set():
+                    abort(None)
+                try:
+                    incoming_vm = migrate_in(
+                        host, conn, decisions=front.take_decision,
+                        on_in_doubt=lambda m: say({"event": "in-doubt", "message": m}))
+                except IncomingFailed as e:
+                    current[0] = None
+                    front.idle()
+                    say({"event": "failed", "error": clean(e)})
+                    if once:
+                        code = 1
+                        break
+                    continue
+                current[0] = None
+                say({"event": "migrated", "report": incoming_vm.report})
+                stop.wait(run_after if once else None)
                 incoming_vm.shutdown(host)
-                return
-            stop.wait()
-            incoming_vm.shutdown(host)
+                if once:
+                    break
+                front.idle()
+    if ending:
+        click.echo(f"cvmig vm: terminating on {signal.Signals(ending[0]).name}", err=True)
+        sys.exit(128 + ending[0])
+    sys.exit(code)
+
+
+def _watch_lifeline(parent: Any, gone: Any) -> None:
+    """Call ``gone`` when the process that started us dies (its end of the lifeline
+    closes); it never writes on it."""
+    try:
+        while True:
+            if not select.select([parent.fileno()], [], [])[0]:
+                continue
+            if not os.read(parent.fileno(), 1):
+                break
+    except OSError:
+        pass
+    gone()
 
 
 def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_cap: int,
-                     psp_owner: str | None, guest: dict[str, Any], say: Any) -> None:
+                     psp_owner: str | None, guest: dict[str, Any], say: Any,
+                     handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
     """`cvmig vm --qmp`: a source (boots the guest) or, with --incoming, a destination."""
     from cvmig.monitor.run import StartError, parse_qmp_address, run_vm
     from cvmig.wire.channel import parse_uri
@@ -297,6 +392,6 @@ def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_ca
         raise click.UsageError(str(e)) from None
     try:
         run_vm(path, psp_profile, say, guest=config, policy=policy, incoming=addr,
-               contig_cap=contig_cap, psp_owner=psp_owner)
+               contig_cap=contig_cap, psp_owner=psp_owner, handshake_timeout=handshake_timeout)
     except StartError as e:
         raise click.ClickException(str(e)) from None

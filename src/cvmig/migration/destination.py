@@ -76,13 +76,15 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
-               lease_s: float = LEASE_S, listener: socket.socket | None = None,
+               lease_s: float = LEASE_S,
+               decisions: Callable[[float], socket.socket | None] | None = None,
                on_in_doubt: Callable[[str], None] | None = None) -> IncomingVM:
     """Receive one guest over ``conn``. Raises IncomingFailed (after discarding it).
 
     Once resumed here, the guest runs on a lease from the source: if the source falls
     silent for ``lease_s`` before releasing it, the guest is paused and held in doubt
-    until the source's decision arrives on ``listener`` (see `_await_resolution`)."""
+    until a decision arrives: ``decisions(timeout)`` yields the connections that carry one
+    (`cvmig.migration.listener.Listener.take_decision`)."""
     conn.settimeout(io_timeout)
     chan = Channel(conn)
     psp = hostobj.psp
@@ -157,7 +159,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
             # run; nor may it be discarded, since the source may have released it
             guest.pause()
             in_doubt = True
-            decision = _await_resolution(listener, mig_id, f"{describe_failure(e, 'source')}",
+            decision = _await_resolution(decisions, mig_id, f"{describe_failure(e, 'source')}",
                                          on_in_doubt)
             if decision != "released":
                 raise IncomingFailed("in doubt, resolved: the source kept the guest") from None
@@ -272,24 +274,22 @@ def _hold_until_released(chan: Channel, heard: float, lease_s: float) -> None:
         raise ProtocolError(f"unexpected {f.type.name} while the source decides")
 
 
-def _await_resolution(listener: socket.socket | None, mig_id: str, why: str,
+def _await_resolution(decisions: Callable[[float], socket.socket | None] | None,
+                      mig_id: str, why: str,
                       on_in_doubt: Callable[[str], None] | None) -> str:
-    """In doubt: hold the paused guest until the source's decision ("released" or
-    "aborted") arrives over a new connection to ``listener``, from the source (naming
-    this migration's id) or an operator (`cvmig resolve`). Other connections are told we
-    are busy. Returns the decision. Without a listener nobody can resolve it here: the
-    guest stays paused and IncomingInDoubt says so."""
+    """In doubt: hold the paused guest until the decision ("released" or "aborted")
+    arrives over a new connection, from the source (naming this migration's id) or an
+    operator (`cvmig resolve`). Other connections are told we are busy. Returns the
+    decision. With no way to hear one, IncomingInDoubt says so (the guest stays paused)."""
     msg = (f"in doubt after the guest resumed here ({why}): holding it paused until the "
-           "source's decision arrives")
+           "source's decision arrives (or `cvmig resolve`)")
     if on_in_doubt is not None:
         on_in_doubt(msg)
-    if listener is None:
+    if decisions is None:
         raise IncomingInDoubt(msg)
-    listener.settimeout(POLL_S)
     while True:  # each wait is bounded; only a decision ends this (never lost)
-        try:
-            conn, _ = listener.accept()
-        except TimeoutError:
+        conn = decisions(POLL_S)
+        if conn is None:
             continue
         with conn:
             conn.settimeout(HANDSHAKE_S)

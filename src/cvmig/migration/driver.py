@@ -420,7 +420,11 @@ class Driver:
         due = self._window_start + self._window_bytes / self.params.max_bandwidth
         now = w.now()
         if due > now:
-            w.sleep(due - now)
+            # in slices: a cancel cuts the pacing short within 0.1 s (the next chunk's
+            # check then raises it; a low max-bandwidth can make one pause seconds long)
+            while due > now and not self.should_cancel():
+                w.sleep(min(due - now, 0.1))
+                now = w.now()
         elif now - due > RATE_WINDOW_S:
             # fell behind the rate (the link is slower): don't bank the slack as a burst
             self._window_start, self._window_bytes = now, 0

@@ -3,12 +3,14 @@ and a transport buffer the PSP writes packets into and the socket sends from."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from cvmig.guest.memory import GuestMemory
+from cvmig.migration.leftovers import sweep
 from cvmig.psp.api import PAGE_SIZE
 from cvmig.psp.mailbox import MailboxClient, PspProcess
 
@@ -36,19 +38,29 @@ class Host:
         spec; more is an extension both hosts must enable). ``psp_owner``: the platform
         owner (OCA) directory, or "self" for a platform owned by no one else."""
         self.name = name
-        self._dir = Path(tempfile.mkdtemp(prefix=f"cvmig-{name}-"))
+        sweep()  # what hosts killed outright here before left behind
+        # our pid in the name: if we and our PSP are both killed, the next host removes it
+        self._dir = Path(tempfile.mkdtemp(prefix=f"cvmig-{name}-{os.getpid()}-"))
         self.psp_socket = str(self._dir / "psp.sock")
+        # if we are killed outright, the PSP removes the directory and our shm names
         self._psp = PspProcess(self.psp_socket, profile=psp_profile,
-                               max_contig_bytes=contig_cap * PAGE_SIZE, owner=psp_owner)
+                               max_contig_bytes=contig_cap * PAGE_SIZE, owner=psp_owner,
+                               remove_dir=str(self._dir))
         self.psp: MailboxClient | None = None
         self.transport: Transport | None = None
 
     def start(self) -> Host:
-        self._psp.start()
-        self.psp = MailboxClient(self.psp_socket)
-        shm = GuestMemory.create(TRANSPORT_SIZE, populate=True)
-        self.transport = Transport(shm, self.psp.map_region(shm.name, shm.size))
-        shm.unlink()  # both of us have it mapped; a killed host leaves no name behind
+        try:
+            self._psp.start()
+            self.psp = MailboxClient(self.psp_socket)
+            shm = GuestMemory.create(TRANSPORT_SIZE, populate=True)
+            try:
+                self.transport = Transport(shm, self.psp.map_region(shm.name, shm.size))
+            finally:
+                shm.unlink()  # both of us have it mapped; a killed host leaves no name behind
+        except BaseException:
+            self.close()  # `with` does not exit what failed to enter
+            raise
         return self
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,11 @@ from typing import IO, Any
 from cvmig.guest.vm import GuestConfig
 from cvmig.migration.driver import MigrationParams, Observer
 from cvmig.migration.host import Host
+from cvmig.migration.messages import clean
 from cvmig.migration.report import full_report
 from cvmig.migration.source import MigrationFailed, Outcome, SourceVM, guest_ops, migrate_out
 from cvmig.psp.api import Batching, Policy
+from cvmig.psp.child import ENV as LIFELINE_ENV
 
 DEFAULT_POLICY = int(Policy.NODBG | Policy.ES)
 
@@ -39,23 +42,43 @@ class DestinationProcess:
         cmd = [sys.executable, "-m", "cvmig", "vm", "--incoming", f"tcp:{host}:0",
                "--psp-profile", psp_profile, "--max-contig-pages", str(contig_cap),
                "--once", "--announce", *(extra or [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=os.environ.copy())
+        # its lifeline: it reads end of file when we die, even by kill -9, and the
+        # destination then ends (with its PSP and vCPUs, which watch it the same way)
+        ours, theirs = socket.socketpair()
+        env = os.environ.copy()
+        env[LIFELINE_ENV] = str(theirs.fileno())
+        try:
+            # a session of its own: a terminal's Ctrl-C reaches only us, and we cancel
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env=env, pass_fds=(theirs.fileno(),),
+                                         start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._lifeline = ours
         line = self._read_event(timeout=60.0)
         if line.get("event") != "listening":
-            raise MigrationFailed(f"destination did not start: {line}")
+            self.close()
+            raise MigrationFailed(f"destination did not start: {clean(line)}")
         self.port = int(line["port"])
         self.uri = f"tcp:{host}:{self.port}"
         self.pid = self.proc.pid
 
     def _read_event(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            self.proc.wait(timeout)
-            return {"event": "exited", "code": self.proc.returncode, "stderr": err[-2000:]}
-        return dict(json.loads(line))
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                self.proc.wait(timeout)
+                return {"event": "exited", "code": self.proc.returncode,
+                        "stderr": err[-2000:]}
+            try:
+                return dict(json.loads(line))
+            except (ValueError, TypeError):
+                continue  # not one of its events (a stray line on its stdout)
 
     def result(self, timeout: float = 120.0) -> dict[str, Any]:
         """The destination's last word (migrated or failed), then wait for it to exit."""
@@ -73,6 +96,7 @@ class DestinationProcess:
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
+        self._lifeline.close()
 
 
 def contig_cap(params: MigrationParams) -> int:
@@ -103,8 +127,10 @@ def migrate_local_or_remote(
                 dest = DestinationProcess(opts.psp_profile, contig_cap=cap)
                 uri = dest.uri
             ops0, t0 = guest_ops(vm.guest), time.monotonic()
-            _run_for(vm, opts.warmup_s)
+            _run_for(vm, opts.warmup_s, should_cancel)
             ops1, t1 = guest_ops(vm.guest), time.monotonic()
+            if should_cancel():
+                raise MigrationFailed("migration cancelled before it started")
             outcome = migrate_out(vm, uri, opts.params, observer, should_cancel)
         except BaseException:
             vm.shutdown()
@@ -121,10 +147,11 @@ def migrate_local_or_remote(
     return _report(opts, outcome, tracker, (ops0, t0, ops1, t1), dest_result, machine_info())
 
 
-def _run_for(vm: SourceVM, seconds: float) -> None:
+def _run_for(vm: SourceVM, seconds: float,
+             should_cancel: Callable[[], bool] = lambda: False) -> None:
     """Let the guest run for a while: the warm-up is part of the measurement."""
     deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
+    while (left := deadline - time.monotonic()) > 0 and not should_cancel():
         time.sleep(min(left, 0.1))
 
 

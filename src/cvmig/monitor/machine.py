@@ -31,7 +31,9 @@ from cvmig.guest.vm import GuestConfig
 from cvmig.migration.destination import listen, migrate_in
 from cvmig.migration.driver import MigrationParams, Progress
 from cvmig.migration.host import Host
+from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S, Listener
 from cvmig.migration.live import IN_PROGRESS, RateMeter, migration_info
+from cvmig.migration.messages import clean
 from cvmig.migration.source import MigrationFailed, SourceVM, migrate_out
 from cvmig.monitor.params import Settings
 from cvmig.monitor.protocol import QMPError
@@ -78,7 +80,7 @@ class Machine:
         self._worker: threading.Thread | None = None
         self._cancel = threading.Event()
         self._closing = threading.Event()
-        self._listener: socket.socket | None = None
+        self._listener: Listener | None = None
         self._conn: socket.socket | None = None
 
     # -- state changes (caller holds the lock) ------------------------------------------
@@ -101,9 +103,13 @@ class Machine:
             self.vm = vm
             self._runstate("running")
 
-    def listen(self, addr: str, port: int) -> int:
-        """A destination: wait for a guest on addr:port (0: any free port); the port."""
-        srv = listen(addr, port)
+    def listen(self, addr: str, port: int,
+               handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> int:
+        """A destination: wait for a guest on addr:port (0: any free port); the port.
+        Connections are vetted concurrently (`cvmig.migration.listener`): one that does
+        not say HELLO as a source within ``handshake_timeout`` s is dropped, a second
+        source while a guest comes in is refused as busy."""
+        srv = Listener(listen(addr, port), handshake_timeout)
         self._listener = srv
         with self.lock:
             self.runstate = "inmigrate"
@@ -112,16 +118,17 @@ class Machine:
         self._worker = threading.Thread(target=self._incoming, args=(srv,),
                                         name="cvmig-incoming", daemon=True)
         self._worker.start()
-        return int(srv.getsockname()[1])
+        return srv.port
 
     def close(self, timeout: float = 120.0) -> None:
         """Quit: cancel what runs, wait for it to roll back, shut the guest down."""
         self._closing.set()
         self._cancel.set()
-        for s in (self._listener, self._conn):
-            if s is not None:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)  # wakes accept() and recv() at once
+        if self._listener is not None:
+            self._listener.close()  # wakes a worker waiting for a source at once
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.shutdown(socket.SHUT_RDWR)  # wakes recv() at once
         if self._worker is not None:
             self._worker.join(timeout)  # not under the lock: the worker needs it to finish
         with self.lock:
@@ -129,8 +136,6 @@ class Machine:
                 self.vm.shutdown()
                 self.vm = None
             self.runstate = "shutdown"
-        if self._listener is not None:
-            self._listener.close()
 
     # -- run state ----------------------------------------------------------------------
     def query_status(self) -> dict[str, Any]:
@@ -260,8 +265,8 @@ class Machine:
                 if self._cancel.is_set():
                     self._status("cancelled")
                 else:
-                    job.error = str(e) if isinstance(e, MigrationFailed) else \
-                        f"{type(e).__name__}: {e}"
+                    job.error = clean(e) if isinstance(e, MigrationFailed) else \
+                        clean(f"{type(e).__name__}: {e}")
                     self._status("failed")
                 if self.runstate == "finish-migrate":  # rolled back: the guest runs here
                     if vm.guest.paused:
@@ -275,13 +280,12 @@ class Machine:
             self._runstate("postmigrate")
             self._status("completed")
 
-    def _incoming(self, srv: socket.socket) -> None:
+    def _incoming(self, srv: Listener) -> None:
         try:
             while not self._closing.is_set():
-                try:
-                    conn, _ = srv.accept()
-                except OSError:
-                    return  # the listener was shut down: quitting
+                conn = srv.take()
+                if conn is None:
+                    return  # the listener was closed: quitting
                 with self.lock:
                     if self._closing.is_set():
                         conn.close()
@@ -291,12 +295,13 @@ class Machine:
                     self.job = job
                     self._status("active")
                 try:
-                    ivm = migrate_in(self.host, conn, listener=srv)
+                    ivm = migrate_in(self.host, conn, decisions=srv.take_decision)
                 except BaseException as e:  # noqa: BLE001 - keep listening for another try
                     with self.lock:
                         self._conn = None
-                        job.error = str(e)
+                        job.error = clean(e)
                         self._status("failed")
+                    srv.idle()
                     continue
                 with self.lock:
                     self._conn = None

@@ -15,6 +15,7 @@ from typing import Any
 
 from cvmig.guest.vm import GuestConfig
 from cvmig.migration.host import Host
+from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S
 from cvmig.monitor.machine import Machine
 from cvmig.monitor.server import Server
 
@@ -41,8 +42,9 @@ class StartError(Exception):
 
 def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | None = None,
            policy: int = 0, incoming: tuple[str, int] | None = None, contig_cap: int = 4,
-           psp_owner: str | None = None) -> None:
-    """Serve until quit. ``incoming``: a destination on (addr, port); else boot ``guest``."""
+           psp_owner: str | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+    """Serve until quit. ``incoming``: a destination on (addr, port); else boot ``guest``.
+    ``handshake_timeout``: seconds an incoming connection has to say HELLO as a source."""
     folder = os.path.dirname(os.path.abspath(qmp_path))
     if not os.path.isdir(folder):  # say so before a guest boots for nothing
         raise StartError(f"cannot serve QMP on unix:{qmp_path}: no folder {folder}")
@@ -53,7 +55,7 @@ def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | No
             port = None
             if incoming is not None:
                 try:
-                    port = machine.listen(*incoming)
+                    port = machine.listen(*incoming, handshake_timeout=handshake_timeout)
                 except OSError as e:
                     raise StartError(f"cannot listen on {incoming[0]}:{incoming[1]}: "
                                      f"{e.strerror or e}") from None

@@ -87,7 +87,13 @@ def spawn(argv: Sequence[str], *, what: str, ready_timeout: float,
           pass_fds: Sequence[int] = (), env: dict[str, str] | None = None,
           **popen: Any) -> Child:
     """Start ``argv`` and return once it announced ready (`Parent.ready`); on failure,
-    silence past ``ready_timeout`` or death, kill it and raise `ChildFailed`."""
+    silence past ``ready_timeout`` or death, kill it and raise `ChildFailed`.
+
+    The child runs in a session of its own (unless ``start_new_session=False`` is passed):
+    a terminal's Ctrl-C, sent to the whole foreground process group, reaches only the
+    parent, which decides how its children end. A child still ends with its parent: the
+    handshake socket is its lifeline."""
+    popen.setdefault("start_new_session", True)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     child_env = dict(os.environ if env is None else env)
     child_env[ENV] = str(theirs.fileno())

@@ -8,7 +8,9 @@ Run standalone: ``python -m cvmig.psp.process --socket /run/psp.sock [--profile 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import select
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from cvmig.psp.api import SPEC_MAX_LENGTH
 from cvmig.psp.child import Child, ChildFailed, Parent, spawn
 from cvmig.psp.client import MailboxClient
 from cvmig.psp.cost import parse
-from cvmig.psp.firmware import DEFAULT_MAX_SG_PAGES, Firmware
+from cvmig.psp.firmware import DEFAULT_MAX_SG_PAGES, Firmware, shm_path
 from cvmig.psp.server import PspServer
 
 
@@ -31,6 +33,9 @@ class PspProcess:
     the emulated PKI (``amd-root/``, ``owner/``; default `certs.pki_dir()`), so that every
     PSP on the machine chains to one ARK and, by default, one owner (a DOMAIN). ``owner``:
     another owner directory, or ``"self"`` for a self-owned platform with a fresh OCA.
+    ``remove_dir``: an (empty but for the socket) directory the PSP removes if its host
+    process dies first, with the shm names of the regions mapped here: a host killed
+    outright leaves nothing behind.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class PspProcess:
         pki: str | None = None,
         owner: str | None = None,
         start_timeout: float = 30.0,
+        remove_dir: str | None = None,
     ) -> None:
         parse(profile)  # fail here, not in the child
         self.socket_path = socket_path
@@ -56,6 +62,8 @@ class PspProcess:
             self._args += ["--pki", pki]
         if owner:
             self._args += ["--owner", owner]
+        if remove_dir:
+            self._args += ["--remove-dir", remove_dir]
         self._timeout = start_timeout
         self._child: Child | None = None
 
@@ -100,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--owner", default=None)
     ap.add_argument("--parent-pid", type=int, default=None,
                     help="exit when this process (the host that started the PSP) is gone")
+    ap.add_argument("--remove-dir", default=None,
+                    help="if the host dies first: remove this directory (it holds the "
+                         "socket) and the shm names of every region mapped here")
     a = ap.parse_args(argv)
     parent = Parent.from_env()
     try:
@@ -128,6 +139,31 @@ def main(argv: list[str] | None = None) -> None:
         parent.ready(socket=a.socket)
     server.serve_forever(parent_pid=a.parent_pid,
                          lifeline=None if parent is None else parent.fileno())
+    if _host_gone(parent, a.parent_pid):
+        _clean_up_after_host(fw, a.remove_dir)
+
+
+def _host_gone(parent: Parent | None, parent_pid: int | None) -> bool:
+    """Whether the host that started us died (rather than stopping us)."""
+    if parent is not None and select.select([parent.fileno()], [], [], 0)[0]:
+        return True  # the lifeline reads end of file: the host never writes on it
+    return parent_pid is not None and os.getppid() != parent_pid
+
+
+def _clean_up_after_host(fw: Firmware, remove_dir: str | None) -> None:
+    """What a host killed outright could not remove: the shm names of the regions it had
+    us map (guest memory, transport buffers; the mappings stay valid while mapped) and its
+    directory. Names already removed, as the engine does once every party has them mapped,
+    are simply not there."""
+    for region in list(fw._regions.values()):
+        with contextlib.suppress(OSError):
+            os.unlink(shm_path(region.name))
+    if remove_dir:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(remove_dir):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            os.rmdir(remove_dir)
 
 
 if __name__ == "__main__":

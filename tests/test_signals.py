@@ -1,0 +1,132 @@
+"""Signals and kills: Ctrl-C and SIGTERM cancel a running `cvmig migrate` cleanly; a
+killed CLI, destination, vCPU or secure processor leaves no process and no name behind.
+
+Each case starts a real migration (a 32 MiB guest, the link limited to 2 MB/s so that it
+is still in progress when the signal comes), waits until the destination is receiving
+(its vCPUs have started), and then signals or kills."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.proctree import cmdline, descendants, leftovers, wait_for, wait_gone
+
+MIGRATE = [sys.executable, "-m", "cvmig", "migrate", "-m", "32M", "--vcpus", "1",
+           "-w", "dirtier:rate=500", "--max-bandwidth", "2M", "--timeout", "0",
+           "--warmup", "0.1", "-q"]
+
+
+def _is_destination(cmd: str) -> bool:
+    return " vm --incoming" in cmd
+
+
+def _start() -> tuple[subprocess.Popen[str], dict[int, str]]:
+    """A migration in progress: the CLI (its own process group, as a shell starts a
+    foreground job) and, once the destination receives, its whole process tree."""
+    proc = subprocess.Popen(MIGRATE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    tree: dict[int, str] = {}
+
+    def receiving() -> bool:
+        nonlocal tree
+        if proc.poll() is not None:
+            return True
+        tree = descendants(proc.pid)
+        dests = [p for p, c in tree.items() if _is_destination(c)]
+        return any(tree.get(p) is not None and "cvmig.guest.vcpu" in c
+                   for p, c in descendants(dests[0]).items()) if dests else False
+
+    try:
+        assert wait_for(receiving, 60.0), "the migration did not start within 60 s"
+        assert proc.poll() is None, f"cvmig migrate ended early: {proc.communicate()}"
+        tree = descendants(proc.pid)
+        kinds = " ".join(tree.values())
+        assert "cvmig.psp.process" in kinds and "cvmig.guest.vcpu" in kinds, tree
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc, tree
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"cvmig migrate still ran {timeout} s after the signal: {err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def _assert_clean(tree: dict[int, str], owners: list[int]) -> None:
+    stuck = wait_gone(tree, 10.0)
+    assert not stuck, f"still alive: {[(p, cmdline(p)) for p in stuck]}"
+    left = leftovers(owners + list(tree))
+    assert not left, f"left behind: {left}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_to_the_process_group_cancels_cleanly(sig: signal.Signals) -> None:
+    proc, tree = _start()
+    t0 = time.monotonic()
+    os.killpg(proc.pid, sig)  # what a terminal does with Ctrl-C: the whole foreground group
+    code, _, err = _finish(proc, 30.0)
+    took = time.monotonic() - t0
+    assert code == 128 + sig, err
+    assert f"migration cancelled ({sig.name})" in err, err
+    assert "guest kept running on the source" in err, err
+    assert "Traceback" not in err, err
+    # the children were in sessions of their own: the group's signal did not reach them,
+    # they ended because the CLI ended them (the PSP answered the roll-back's commands)
+    _assert_clean(tree, [proc.pid])
+    assert took < 15.0, f"cancelling took {took:.1f} s"
+
+
+VICTIMS = {
+    "cli": lambda pid, tree: pid,
+    "destination": lambda pid, tree: _find(tree, _is_destination),
+    "source-psp": lambda pid, tree: _child_of(tree, pid, "cvmig.psp.process"),
+    "source-vcpu": lambda pid, tree: _child_of(tree, pid, "cvmig.guest.vcpu"),
+    "destination-psp": lambda pid, tree: _child_of(tree, _find(tree, _is_destination),
+                                                   "cvmig.psp.process"),
+    "destination-vcpu": lambda pid, tree: _child_of(tree, _find(tree, _is_destination),
+                                                    "cvmig.guest.vcpu"),
+}
+
+
+def _find(tree: dict[int, str], pred: object) -> int:
+    hits = [p for p, c in tree.items() if pred(c)]  # type: ignore[operator]
+    assert hits, tree
+    return hits[0]
+
+
+def _child_of(tree: dict[int, str], parent: int, what: str) -> int:
+    kids = descendants(parent)
+    hits = [p for p, c in kids.items() if what in c and p in tree]
+    assert hits, (parent, kids)
+    return hits[0]
+
+
+@pytest.mark.parametrize("victim", list(VICTIMS))
+def test_kill_9_leaves_nothing_behind(victim: str) -> None:
+    proc, tree = _start()
+    pid = VICTIMS[victim](proc.pid, tree)
+    os.kill(pid, signal.SIGKILL)
+    if victim == "cli":
+        proc.wait(5.0)
+        # its PSP, vCPUs and destination (with the destination's own) see it die
+        stuck = wait_gone(tree, 10.0)
+        assert not stuck, f"still alive: {[(p, cmdline(p)) for p in stuck]}"
+        proc.communicate()
+    else:
+        code, _, err = _finish(proc, 60.0)
+        assert code != 0, err
+        assert "Traceback" not in err, err
+    _assert_clean(tree, [proc.pid])
