@@ -294,3 +294,35 @@ def test_in_doubt_source_says_so_and_what_to_run(host: Host, dest: Destination) 
         closer.join(5)
         proxy.close()
         vm.shutdown()
+
+
+def test_qmp_shows_the_in_doubt_guest_and_resolves_it(
+    host: Host, tmp_path: os.PathLike[str],
+) -> None:
+    """A QMP-driven destination holding a guest in doubt says so in query-status and
+    query-migrate, and `x-migrate-resolve` with decision 'keep' runs it there."""
+    from cvmig.monitor.testing import RawQMP, VmProcess
+
+    dst = VmProcess(os.path.join(tmp_path, "dst.sock"), ["--incoming", "tcp:127.0.0.1:0"])
+    vm = boot(host)
+    proxy = FrameProxy(("127.0.0.1", dst.port), "s2d", FrameType.RELEASED, "cut")
+    closer = threading.Thread(target=lambda: (proxy.fired.wait(120), proxy.close()))
+    closer.start()
+    try:
+        with pytest.raises(MigrationInDoubt):
+            migrate_out(vm, proxy.uri, MigrationParams(), resolve_window_s=1)
+        with RawQMP(os.path.join(tmp_path, "dst.sock")) as q:
+            st = q.poll("query-status", lambda r: "x-in-doubt" in r, timeout=LEASE_S + 10)
+            assert st["running"] is False
+            assert "x-in-doubt" in q.ok("query-migrate")
+            assert q.cmd("x-migrate-resolve", {"decision": "maybe"})["error"]["class"] == \
+                "GenericError"
+            q.ok("x-migrate-resolve", {"decision": "keep"})
+            q.poll("query-migrate", lambda r: r.get("status") == "completed", timeout=30)
+            st = q.ok("query-status")
+            assert st["running"] is True and "x-in-doubt" not in st
+    finally:
+        closer.join(5)
+        proxy.close()
+        vm.shutdown()
+        dst.close()

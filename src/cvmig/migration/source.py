@@ -510,13 +510,18 @@ def _roll_back(vm: SourceVM, chan: Channel | None, driver: Driver | None, reason
         assert vm.host.psp is not None
         vm.host.psp.send_cancel(vm.handle)
     g = vm.guest
-    g.set_throttle(0.0)
-    g.set_dirty_limit(None)
-    g.stop_dirty_log()
-    g.resume()
+    broken = ""
+    for step in (lambda: g.set_throttle(0.0), lambda: g.set_dirty_limit(None),
+                 g.stop_dirty_log, g.resume):
+        try:
+            step()
+        except (OSError, RuntimeError, TimeoutError) as e:  # a vCPU died: say so, go on
+            broken = broken or f"; and the guest could not resume here: {e}"
     if driver is not None:
         driver.progress.status = "failed"
-        driver.progress.error = reason
+        driver.progress.error = reason + broken
+    if broken:
+        raise MigrationFailed(reason + broken)
 
 
 def guest_ops(guest: Guest) -> float:

@@ -42,6 +42,14 @@ def _migrate(m: Machine, a: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _resolve(m: Machine, a: dict[str, Any]) -> dict[str, Any]:
+    if a["decision"] not in ("keep", "discard"):
+        raise QMPError("Parameter 'decision' must be 'keep' (run the guest here) or "
+                       "'discard' (its source runs it)")
+    m.resolve(a["decision"] == "keep")
+    return {}
+
+
 def _set_parameters(m: Machine, a: dict[str, Any]) -> dict[str, Any]:
     m.set_parameters(a)
     return {}
@@ -69,4 +77,6 @@ COMMANDS: dict[str, Command] = {
     "migrate-set-capabilities": Command(_set_capabilities,
                                         {"capabilities": ("array", True)}),
     "query-migrate-capabilities": Command(lambda m, a: m.settings.query_capabilities(), {}),
+    # cvmig's own: an operator's decision for an incoming guest held in doubt
+    "x-migrate-resolve": Command(_resolve, {"decision": ("str", True)}),
 }

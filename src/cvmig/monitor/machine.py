@@ -19,6 +19,7 @@ and MIGRATION_PASS need the ``events`` capability, as in QEMU; STOP and RESUME d
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -58,6 +59,7 @@ class Job:
     meter: RateMeter = field(default_factory=RateMeter)
     error: str = ""
     passes: int = 0  # MIGRATION_PASS events sent
+    in_doubt: str = ""  # incoming: why the guest is held paused, in doubt (migration README)
 
     @property
     def outgoing_in_progress(self) -> bool:
@@ -140,7 +142,27 @@ class Machine:
     # -- run state ----------------------------------------------------------------------
     def query_status(self) -> dict[str, Any]:
         with self.lock:
-            return {"running": self.runstate == "running", "status": self.runstate}
+            out: dict[str, Any] = {"running": self.runstate == "running",
+                                   "status": self.runstate}
+            if self.job.in_doubt:
+                out["x-in-doubt"] = self.job.in_doubt
+            return out
+
+    def resolve(self, keep: bool) -> None:
+        """x-migrate-resolve: an operator's decision for an incoming guest held in doubt,
+        delivered as `cvmig resolve` delivers it, through this host's own listener."""
+        from cvmig.migration.resolve import resolve_in_doubt
+
+        with self.lock:
+            if not self.job.in_doubt or self._listener is None:
+                raise QMPError("No incoming guest is held in doubt here")
+            host, port = self._listener.srv.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        try:
+            resolve_in_doubt(f"tcp:{host}:{port}", keep)
+        except (OSError, RuntimeError) as e:
+            raise QMPError(f"the decision could not be delivered: {e}") from None
 
     def stop(self) -> None:
         with self.lock:
@@ -216,6 +238,8 @@ class Machine:
             info: dict[str, Any] = {} if job.status == "none" else {"status": job.status}
             if job.status == "failed" and job.error:
                 info["error-desc"] = job.error
+            if job.in_doubt:
+                info["x-in-doubt"] = job.in_doubt
             return info
         return migration_info(job.status, job.progress, job.params, job.meter, error=job.error)
 
@@ -233,6 +257,12 @@ class Machine:
             self.settings.set_capabilities(items)
 
     # -- workers ------------------------------------------------------------------------
+    def _in_doubt(self, job: Job, message: str) -> None:
+        with self.lock:
+            job.in_doubt = message
+            if self.settings.caps["events"]:
+                self.emit("MIGRATION", {"status": job.status, "x-in-doubt": message})
+
     def _observe(self, job: Job, event: str, p: Progress) -> None:
         """The driver's observer, on the migration thread: keep it short."""
         job.progress = p
@@ -295,16 +325,19 @@ class Machine:
                     self.job = job
                     self._status("active")
                 try:
-                    ivm = migrate_in(self.host, conn, decisions=srv.take_decision)
+                    ivm = migrate_in(self.host, conn, decisions=srv.take_decision,
+                                     on_in_doubt=functools.partial(self._in_doubt, job))
                 except BaseException as e:  # noqa: BLE001 - keep listening for another try
                     with self.lock:
                         self._conn = None
                         job.error = clean(e)
+                        job.in_doubt = ""
                         self._status("failed")
                     srv.idle()
                     continue
                 with self.lock:
                     self._conn = None
+                    job.in_doubt = ""
                     if self._closing.is_set():
                         ivm.shutdown(self.host)
                         return
