@@ -8,6 +8,7 @@ its own digest with the one our PSP measured on import, releases it.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -29,7 +30,8 @@ from cvmig.wire.frames import VERSION, FrameType, Header, ProtocolError, parse_j
 from cvmig.wire.protocol import WINDOW, Ack, slot_size
 
 VERIFY_WAIT_S = 10.0  # how long the workload may take to show progress after resume
-LEASE_S = 5.0  # a guest the source has not released runs here this long without word
+LEASE_S = 3.0  # a guest the source has not released runs here this long without word
+HEARTBEAT_S = 1.0  # how often we ask the source to renew the lease
 HANDSHAKE_S = 5.0  # a connection must say who it is within this
 POLL_S = 0.5
 
@@ -123,8 +125,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
         memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
         rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages).start()
         try:
-            trailer, finish_meta, heard = _import_stream(rx, psp, handle, trans.region,
-                                                         memory)
+            trailer, finish_meta = _import_stream(rx, psp, handle, trans.region, memory)
         except BaseException:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)  # wakes the reader; ERROR can still go out
@@ -145,18 +146,18 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
         guest.restore()  # vCPUs up, paused, state imported from the VMSAs
         vm = IncomingVM(guest, memory, handle)
         in_doubt = False
-        leased = True  # we run the guest on the source's lease, from its last frame
+        leased = True  # from CONFIRM on, the source may commit: we hold until it decides
+        lease = Lease(chan, guest, lease_s)
         try:
-            if time.monotonic() - heard >= lease_s:
-                raise PeerGone("the lease ran out before the guest could resume")
-            guest.resume()
-            resumed_at = time.monotonic()
-            chan.send_json(FrameType.CONFIRM, {"status": "running", "digest": digest})
-            _hold_until_released(chan, heard, lease_s)
+            chan.send_json(FrameType.CONFIRM, {"status": "ready", "digest": digest,
+                                               "lease": 0})
+            lease.requested(0)
+            resumed_at = lease.run_until_released()
             leased = False
         except (PeerGone, ProtocolError, OSError) as e:
-            # the lease is lost: the source may still resume its copy, so ours must not
-            # run; nor may it be discarded, since the source may have released it
+            # the lease is lost (or was never granted): the source may still resume its
+            # copy, so ours must not run; nor may it be discarded, since the source may
+            # have released it
             guest.pause()
             in_doubt = True
             decision = _await_resolution(decisions, mig_id, f"{describe_failure(e, 'source')}",
@@ -206,9 +207,9 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
 
 
 def _import_stream(rx: Receiver, psp: MailboxClient, handle: int, region: int,
-                   memory: GuestMemory) -> tuple[bytes, bytes, float]:
+                   memory: GuestMemory) -> tuple[bytes, bytes]:
     """Import frames as the receiver hands them over, acknowledging each page frame;
-    return the finish trailer, the FINISH frame's meta and when it arrived."""
+    return the finish trailer and the FINISH frame's meta."""
     chan = rx.chan
     frames = 0
     while True:
@@ -248,30 +249,70 @@ def _import_stream(rx: Receiver, psp: MailboxClient, handle: int, region: int,
         elif t is FrameType.PAGE_STATE:
             memory.page_state[:] = np.frombuffer(item.raw, np.uint8)
         elif t is FrameType.FINISH:
-            return item.raw, item.meta, item.at
+            return item.raw, item.meta
         else:
             raise ProtocolError(f"unexpected {t.name} frame during the transfer")
 
 
-def _hold_until_released(chan: Channel, heard: float, lease_s: float) -> None:
-    """Run the guest on the source's lease: it ends ``lease_s`` after the last frame we
-    heard (at ``heard``, monotonic), and every frame renews it; return at RELEASED.
-    Raises RemoteError if the source cancelled (its digest differed), PeerGone if it fell
-    silent until the lease ran out or the link broke."""
-    while True:
-        left = heard + lease_s - time.monotonic()
-        if left <= 0:
-            raise PeerGone(f"the source was silent for {lease_s:g} s (lease ran out)")
-        chan.sock.settimeout(left)
-        f = chan.recv_frame()
-        heard = time.monotonic()
-        if f.type is FrameType.HEARTBEAT:
-            continue
-        if f.type is FrameType.RELEASED:
-            return
-        if f.type in (FrameType.CANCEL, FrameType.ERROR):
-            raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
-        raise ProtocolError(f"unexpected {f.type.name} while the source decides")
+class Lease:
+    """The guest runs here only on a lease the source grants, and the lease is measured
+    from *before* the source could have granted it: we ask (CONFIRM, then a HEARTBEAT
+    request every second), stamping each request with our clock; a grant for request n
+    (the source's HEARTBEAT echoing n) lets the guest run until stamp(n) + lease_s. The
+    source, which sent the grant after our request, knows the guest stops here by
+    (its grant's time) + lease_s whatever delayed the messages: only then may it resume
+    its own copy without word from us. The first grant is the go-ahead to resume."""
+
+    def __init__(self, chan: Channel, guest: Guest, lease_s: float) -> None:
+        self.chan, self.guest, self.lease_s = chan, guest, lease_s
+        self.stamps: dict[int, float] = {}
+        self.next_n = 0
+        self.until = 0.0  # the guest may run here until then (monotonic); 0: not granted
+
+    def requested(self, n: int) -> None:
+        self.stamps[n] = time.monotonic()
+        self.next_n = n + 1
+
+    def run_until_released(self) -> float:
+        """Resume at the first grant; return its time once RELEASED arrives. Raises
+        RemoteError if the source cancelled (its digest differed), PeerGone if the lease
+        ran out (or was never granted) or the link broke."""
+        resumed_at = 0.0
+        next_request = time.monotonic() + HEARTBEAT_S
+        sock = self.chan.sock
+        while True:
+            now = time.monotonic()
+            end = self.until if self.until else self.stamps[0] + self.lease_s
+            if now >= end:
+                raise PeerGone(f"no word from the source within the {self.lease_s:g} s lease"
+                               + ("" if self.until else " (never granted)"))
+            if self.until and now >= next_request:
+                self.chan.send_json(FrameType.HEARTBEAT, {"n": self.next_n})
+                self.requested(self.next_n)
+                next_request = now + HEARTBEAT_S
+            wait = min(end, next_request) - now if self.until else end - now
+            if not select.select([sock], [], [], max(0.0, wait))[0]:
+                continue
+            sock.settimeout(self.lease_s)  # a frame begun is a small one: read it whole
+            f = self.chan.recv_frame()
+            if f.type is FrameType.HEARTBEAT:
+                n = f.json().get("n")
+                stamp = self.stamps.get(n) if isinstance(n, int) else None
+                if stamp is None:
+                    raise ProtocolError(f"a grant for lease request {n!r}, never asked")
+                self.until = max(self.until, stamp + self.lease_s)
+                if not resumed_at and time.monotonic() < self.until:
+                    self.guest.resume()  # the go-ahead: the downtime ends here
+                    resumed_at = time.monotonic()
+                continue
+            if f.type is FrameType.RELEASED:
+                if not resumed_at:
+                    self.guest.resume()
+                    resumed_at = time.monotonic()
+                return resumed_at
+            if f.type in (FrameType.CANCEL, FrameType.ERROR):
+                raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
+            raise ProtocolError(f"unexpected {f.type.name} while the source decides")
 
 
 def _await_resolution(decisions: Callable[[float], socket.socket | None] | None,

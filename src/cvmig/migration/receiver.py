@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 from cvmig.psp.packet import TRAILER_SIZE
@@ -36,7 +35,6 @@ class Item:
     length: int = 0
     raw: bytes = b""  # PAGE_STATE map, FINISH trailer
     meta: bytes = b""  # FINISH: its json
-    at: float = 0.0  # when the frame was in (monotonic): the destination's lease runs from it
 
 
 class Receiver:
@@ -129,8 +127,7 @@ class Receiver:
                             f"{TRAILER_SIZE}")
                     trailer = bytearray(TRAILER_SIZE)
                     chan.recv_into(memoryview(trailer))
-                    self._items.put(Item(t, raw=bytes(trailer), meta=finish_meta,
-                                         at=time.monotonic()))
+                    self._items.put(Item(t, raw=bytes(trailer), meta=finish_meta))
                     return
                 if h.data_len:
                     raise ProtocolError(f"unexpected {h.data_len} data bytes on a {t.name} frame")

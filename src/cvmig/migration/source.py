@@ -49,11 +49,12 @@ from cvmig.wire.protocol import (
 
 MODES = tuple(m.value for m in Batching)
 IO_TIMEOUT_S = 15.0  # a silent destination during the transfer is noticed within this
-ENDGAME_TIMEOUT_S = 5.0  # ... and after the pause, when the guest runs nowhere
-HEARTBEAT_S = 1.0  # the source's heartbeat while the destination runs on its lease
-LEASE_S = 5.0  # the destination's lease (cvmig.migration.destination.LEASE_S)
+ENDGAME_TIMEOUT_S = 4.0  # ... and after the pause, when the guest runs nowhere
+LEASE_POLL_S = 0.2  # how often the end game looks for the destination's lease requests
+LEASE_S = 3.0  # the destination's lease (cvmig.migration.destination.LEASE_S)
 LEASE_MARGIN_S = 1.0  # for the destination to notice and pause
 RESOLVE_WINDOW_S = 30.0  # how long a released source keeps trying to tell the destination
+ABORT_WINDOW_S = 10.0  # ... and one that kept the guest, in the background
 SOURCE_SLOTS = 3  # one the PSP fills, one on the wire, one queued between them
 
 
@@ -141,7 +142,7 @@ class RealWorld:
                              should_cancel=should_cancel)
         self.mig_id = secrets.token_hex(8)
         self.finish_sent_at = 0.0  # when FINISH went out (0: not yet): a break is in doubt
-        self.last_tx = 0.0  # our last frame: the destination's lease runs from it
+        self.granted_at = 0.0  # our last lease grant (0: none: the guest never ran there)
 
     # -- clock --------------------------------------------------------------------------
     def now(self) -> float:
@@ -208,8 +209,11 @@ class RealWorld:
     def _take_frame(self, want: FrameType | None = None) -> dict[str, object] | None:
         """After the sender has handed the socket back: the destination's next frame."""
         f = self.chan.recv_frame(max_data=1 << 20)
-        if f.type in (FrameType.ACK, FrameType.HEARTBEAT):
-            return None  # late acknowledgements of the last page frames; liveness
+        if f.type is FrameType.ACK:
+            return None  # late acknowledgements of the last page frames
+        if f.type is FrameType.HEARTBEAT:
+            self._grant(f.json().get("n"))  # the destination asks to keep running it
+            return None
         if f.type in (FrameType.ERROR, FrameType.CANCEL):
             raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
         if f.type is want:
@@ -255,16 +259,16 @@ class RealWorld:
         trailer = self.psp.send_trailer(self.vm.handle)
         shared = compose(b"", self.vm.memory.pages, self.vm.memory.page_state)
         # from the moment FINISH may be on the wire, a break leaves the outcome in doubt
-        self.finish_sent_at = self.last_tx = time.monotonic()
+        self.finish_sent_at = time.monotonic()
         self.sender.submit(FrameType.FINISH, [json_meta({"id": self.mig_id, "shared": shared})],
                            data=[trailer])
         self.sender.flush()
         self.sender.close()  # the socket is ours again: the handoff reads from it
-        self.last_tx = time.monotonic()
         self.chan.sock.settimeout(ENDGAME_TIMEOUT_S)
         confirm = None
         while confirm is None:
             confirm = self._take_frame(FrameType.CONFIRM)
+        self._grant(confirm.get("lease"))  # the go-ahead: the destination resumes the guest
         running_at = time.monotonic()
         self.outcome.confirm = confirm
         digest = self._digest_keeping_lease()
@@ -290,23 +294,25 @@ class RealWorld:
         t = threading.Thread(target=measure, name="cvmig-digest", daemon=True)
         t.start()
         while t.is_alive():
-            self.heartbeat()
-            t.join(HEARTBEAT_S)
+            while self.chan.readable():
+                self._take_frame()  # lease requests are granted; a failure is raised
+            t.join(LEASE_POLL_S)
         if error:
             raise error[0]
         return result[0]
 
-    def heartbeat(self) -> None:
-        self.chan.send(FrameType.HEARTBEAT)
-        self.last_tx = time.monotonic()
-        while self.chan.readable():
-            self._take_frame()  # a destination that failed says so: raised here
+    def _grant(self, n: object) -> None:
+        """Grant the destination's lease request ``n``: it may run the guest until its
+        request's time + LEASE_S, so surely no later than now + LEASE_S."""
+        if not isinstance(n, int):
+            raise ProtocolError(f"lease request {n!r} is not a number")
+        self.chan.send_json(FrameType.HEARTBEAT, {"n": n})
+        self.granted_at = time.monotonic()
 
     def release(self) -> None:
         """The decision is made (SEND_FINISH done): tell the destination, and return once
         it acknowledges that it owns the guest. Raises if that cannot be heard."""
         self.chan.send_json(FrameType.RELEASED, {"id": self.mig_id})
-        self.last_tx = time.monotonic()
         while self._take_frame(FrameType.OWNED) is None:
             pass
 
@@ -405,9 +411,10 @@ def migrate_out(
             told = _await_lease_end(world, chan, reason)  # never twice: it stopped there
         _roll_back(vm, chan, driver, reason)
         if not told and world is not None:
-            # the destination may hold its copy paused, in doubt, until it hears this
-            with contextlib.suppress(MigrationInDoubt):
-                _deliver(uri, world.mig_id, "aborted", 2 * HEARTBEAT_S, why=reason)
+            # the destination may hold its copy paused, in doubt, until it hears this;
+            # telling it must not hold up the guest, which already runs here again
+            threading.Thread(target=_tell_aborted, args=(uri, world.mig_id, reason),
+                             name="cvmig-tell-aborted", daemon=True).start()
         if isinstance(e, KeyboardInterrupt):
             raise
         raise MigrationFailed(reason) from e
@@ -418,24 +425,36 @@ def migrate_out(
 
 def _await_lease_end(world: RealWorld, chan: Channel | None, reason: str) -> bool:
     """After FINISH, before resuming here: make sure the destination no longer runs the
-    guest. It stops once it has told us so (a CANCEL we send it is answered by closing),
-    or at the latest when its lease from our last frame has run out. Returns whether it
-    told us (else it may hold its copy paused, in doubt)."""
-    deadline = world.last_tx + LEASE_S + LEASE_MARGIN_S
+    guest. It never resumed it if we granted no lease; else it stops once it has told us
+    so (it answers our CANCEL with CANCEL after stopping), or at the latest when the last
+    lease we granted has run out: the lease counts from the destination's request, made
+    before our grant, so it ends before granted_at + LEASE_S whatever delayed the frames.
+    Returns whether the destination's copy is known to be gone or never ran (else it may
+    hold it paused, in doubt)."""
     if chan is not None:
         with contextlib.suppress(PeerGone, OSError):
             chan.sock.settimeout(1.0)
             chan.send_json(FrameType.CANCEL, {"message": reason})
+    if not world.granted_at:
+        return False  # never ran there; it holds its copy paused until it hears from us
+    deadline = world.granted_at + LEASE_S + LEASE_MARGIN_S
+    if chan is not None:
         try:  # a destination that discarded its copy answers CANCEL: that is our proof
             while (left := deadline - time.monotonic()) > 0:
-                chan.sock.settimeout(min(left, HEARTBEAT_S))
-                if chan.recv_frame(max_data=1 << 20).type is FrameType.CANCEL:
+                chan.sock.settimeout(min(left, LEASE_POLL_S))
+                f = chan.recv_frame(max_data=1 << 20)
+                if f.type is FrameType.CANCEL:
                     return True
         except (PeerGone, ProtocolError, OSError):
             pass  # a closed link proves nothing (a middlebox may have closed it)
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.1))  # the lease's own clock: this IS the wait
     return False
+
+
+def _tell_aborted(uri: str, mig_id: str, why: str) -> None:
+    with contextlib.suppress(MigrationInDoubt):
+        _deliver(uri, mig_id, "aborted", ABORT_WINDOW_S, why=why)
 
 
 def _deliver(uri: str, mig_id: str, decision: str, window_s: float, why: str) -> None:
@@ -446,7 +465,7 @@ def _deliver(uri: str, mig_id: str, decision: str, window_s: float, why: str) ->
     last = why
     while True:
         try:
-            with socket.create_connection((host, port), timeout=HEARTBEAT_S) as sock:
+            with socket.create_connection((host, port), timeout=ENDGAME_TIMEOUT_S) as sock:
                 sock.settimeout(ENDGAME_TIMEOUT_S)
                 ch = Channel(sock)
                 ch.send_json(FrameType.HELLO, {"version": VERSION, "role": "source",

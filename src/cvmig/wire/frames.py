@@ -40,7 +40,7 @@ class FrameType(enum.IntEnum):
     ERROR = 11  # either way: json message
     RELEASED = 12  # source -> destination: the source has released the guest (SEND_FINISH)
     ACK = 13  # destination -> source: u64 count of page frames imported so far
-    HEARTBEAT = 14  # either way, no meta: I am alive (renews the destination's lease)
+    HEARTBEAT = 14  # json {"n"}: D asks the source to renew its lease n; S grants, echoing n
     OWNED = 15  # destination -> source: RELEASED received, the guest is the destination's
 
 
@@ -61,7 +61,7 @@ META_LIMIT: dict[FrameType, int] = {
     FrameType.ERROR: 64 * _KIB,
     FrameType.RELEASED: 4 * _KIB,
     FrameType.ACK: 8,
-    FrameType.HEARTBEAT: 0,
+    FrameType.HEARTBEAT: 64,
     FrameType.OWNED: 4 * _KIB,
 }
 
