@@ -14,20 +14,26 @@ Sequence (source S, destination D); every frame is `cvmig.wire.frames`' header +
     S -> D  FINISH      json: migration id, digest of shared pages + page states; data: the
                         finish trailer (count, stream digest, packet format; MAC'd)
             D: RECEIVE_FINISH refuses a stream altered in transit; the shared digest must
-               match; then D resumes the guest, on a lease of LEASE_S from S's last frame
-    D -> S  CONFIRM     json: status "running", the digest D's PSP measured on import
-    S -> D  HEARTBEAT*  while S measures its own (paused) memory: each renews D's lease
+               match; the guest is restored, paused
+    D -> S  CONFIRM     json: status "ready", the digest D's PSP measured on import, lease
+                        request 0 (D stamps it with its clock)
+    S -> D  HEARTBEAT   json {"n": 0}: the grant, and the go-ahead: D resumes the guest and
+                        may run it until stamp(0) + LEASE_S
+    D -> S  HEARTBEAT*  json {"n": k}: lease request k, once a second while S decides ...
+    S -> D  HEARTBEAT*  ... each granted by echoing k: D runs on until stamp(k) + LEASE_S
     S -> D  RELEASED    digests matched and SEND_FINISH is done: the guest is D's
     D -> S  OWNED       D heard it: only now does S report "completed"
     D -> S  CONFIRM     json: the workload's own check after it ran at D
 
 Either side may send ERROR or CANCEL (json message) instead of its next frame; the other
 side then discards its half (D) or resumes the guest (S). After FINISH, D stops its copy
-before it answers a CANCEL with CANCEL or sends ERROR, and S resumes only on such an
-answer or once D's lease has run out. If D's lease runs out before RELEASED, D pauses the
-guest and holds it in doubt; the decision then comes over a new connection: HELLO with
-role "source", the migration id and decision "released" or "aborted" (or role "operator":
-`cvmig resolve`), answered OWNED or CANCEL. The migration README draws the states.
+before it answers a CANCEL with CANCEL or sends ERROR; S resumes only on such an answer,
+at once if it granted no lease, or LEASE_S + 1 s after its last grant (a lease counts
+from D's request, made before S's grant, so it has ended by then whatever delayed the
+frames). If D's lease runs out before RELEASED, D pauses the guest and holds it in doubt;
+the decision then comes over a new connection: HELLO with role "source", the migration id
+and decision "released" or "aborted" (or role "operator": `cvmig resolve`), answered OWNED
+or CANCEL. The migration README draws the states.
 
 Flow control: D acknowledges every PAGES and SHARED frame once imported; S keeps at most
 `WINDOW` unacknowledged, which is also the depth of D's ring of transport slots, so D can
