@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+
+import pytest
 
 _SHM_PID = re.compile(r"^cvmig-[a-z]+(?:-[a-z]+)*-(\d+)-")
 _DIR_PID = re.compile(r"^cvmig-(?:source|destination)-(\d+)-")
@@ -90,3 +93,14 @@ def leftovers(pids: Iterable[int]) -> list[str]:
         if m and m.group(1) in want:
             found.append(os.path.join(tmp, name))
     return found
+
+
+def finish_within(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``proc``, which must end within ``timeout`` s."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args!r} did not end within {timeout} s: {err[-2000:]}")
+    return proc.returncode, out, err

@@ -19,7 +19,7 @@ from cvmig.migration.destination import listen
 from cvmig.migration.listener import BUSY_MESSAGE, Listener
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import VERSION, FrameType
-from tests.proctree import descendants, leftovers, wait_gone
+from tests.proctree import descendants, finish_within, leftovers, wait_gone
 
 HELLO = {"version": VERSION, "role": "source", "capabilities": ["page"]}
 
@@ -134,16 +134,6 @@ def _migrate(port: int, *extra: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _end(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"{proc.args!r} did not end within {timeout} s: {err[-2000:]}")
-    return proc.returncode, out, err
-
-
 def test_idle_and_garbage_connections_do_not_delay_a_real_migration() -> None:
     # a handshake timeout far longer than the migration: served one at a time, the idle
     # connection opened first would hold the real source up for 30 s
@@ -154,11 +144,11 @@ def test_idle_and_garbage_connections_do_not_delay_a_real_migration() -> None:
     trickle = _connect(port)
     trickle.sendall(b"\xe7")
     t0 = time.monotonic()
-    code, _, err = _end(_migrate(port), 60.0)
+    code, _, err = finish_within(_migrate(port), 60.0)
     took = time.monotonic() - t0
     assert code == 0, err
     assert took < 20.0, f"the migration took {took:.1f} s"
-    dcode, dout, derr = _end(dest, 20.0)
+    dcode, dout, derr = finish_within(dest, 20.0)
     assert dcode == 0, derr
     assert '"event": "migrated"' in dout
     for s in (idle, garbage, trickle):
@@ -176,14 +166,14 @@ def test_a_second_source_to_a_busy_destination_is_refused() -> None:
             assert time.monotonic() < deadline and first.poll() is None, "never started"
             time.sleep(0.05)
         tree = descendants(dest.pid)
-        code2, _, err2 = _end(_migrate(port), 60.0)
+        code2, _, err2 = finish_within(_migrate(port), 60.0)
         assert code2 == 1, err2
         assert "busy" in err2, err2
         assert "Traceback" not in err2, err2
         assert first.poll() is None  # still migrating
-        code1, _, err1 = _end(first, 90.0)
+        code1, _, err1 = finish_within(first, 90.0)
         assert code1 == 0, err1
-        dcode, dout, derr = _end(dest, 20.0)
+        dcode, dout, derr = finish_within(dest, 20.0)
         assert dcode == 0, derr
     finally:
         for p in (first, dest):
@@ -199,7 +189,7 @@ def test_sigterm_ends_a_waiting_destination_cleanly() -> None:
     tree = descendants(dest.pid)
     t0 = time.monotonic()
     os.killpg(dest.pid, signal.SIGTERM)
-    code, _, err = _end(dest, 10.0)
+    code, _, err = finish_within(dest, 10.0)
     assert code == 128 + signal.SIGTERM, err
     assert "terminating on SIGTERM" in err
     assert "Traceback" not in err

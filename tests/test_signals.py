@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.proctree import cmdline, descendants, leftovers, wait_for, wait_gone
+from tests.proctree import cmdline, descendants, finish_within, leftovers, wait_for, wait_gone
 
 MIGRATE = [sys.executable, "-m", "cvmig", "migrate", "-m", "32M", "--vcpus", "1",
            "-w", "dirtier:rate=500", "--max-bandwidth", "2M", "--timeout", "0",
@@ -55,16 +55,6 @@ def _start() -> tuple[subprocess.Popen[str], dict[int, str]]:
     return proc, tree
 
 
-def _finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"cvmig migrate still ran {timeout} s after the signal: {err[-2000:]}")
-    return proc.returncode, out, err
-
-
 def _assert_clean(tree: dict[int, str], owners: list[int]) -> None:
     stuck = wait_gone(tree, 10.0)
     assert not stuck, f"still alive: {[(p, cmdline(p)) for p in stuck]}"
@@ -77,7 +67,7 @@ def test_signal_to_the_process_group_cancels_cleanly(sig: signal.Signals) -> Non
     proc, tree = _start()
     t0 = time.monotonic()
     os.killpg(proc.pid, sig)  # what a terminal does with Ctrl-C: the whole foreground group
-    code, _, err = _finish(proc, 30.0)
+    code, _, err = finish_within(proc, 30.0)
     took = time.monotonic() - t0
     assert code == 128 + sig, err
     assert f"migration cancelled ({sig.name})" in err, err
@@ -126,7 +116,7 @@ def test_kill_9_leaves_nothing_behind(victim: str) -> None:
         assert not stuck, f"still alive: {[(p, cmdline(p)) for p in stuck]}"
         proc.communicate()
     else:
-        code, _, err = _finish(proc, 60.0)
+        code, _, err = finish_within(proc, 60.0)
         assert code != 0, err
         assert "Traceback" not in err, err
     _assert_clean(tree, [proc.pid])
