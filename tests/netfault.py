@@ -116,6 +116,7 @@ class Frame:
     meta: bytes
     data: bytes
     version: int = 1
+    seen: int = -1  # its entry in FrameProxy.log
 
     @property
     def name(self) -> str:
@@ -341,6 +342,7 @@ class Seen:
     data_len: int
     status: object = None  # a JSON control frame's "status"
     fault: str = ""  # the fault applied to it, if any
+    forwarded: bool = False  # it reached the other side (at least once)
 
 
 class _Eof(Exception):
@@ -387,12 +389,23 @@ class FrameProxy:
         self._start(self._accept)
 
     # -- public ---------------------------------------------------------------------------
-    def claims_running(self, after: float = 0.0) -> list[Seen]:
-        """Frames from the destination saying the guest runs there (status "running"),
-        sent after ``after`` (whether or not they reached the source)."""
+    def confirms(self, after: float = 0.0) -> list[Seen]:
+        """CONFIRM frames the destination sent after ``after`` (whether or not they
+        reached the source): it accepted the stream and runs, or is about to run, the
+        guest."""
         with self._lock:
             return [s for s in self.log
-                    if s.direction == D2S and s.status == "running" and s.t >= after]
+                    if s.direction == D2S and s.name == "CONFIRM" and s.t >= after]
+
+    def may_have_resumed(self) -> bool:
+        """Whether the destination may have resumed the guest: it sent CONFIRM and the
+        source's next word reached it (a destination resumes before its CONFIRM, or on
+        the source's first answer to it, depending on the protocol's version)."""
+        with self._lock:
+            first = next((s for s in self.log
+                          if s.direction == D2S and s.name == "CONFIRM"), None)
+            return first is not None and any(
+                s.direction == S2D and s.t > first.t and s.forwarded for s in self.log)
 
     def frames(self, direction: str, name: str) -> list[Seen]:
         with self._lock:
@@ -504,6 +517,7 @@ class FrameProxy:
         c.counts[key] = nth + 1
         obj = frame.json() if frame.meta[:1] == b"{" and len(frame.meta) < 1 << 16 else None
         with self._lock:
+            frame.seen = len(self.log)
             self.log.append(Seen(time.monotonic(), direction, frame.name, nth,
                                  frame.meta_len, frame.data_len,
                                  None if obj is None else obj.get("status")))
@@ -620,6 +634,9 @@ class FrameProxy:
         for part in frame.wire():
             if part:
                 dst.sendall(part)
+        if frame.seen >= 0:
+            with self._lock:
+                self.log[frame.seen].forwarded = True
 
     def _send_quietly(self, dst: socket.socket, c: _Conn, frame: Frame) -> None:
         try:
