@@ -479,10 +479,7 @@ CASES = [
     Case("end-duplicate-CONFIRM", fault("duplicate", CONFIRM0), ANY, "end-game"),
     Case("end-stall-CONFIRM", fault("stall", CONFIRM0, seconds=HOLD + 3), ANY, "end-game"),
     Case("end-close-CONFIRM", fault("close", CONFIRM0), FAILED, "end-game"),
-    Case("end-drop-RELEASED", fault("drop", RELEASED), ANY, "end-game",
-         xfail="a dropped RELEASED is never noticed: the destination asks for its lease every "
-               "second and the source, in release() waiting for OWNED, grants each one, so "
-               "both wait forever (no deadline on OWNED while heartbeats flow; seen > 120 s)"),
+    Case("end-drop-RELEASED", fault("drop", RELEASED), ANY, "end-game"),
     Case("end-close-RELEASED", fault("close", RELEASED), ANY, "end-game"),
     Case("end-delay-RELEASED", fault("delay", RELEASED, seconds=DELAY), COMPLETED, "end-game"),
     Case("end-drop-HEARTBEAT", fault("drop", At(S2D, FrameType.HEARTBEAT, 0)), ANY,
@@ -872,10 +869,6 @@ def test_cli_stall_after_pause_gives_the_guest_back_soon() -> None:
         left.assert_clean({dest.pid, cli.pid, *descendants})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10 asks 5 s in stop-and-copy: the destination's I/O timeout is 15 s in every "
-    "phase before FINISH (migrate_in io_timeout, not settable from `cvmig vm`), so a source "
-    "that falls silent after its VMSAs arrived is noticed only after 15 s"))
 def test_destination_notices_a_silent_source_soon(src_host: Host) -> None:
     """The link stalls for good at the page-state map, the VMSAs delivered (the guest is
     paused at the source): the source takes its guest back; the destination must give up

@@ -42,12 +42,13 @@ class Receiver:
     ``slot_bytes`` each in ``view`` (a transport buffer the local PSP has mapped)."""
 
     def __init__(self, chan: Channel, view: memoryview, slots: int, slot_bytes: int,
-                 npages: int) -> None:
+                 npages: int, endgame_timeout: float = 4.0) -> None:
         if slots * slot_bytes > len(view):
             raise ValueError(f"{slots} slots of {slot_bytes} B do not fit the transport buffer")
         self.chan = chan
         self.slot_bytes = slot_bytes
         self.npages = npages
+        self.endgame_timeout = endgame_timeout
         self._views = [view[i * slot_bytes : (i + 1) * slot_bytes] for i in range(slots)]
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(slots):
@@ -112,6 +113,8 @@ class Receiver:
                     self._items.put(Item(t, pages=frame, slot=slot, length=h.data_len))
                     continue
                 if t is FrameType.VMSA:
+                    # the source has paused: from here a silent source is noticed sooner
+                    chan.sock.settimeout(self.endgame_timeout)
                     pfn = Vmsa.decode(chan.recv_meta(h), h.data_len, self.npages)
                     slot = self._slot()
                     chan.recv_into(self._views[slot][: h.data_len])

@@ -313,8 +313,17 @@ class RealWorld:
         """The decision is made (SEND_FINISH done): tell the destination, and return once
         it acknowledges that it owns the guest. Raises if that cannot be heard."""
         self.chan.send_json(FrameType.RELEASED, {"id": self.mig_id})
-        while self._take_frame(FrameType.OWNED) is None:
-            pass
+        # bounded even while lease requests keep coming: a destination that never heard
+        # RELEASED asks on; once we stop granting, its lease ends and it holds in doubt
+        deadline = time.monotonic() + ENDGAME_TIMEOUT_S
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerGone(f"the destination did not take the guest within "
+                               f"{ENDGAME_TIMEOUT_S:g} s of RELEASED")
+            self.chan.sock.settimeout(left)
+            if self._take_frame(FrameType.OWNED) is not None:
+                return
 
 
 def _psp_state(vm: SourceVM) -> GuestState | None:
