@@ -103,6 +103,7 @@ def test_cli_rejects_bad_input_before_starting() -> None:
         (["--to", "udp:1.2.3.4:5"], "tcp:HOST:PORT"),
         (["--psp-profile", "nope"], "nope"),
         (["--policy", "fly"], "fly"),
+        (["--io-timeout", "0"], "--io-timeout"),
     ]:
         r = subprocess.run([sys.executable, "-m", "cvmig", "migrate", *args],
                            capture_output=True, text=True, timeout=60)

@@ -164,6 +164,9 @@ def build_guest(o: dict[str, Any]) -> Any:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the report here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--io-timeout", type=click.FloatRange(1), default=15.0, show_default=True,
+              help="Seconds of silence from the destination while pages stream before the "
+                   "migration fails (after the pause: 4 s).")
 def migrate(**o: Any) -> None:
     """Live-migrate a confidential guest: boot it here, move it to a destination host.
 
@@ -187,7 +190,7 @@ def migrate(**o: Any) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     opts = MigrateOptions(guest=guest, params=params, psp_profile=o["psp_profile"],
-                          policy=policy, warmup_s=o["warmup"])
+                          policy=policy, warmup_s=o["warmup"], io_timeout_s=o["io_timeout"])
     # Ctrl-C (SIGINT, which a terminal sends to the whole foreground process group: our
     # children run in sessions of their own and do not get it) and SIGTERM cancel: the
     # migration rolls back, the guest runs on here until we exit, and we exit as shells do
@@ -263,10 +266,13 @@ def _check_profile(name: str) -> None:
               default=HANDSHAKE_TIMEOUT_S, show_default=True,
               help="Seconds a connection to --incoming has to complete its handshake "
                    "before it is dropped.")
+@click.option("--io-timeout", type=click.FloatRange(1), default=15.0, show_default=True,
+              help="Seconds of silence from the source while pages stream before the "
+                   "incoming migration fails (once the source has paused: 4 s).")
 @guest_options
 def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner: str | None,
        once: bool, announce: bool, run_after: float, qmp: str | None,
-       handshake_timeout: float, **guest: Any) -> None:
+       handshake_timeout: float, io_timeout: float, **guest: Any) -> None:
     """Run a VM host: a destination waiting for an incoming migration, or (with --qmp)
     a VM controlled through a QMP monitor. Guest options apply to a --qmp source only.
 
@@ -338,7 +344,7 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
                     abort(None)
                 try:
                     incoming_vm = migrate_in(
-                        host, conn, decisions=front.take_decision,
+                        host, conn, io_timeout, decisions=front.take_decision,
                         on_in_doubt=lambda m: say({"event": "in-doubt", "message": m}))
                 except IncomingFailed as e:
                     current[0] = None

@@ -32,6 +32,7 @@ class MigrateOptions:
     psp_profile: str = "none"
     policy: int = DEFAULT_POLICY
     warmup_s: float = 1.0  # the guest runs this long before migration: "throughput before"
+    io_timeout_s: float = 15.0  # silence from the destination while pages stream
 
 
 class DestinationProcess:
@@ -131,7 +132,8 @@ def migrate_local_or_remote(
             ops1, t1 = guest_ops(vm.guest), time.monotonic()
             if should_cancel():
                 raise MigrationFailed("migration cancelled before it started")
-            outcome = migrate_out(vm, uri, opts.params, observer, should_cancel)
+            outcome = migrate_out(vm, uri, opts.params, observer, should_cancel,
+                                  io_timeout=opts.io_timeout_s)
         except BaseException:
             vm.shutdown()
             raise
