@@ -64,7 +64,11 @@ class FrameProxy:
                 a, _ = self._srv.accept()
             except OSError:
                 return
-            b = socket.create_connection(self.target)
+            try:
+                b = socket.create_connection(self.target)
+            except OSError:  # the destination is gone (a late decision): nobody to relay to
+                _close(a)
+                continue
             self._socks += [a, b]
             faulty, self._first = self._first, False
             for src, dst, way in ((a, b, "s2d"), (b, a, "d2s")):
