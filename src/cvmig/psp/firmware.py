@@ -31,7 +31,7 @@ from cvmig.psp.api import (
     Status,
 )
 from cvmig.psp.measure import measure_digest, page_measure
-from cvmig.psp.memcrypt import VEK_SIZE, MemoryCipher
+from cvmig.psp.memcrypt import VEK_SIZE, MemoryCipher, is_run
 from cvmig.psp.packet import AEAD_RECORD, Channel, packet_size
 from cvmig.psp.session import shared_secret, unwrap, wrap
 
@@ -326,20 +326,17 @@ class Firmware:
         assert g.channel is not None and g.sent is not None
         n = len(pfns)
         nbytes = n * PAGE_SIZE
-        if mode is Batching.SG:
-            pt, ct = (b.reshape(n, PAGE_SIZE) for b in self._scratch_bufs(nbytes, 2))
-            np.take(g.pages, pfns, axis=0, out=pt)
-            g.cipher.decrypt_pages(pfns, pt, pt)
-            g.sent[pfns] = page_measure(pt, pfns)
-            g.channel.seal_sg(pfns, pt, ct, out)
-            return
-        if mode is Batching.AEAD:
-            pt, rec = self._scratch_bufs(n * AEAD_RECORD, 2)
+        if mode is Batching.SG or mode is Batching.AEAD:
+            record = AEAD_RECORD if mode is Batching.AEAD else PAGE_SIZE
+            pt, sealed = self._scratch_bufs(n * record, 2)
             pt = pt[:nbytes].reshape(n, PAGE_SIZE)
             np.take(g.pages, pfns, axis=0, out=pt)
             g.cipher.decrypt_pages(pfns, pt, pt)
             g.sent[pfns] = page_measure(pt, pfns)
-            g.channel.seal_aead(pfns, pt, rec.reshape(n, AEAD_RECORD), out)
+            if mode is Batching.SG:
+                g.channel.seal_sg(pfns, pt, sealed.reshape(n, record), out)
+            else:
+                g.channel.seal_aead(pfns, pt, sealed.reshape(n, record), out)
             return
         pt, ct = self._scratch_bufs(nbytes, 2)
         p0 = int(pfns[0])
@@ -477,9 +474,9 @@ class Firmware:
                     f"than {int(g.last_seq[pfns[bad]])} already written (replayed or reordered)",
                 )
             g.measure[pfns] = page_measure(pt, pfns)
-            p0 = int(pfns[0])
-            if int(pfns[-1]) - p0 == n - 1 and bool(np.all(np.diff(pfns) == 1)):
+            if is_run(pfns):
                 # a run (the bulk round's case): encrypt straight into guest memory
+                p0 = int(pfns[0])
                 g.cipher.encrypt_pages(pfns, pt, g.pages[p0 : p0 + n])
             else:
                 g.cipher.encrypt_pages(pfns, pt, pt)

@@ -58,7 +58,7 @@ class MemoryCipher:
         need = n * PAGE_SIZE
         self._grow(need)
         first = int(pfns[0])
-        if n == 1 or (int(pfns[-1]) - first == n - 1 and bool(np.all(np.diff(pfns) == 1))):
+        if is_run(pfns):
             # A contiguous run: the CTR keystream from its first block index.
             self._tweak_ctr.reset_nonce((first * BLOCKS_PER_PAGE).to_bytes(16, "big"))
             self._tweak_ctr.update_into(self._zeros[:need], self._tbuf[:need])  # type: ignore[arg-type]
@@ -96,6 +96,12 @@ class MemoryCipher:
         np.bitwise_xor(src, t, out=x)
         ctx.update_into(x.reshape(-1), self._xbuf)  # type: ignore[attr-defined]
         np.bitwise_xor(x, t, out=out)
+
+
+def is_run(pfns: np.ndarray) -> bool:
+    """Whether ``pfns`` (non-empty) are consecutive frames, in order."""
+    n = len(pfns)
+    return n == 1 or (int(pfns[-1]) - int(pfns[0]) == n - 1 and bool(np.all(np.diff(pfns) == 1)))
 
 
 def page_array(buf: memoryview | bytearray | np.ndarray, npages: int) -> np.ndarray:

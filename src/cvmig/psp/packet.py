@@ -91,6 +91,20 @@ _MODE_BYTE = {Batching.PAGE: 0, Batching.CONTIG: 1, Batching.SG: 2, Batching.AEA
 _FORMAT_NAME = {Batching.PAGE: "SEV (page/contig)", Batching.SG: "sg", Batching.AEAD: "aead"}
 
 
+def _check_gpas(cmd: str, gpas: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+    """A sequenced packet's GPA table must name exactly the command's frames (else the
+    hypervisor redirected a page); returns those GPAs."""
+    want = pfns.astype(np.uint64) * np.uint64(PAGE_SIZE)
+    if not np.array_equal(gpas, want):
+        bad = int(np.flatnonzero(gpas != want)[0])
+        raise PspError(
+            cmd, Status.INVALID_ADDRESS,
+            f"page {bad} is for GPA 0x{int(gpas[bad]):x}, not pfn {int(pfns[bad])} "
+            "(redirected)",
+        )
+    return want
+
+
 def packet_size(mode: Batching | str, npages: int) -> int:
     """Bytes one UPDATE_DATA packet of ``npages`` pages occupies in a transport buffer."""
     if npages < 1:
@@ -227,15 +241,7 @@ class Channel:
         count, _, seq0 = _SGH_FMT.unpack(sgh)
         if count != n:
             raise PspError(cmd, Status.INVALID_LENGTH, f"packet has {count} pages, command {n}")
-        entries = np.frombuffer(table, dtype=_ENTRY_DT)
-        want = pfns.astype(np.uint64) * np.uint64(PAGE_SIZE)
-        if not np.array_equal(entries["gpa"], want):
-            bad = int(np.flatnonzero(entries["gpa"] != want)[0])
-            raise PspError(
-                cmd, Status.INVALID_ADDRESS,
-                f"page {bad} is for GPA 0x{int(entries['gpa'][bad]):x}, not pfn {int(pfns[bad])} "
-                "(redirected)",
-            )
+        want = _check_gpas(cmd, np.frombuffer(table, dtype=_ENTRY_DT)["gpa"], pfns)
         ct = scratch[t_end:]
         got = self._page_macs(seq0, want.tolist(), ct)
         for i, mac_i in enumerate(got):
@@ -282,15 +288,7 @@ class Channel:
         if count != n:
             raise PspError(cmd, Status.INVALID_LENGTH, f"packet has {count} pages, command {n}")
         t_end = AEAD_HDR + 8 * n
-        gpas = scratch[AEAD_HDR:t_end].view("<u8")
-        want = pfns.astype(np.uint64) * np.uint64(PAGE_SIZE)
-        if not np.array_equal(gpas, want):
-            bad = int(np.flatnonzero(gpas != want)[0])
-            raise PspError(
-                cmd, Status.INVALID_ADDRESS,
-                f"page {bad} is for GPA 0x{int(gpas[bad]):x}, not pfn {int(pfns[bad])} "
-                "(redirected)",
-            )
+        want = _check_gpas(cmd, scratch[AEAD_HDR:t_end].view("<u8"), pfns)
         dec = self._gcm.decrypt_into
         nonce, aad = _NONCE.pack, _PAGE_AAD.pack
         src = memoryview(scratch[t_end:])  # type: ignore[arg-type]
