@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from cvmig.psp.packet import TRAILER_SIZE
 from cvmig.wire.channel import Channel, RemoteError
 from cvmig.wire.frames import FrameType, ProtocolError, parse_json
-from cvmig.wire.protocol import PagesFrame, SharedFrame, Vmsa
+from cvmig.wire.protocol import PagesFrame, SharedFrame, Vmsa, transport_slots
 
 POLL_S = 0.25  # how often a blocked wait looks at whether the other side gave up
 
@@ -43,13 +43,11 @@ class Receiver:
 
     def __init__(self, chan: Channel, view: memoryview, slots: int, slot_bytes: int,
                  npages: int, endgame_timeout: float = 4.0) -> None:
-        if slots * slot_bytes > len(view):
-            raise ValueError(f"{slots} slots of {slot_bytes} B do not fit the transport buffer")
+        self._views = transport_slots(view, slots, slot_bytes)
         self.chan = chan
         self.slot_bytes = slot_bytes
         self.npages = npages
         self.endgame_timeout = endgame_timeout
-        self._views = [view[i * slot_bytes : (i + 1) * slot_bytes] for i in range(slots)]
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(slots):
             self._free.put(i)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cvmig.migration.driver import MigrationCancelled
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import HEADER_SIZE, FrameType, ProtocolError
-from cvmig.wire.protocol import Ack
+from cvmig.wire.protocol import Ack, transport_slots
 
 POLL_S = 0.25  # how often a blocked wait looks at whether the other side gave up
 
@@ -53,10 +53,8 @@ class Sender:
     def __init__(self, chan: Channel, view: memoryview, slots: int, slot_bytes: int,
                  window: int, io_timeout: float,
                  should_cancel: Callable[[], bool] = lambda: False) -> None:
-        if slots * slot_bytes > len(view):
-            raise ValueError(f"{slots} slots of {slot_bytes} B do not fit the transport buffer")
+        self._views = transport_slots(view, slots, slot_bytes)
         self.chan = chan
-        self.view = view
         self.slot_bytes = slot_bytes
         self.window = window
         self.io_timeout = io_timeout
@@ -93,8 +91,7 @@ class Sender:
         Returns the bytes it will occupy on the wire."""
         self._check()
         if slot >= 0:
-            off = self.offset(slot)
-            data = [self.view[off : off + length]]
+            data = [self._views[slot][:length]]
         with self._idle:
             self._pending += 1
         self._out.put(_Out(ftype, meta, data, slot, windowed))

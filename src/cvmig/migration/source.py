@@ -141,7 +141,7 @@ class RealWorld:
                              io_timeout=chan.sock.gettimeout() or IO_TIMEOUT_S,
                              should_cancel=should_cancel)
         self.mig_id = secrets.token_hex(8)
-        self.finish_sent_at = 0.0  # when FINISH went out (0: not yet): a break is in doubt
+        self.finish_sent = False  # FINISH may be on the wire: from here a break is in doubt
         self.granted_at = 0.0  # our last lease grant (0: none: the guest never ran there)
 
     # -- clock --------------------------------------------------------------------------
@@ -258,8 +258,7 @@ class RealWorld:
         assert self.outcome is not None
         trailer = self.psp.send_trailer(self.vm.handle)
         shared = compose(b"", self.vm.memory.pages, self.vm.memory.page_state)
-        # from the moment FINISH may be on the wire, a break leaves the outcome in doubt
-        self.finish_sent_at = time.monotonic()
+        self.finish_sent = True
         self.sender.submit(FrameType.FINISH, [json_meta({"id": self.mig_id, "shared": shared})],
                            data=[trailer])
         self.sender.flush()
@@ -415,10 +414,11 @@ def migrate_out(
         if chan is not None and isinstance(e, PeerGone | OSError):
             e = _peer_reason(chan) or e  # the destination may have said why it hung up
         reason = describe_failure(e, "destination")
+        _send_cancel(chan, reason)
         told = True  # an ERROR or CANCEL from the destination: it stopped its copy first
-        if world is not None and world.finish_sent_at and not isinstance(e, RemoteError):
-            told = _await_lease_end(world, chan, reason)  # never twice: it stopped there
-        _roll_back(vm, chan, driver, reason)
+        if world is not None and world.finish_sent and not isinstance(e, RemoteError):
+            told = _await_lease_end(world, chan)  # never twice: it stopped there
+        _roll_back(vm, driver, reason)
         if not told and world is not None:
             # the destination may hold its copy paused, in doubt, until it hears this;
             # telling it must not hold up the guest, which already runs here again
@@ -432,18 +432,15 @@ def migrate_out(
             chan.close()
 
 
-def _await_lease_end(world: RealWorld, chan: Channel | None, reason: str) -> bool:
-    """After FINISH, before resuming here: make sure the destination no longer runs the
-    guest. It never resumed it if we granted no lease; else it stops once it has told us
-    so (it answers our CANCEL with CANCEL after stopping), or at the latest when the last
-    lease we granted has run out: the lease counts from the destination's request, made
-    before our grant, so it ends before granted_at + LEASE_S whatever delayed the frames.
+def _await_lease_end(world: RealWorld, chan: Channel | None) -> bool:
+    """After FINISH and our CANCEL, before resuming here: make sure the destination no
+    longer runs the guest. It never resumed it if we granted no lease; else it stops once
+    it has told us so (it answers our CANCEL with CANCEL after stopping), or at the latest
+    when the last lease we granted has run out: the lease counts from the destination's
+    request, made before our grant, so it ends before granted_at + LEASE_S whatever
+    delayed the frames.
     Returns whether the destination's copy is known to be gone or never ran (else it may
     hold it paused, in doubt)."""
-    if chan is not None:
-        with contextlib.suppress(PeerGone, OSError):
-            chan.sock.settimeout(1.0)
-            chan.send_json(FrameType.CANCEL, {"message": reason})
     if not world.granted_at:
         return False  # never ran there; it holds its copy paused until it hears from us
     deadline = world.granted_at + LEASE_S + LEASE_MARGIN_S
@@ -526,14 +523,16 @@ def describe_failure(e: BaseException, peer: str) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _roll_back(vm: SourceVM, chan: Channel | None, driver: Driver | None, reason: str) -> None:
-    """Leave the guest running on the source as if nothing had happened."""
+def _send_cancel(chan: Channel | None, reason: str) -> None:
+    """Tell the destination to discard its half (best effort: the link may be gone)."""
     if chan is not None:
-        try:
+        with contextlib.suppress(OSError, PeerGone):
             chan.sock.settimeout(1.0)
             chan.send_json(FrameType.CANCEL, {"message": reason})
-        except (OSError, PeerGone):
-            pass
+
+
+def _roll_back(vm: SourceVM, driver: Driver | None, reason: str) -> None:
+    """Leave the guest running on the source as if nothing had happened."""
     if _psp_state(vm) is GuestState.SUPDATE:
         assert vm.host.psp is not None
         vm.host.psp.send_cancel(vm.handle)

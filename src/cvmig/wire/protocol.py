@@ -66,6 +66,14 @@ def slot_size() -> int:
     )
 
 
+def transport_slots(view: memoryview, slots: int, slot_bytes: int) -> list[memoryview]:
+    """A transport buffer cut into ``slots`` slots of ``slot_bytes`` (slot i starts at
+    offset i × slot_bytes, where the PSP reads or writes it)."""
+    if slots * slot_bytes > len(view):
+        raise ValueError(f"{slots} slots of {slot_bytes} B do not fit the transport buffer")
+    return [view[i * slot_bytes : (i + 1) * slot_bytes] for i in range(slots)]
+
+
 @dataclass(frozen=True)
 class PagesFrame:
     """Meta of a PAGES frame: the packet format by value, whether the commands were
