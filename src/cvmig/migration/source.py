@@ -447,7 +447,7 @@ def _await_lease_end(world: RealWorld, chan: Channel | None) -> bool:
     if chan is not None:
         try:  # a destination that discarded its copy answers CANCEL: that is our proof
             while (left := deadline - time.monotonic()) > 0:
-                chan.sock.settimeout(min(left, LEASE_POLL_S))
+                chan.sock.settimeout(left)  # a timeout here ends the listening for good
                 f = chan.recv_frame(max_data=1 << 20)
                 if f.type is FrameType.CANCEL:
                     return True
