@@ -26,7 +26,7 @@ from cvmig.psp.api import PspError, SendSession, packet_size
 from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
-from cvmig.wire.frames import VERSION, FrameType, Header, ProtocolError, parse_json
+from cvmig.wire.frames import VERSION, FrameType, ProtocolError, parse_json
 from cvmig.wire.protocol import WINDOW, Ack, slot_size
 
 VERIFY_WAIT_S = 10.0  # how long the workload may take to show progress after resume
@@ -97,6 +97,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
     handle: int | None = None
     guest: Guest | None = None
     leased = False
+    vm: IncomingVM | None = None
     try:
         chan.send_json(FrameType.HELLO, {"version": VERSION, "role": "destination",
                                          "capabilities": list(MODES)})
@@ -125,7 +126,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
         memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
         rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages).start()
         try:
-            trailer, finish_meta = _import_stream(rx, psp, handle, trans.region, memory)
+            trailer, finish = _import_stream(rx, psp, handle, trans.region, memory)
         except BaseException:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)  # wakes the reader; ERROR can still go out
@@ -133,7 +134,6 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
         finally:
             rx.stop()
         populator.stop()  # whatever it has not reached was faulted in by the import
-        finish = parse_json(Header(FrameType.FINISH, 0, 0, 0), finish_meta) if finish_meta else {}
         mig_id = str(finish.get("id", ""))
         # never stale: our PSP refuses a stream whose pages differ from those sent (any
         # mode), and the shared pages and page states must be the source's, before we run
@@ -175,7 +175,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
             vm.report = _verify(guest, resumed_at)
         return vm
     except IncomingInDoubt as e:
-        e.vm = IncomingVM(guest, memory, handle) if guest and memory and handle else None
+        e.vm = vm
         raise  # held paused, not discarded: the source may have released it (never lost)
     except BaseException as e:
         reason = str(e) if isinstance(e, IncomingFailed) else describe_failure(e, "source")
@@ -207,9 +207,9 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
 
 
 def _import_stream(rx: Receiver, psp: MailboxClient, handle: int, region: int,
-                   memory: GuestMemory) -> tuple[bytes, bytes]:
+                   memory: GuestMemory) -> tuple[bytes, dict[str, object]]:
     """Import frames as the receiver hands them over, acknowledging each page frame;
-    return the finish trailer and the FINISH frame's meta."""
+    return the finish trailer and the FINISH frame's json."""
     chan = rx.chan
     frames = 0
     while True:
@@ -249,7 +249,7 @@ def _import_stream(rx: Receiver, psp: MailboxClient, handle: int, region: int,
         elif t is FrameType.PAGE_STATE:
             memory.page_state[:] = np.frombuffer(item.raw, np.uint8)
         elif t is FrameType.FINISH:
-            return item.raw, item.meta
+            return item.raw, item.finish
         else:
             raise ProtocolError(f"unexpected {t.name} frame during the transfer")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cvmig.psp.packet import TRAILER_SIZE
 from cvmig.wire.channel import Channel, RemoteError
@@ -34,7 +34,7 @@ class Item:
     slot: int = -1
     length: int = 0
     raw: bytes = b""  # PAGE_STATE map, FINISH trailer
-    meta: bytes = b""  # FINISH: its json
+    finish: dict[str, object] = field(default_factory=dict)  # FINISH: its json
 
 
 class Receiver:
@@ -128,7 +128,8 @@ class Receiver:
                             f"{TRAILER_SIZE}")
                     trailer = bytearray(TRAILER_SIZE)
                     chan.recv_into(memoryview(trailer))
-                    self._items.put(Item(t, raw=bytes(trailer), meta=finish_meta))
+                    info = parse_json(h, finish_meta) if finish_meta else {}
+                    self._items.put(Item(t, raw=bytes(trailer), finish=info))
                     return
                 if h.data_len:
                     raise ProtocolError(f"unexpected {h.data_len} data bytes on a {t.name} frame")
