@@ -19,6 +19,7 @@ from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
 from cvmig.psp.api import Batching, Policy
+from cvmig.wire.protocol import IO_TIMEOUT_S
 
 DEFAULT_WORKLOAD = "dirtier:rate=5000,pattern=hotcold"
 # The report's optimizations are the default; `--batching page --throttle none --timeout 0`
@@ -164,7 +165,7 @@ def build_guest(o: dict[str, Any]) -> Any:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the report here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--io-timeout", type=click.FloatRange(1), default=15.0, show_default=True,
+@click.option("--io-timeout", type=click.FloatRange(1), default=IO_TIMEOUT_S, show_default=True,
               help="Seconds of silence from the destination while pages stream before the "
                    "migration fails (after the pause: 4 s).")
 def migrate(**o: Any) -> None:
@@ -266,7 +267,7 @@ def _check_profile(name: str) -> None:
               default=HANDSHAKE_TIMEOUT_S, show_default=True,
               help="Seconds a connection to --incoming has to complete its handshake "
                    "before it is dropped.")
-@click.option("--io-timeout", type=click.FloatRange(1), default=15.0, show_default=True,
+@click.option("--io-timeout", type=click.FloatRange(1), default=IO_TIMEOUT_S, show_default=True,
               help="Seconds of silence from the source while pages stream before the "
                    "incoming migration fails (once the source has paused: 4 s).")
 @guest_options

@@ -27,11 +27,17 @@ from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError, parse_json
-from cvmig.wire.protocol import WINDOW, Ack, slot_size
+from cvmig.wire.protocol import (
+    ENDGAME_TIMEOUT_S,
+    IO_TIMEOUT_S,
+    LEASE_REQUEST_S,
+    LEASE_S,
+    WINDOW,
+    Ack,
+    slot_size,
+)
 
 VERIFY_WAIT_S = 10.0  # how long the workload may take to show progress after resume
-LEASE_S = 3.0  # a guest the source has not released runs here this long without word
-HEARTBEAT_S = 1.0  # how often we ask the source to renew the lease
 HANDSHAKE_S = 5.0  # a connection must say who it is within this
 POLL_S = 0.5
 
@@ -77,7 +83,7 @@ def listen(host: str, port: int) -> socket.socket:
     return srv
 
 
-def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
+def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOUT_S, *,
                lease_s: float = LEASE_S,
                decisions: Callable[[float], socket.socket | None] | None = None,
                on_in_doubt: Callable[[str], None] | None = None) -> IncomingVM:
@@ -124,7 +130,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = 15.0, *,
         guest = Guest(config, memory, hostobj.psp_socket, handle)
         guest.prepare()
         memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
-        rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages).start()
+        rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages, ENDGAME_TIMEOUT_S).start()
         try:
             trailer, finish = _import_stream(rx, psp, handle, trans.region, memory)
         except BaseException:
@@ -278,7 +284,7 @@ class Lease:
         RemoteError if the source cancelled (its digest differed), PeerGone if the lease
         ran out (or was never granted) or the link broke."""
         resumed_at = 0.0
-        next_request = time.monotonic() + HEARTBEAT_S
+        next_request = time.monotonic() + LEASE_REQUEST_S
         sock = self.chan.sock
         while True:
             now = time.monotonic()
@@ -289,7 +295,7 @@ class Lease:
             if self.until and now >= next_request:
                 self.chan.send_json(FrameType.HEARTBEAT, {"n": self.next_n})
                 self.requested(self.next_n)
-                next_request = now + HEARTBEAT_S
+                next_request = now + LEASE_REQUEST_S
             wait = min(end, next_request) - now if self.until else end - now
             if not select.select([sock], [], [], max(0.0, wait))[0]:
                 continue

@@ -42,7 +42,7 @@ class Receiver:
     ``slot_bytes`` each in ``view`` (a transport buffer the local PSP has mapped)."""
 
     def __init__(self, chan: Channel, view: memoryview, slots: int, slot_bytes: int,
-                 npages: int, endgame_timeout: float = 4.0) -> None:
+                 npages: int, endgame_timeout: float) -> None:
         self._views = transport_slots(view, slots, slot_bytes)
         self.chan = chan
         self.slot_bytes = slot_bytes

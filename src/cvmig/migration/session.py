@@ -21,6 +21,7 @@ from cvmig.migration.report import full_report
 from cvmig.migration.source import MigrationFailed, Outcome, SourceVM, guest_ops, migrate_out
 from cvmig.psp.api import Batching, Policy
 from cvmig.psp.child import ENV as LIFELINE_ENV
+from cvmig.wire.protocol import IO_TIMEOUT_S
 
 DEFAULT_POLICY = int(Policy.NODBG | Policy.ES)
 
@@ -32,7 +33,7 @@ class MigrateOptions:
     psp_profile: str = "none"
     policy: int = DEFAULT_POLICY
     warmup_s: float = 1.0  # the guest runs this long before migration: "throughput before"
-    io_timeout_s: float = 15.0  # silence from the destination while pages stream
+    io_timeout_s: float = IO_TIMEOUT_S  # silence from the destination while pages stream
 
 
 class DestinationProcess:

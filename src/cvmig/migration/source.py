@@ -39,6 +39,9 @@ from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError, json_meta
 from cvmig.wire.protocol import (
+    ENDGAME_TIMEOUT_S,
+    IO_TIMEOUT_S,
+    LEASE_S,
     MAX_FRAME_PAGES,
     WINDOW,
     PagesFrame,
@@ -48,10 +51,7 @@ from cvmig.wire.protocol import (
 )
 
 MODES = tuple(m.value for m in Batching)
-IO_TIMEOUT_S = 15.0  # a silent destination during the transfer is noticed within this
-ENDGAME_TIMEOUT_S = 4.0  # ... and after the pause, when the guest runs nowhere
 LEASE_POLL_S = 0.2  # how often the end game looks for the destination's lease requests
-LEASE_S = 3.0  # the destination's lease (cvmig.migration.destination.LEASE_S)
 LEASE_MARGIN_S = 1.0  # for the destination to notice and pause
 RESOLVE_WINDOW_S = 30.0  # how long a released source keeps trying to tell the destination
 ABORT_WINDOW_S = 10.0  # ... and one that kept the guest, in the background

@@ -56,6 +56,12 @@ from cvmig.wire.frames import ProtocolError
 WINDOW = 3
 MAX_FRAME_PAGES = 1024  # pages one PAGES frame carries at most (a transport slot's worth)
 
+# Timing both ends must agree on (migration README: detection times, the lease).
+IO_TIMEOUT_S = 15.0  # silence tolerated while pages stream (either way; configurable)
+ENDGAME_TIMEOUT_S = 4.0  # ... once the source has paused the guest
+LEASE_S = 3.0  # the destination runs the guest this long past a granted lease request
+LEASE_REQUEST_S = 1.0  # how often the destination asks to renew its lease
+
 
 def slot_size() -> int:
     """Bytes of one transport slot: the largest PAGES frame's data in any format."""
