@@ -19,6 +19,7 @@ _COMMANDS: dict[str, str] = {
     "bench": "cvmig.bench.cli:bench",
     "model": "cvmig.model.cli:model",
     "resolve": "cvmig.migration.resolve:resolve",
+    "pki": "cvmig.pki:pki",
 }
 
 
