@@ -31,7 +31,7 @@ from cvmig.migration.source import (
     SourceVM,
     migrate_out,
 )
-from cvmig.psp.api import Policy
+from cvmig.psp.api import GuestState, Policy
 from cvmig.wire.frames import HEADER, HEADER_SIZE, FrameType
 from tests.test_migration_failures import assert_still_running_intact
 
@@ -47,8 +47,9 @@ class FrameProxy:
     proxy is closed). Later connections (the in-doubt decision) go through untouched."""
 
     def __init__(self, target: tuple[str, int], way: str, ftype: FrameType, action: str,
-                 nth: int = 1) -> None:
+                 nth: int = 1, only_first: bool = False) -> None:
         self.target, self.way, self.ftype, self.action, self.nth = target, way, ftype, action, nth
+        self.only_first = only_first  # later connections are closed at once: unreachable
         self.fired = threading.Event()
         self._seen = 0
         self._srv = socket.create_server(("127.0.0.1", 0))
@@ -64,6 +65,9 @@ class FrameProxy:
                 a, _ = self._srv.accept()
             except OSError:
                 return
+            if self.only_first and not self._first:
+                _close(a)
+                continue
             try:
                 b = socket.create_connection(self.target)
             except OSError:  # the destination is gone (a late decision): nobody to relay to
@@ -278,24 +282,30 @@ def test_operator_decision_to_a_destination_holding_nothing_is_refused(
 
 
 def test_in_doubt_source_says_so_and_what_to_run(host: Host, dest: Destination) -> None:
-    """A source that committed but can reach no destination at all: MigrationInDoubt,
-    naming the command that resolves it; its own copy is SENT and can never run again."""
+    """A source that released the guest but can reach no destination at all:
+    MigrationInDoubt, naming the command that resolves it; its own copy stays paused and
+    unfinished (the destination may run the guest, so it is never resumed on its own)
+    until it is released, here once the operator has kept the guest at the destination."""
     vm = boot(host)
-    proxy = FrameProxy(("127.0.0.1", dest.port), "s2d", FrameType.RELEASED, "cut")
-    # every later connection is refused: the proxy is gone once the first is cut
-    closer = threading.Thread(target=lambda: (proxy.fired.wait(120), proxy.close()))
-    closer.start()
+    proxy = FrameProxy(("127.0.0.1", dest.port), "s2d", FrameType.RELEASED, "cut",
+                       only_first=True)  # the decision's connections find nobody
     try:
-        with pytest.raises(MigrationInDoubt, match="cvmig resolve"):
+        with pytest.raises(MigrationInDoubt, match="cvmig resolve") as info:
             migrate_out(vm, proxy.uri, MigrationParams(), resolve_window_s=2)
-        assert not vm.alive  # SENT and shut down: it can never run here again
+        hold = info.value.hold
+        assert hold is not None and vm.alive and vm.guest.paused
+        assert host.psp is not None
+        assert host.psp.guest_status(vm.handle)[0] is GuestState.SUPDATE  # not finished
         ev = dest.event(30)
         assert ev["event"] == "in-doubt", ev
         resolve_in_doubt(dest.uri, keep=True)
         ev = dest.event(30)
         assert ev["event"] == "migrated", ev
+        hold.release()
+        assert not vm.alive  # SENT and shut down: it can never run here again
+        with pytest.raises(MigrationFailed):
+            hold.keep()  # decided: an operator cannot take it back any more
     finally:
-        closer.join(5)
         proxy.close()
         vm.shutdown()
 
@@ -326,7 +336,6 @@ def test_qmp_shows_the_in_doubt_guest_and_resolves_it(
             st = q.ok("query-status")
             assert st["running"] is True and "x-in-doubt" not in st
     finally:
-        closer.join(5)
         proxy.close()
         vm.shutdown()
         dst.close()

@@ -224,6 +224,9 @@ def migrate(**o: Any) -> None:
         sys.exit(1)
     except MigrationInDoubt as e:
         click.secho(clean(e), fg="yellow", err=True)
+        click.echo("cvmig migrate cannot hold the source's paused copy past its own exit: it "
+                   "was released, so the destination now has the only copy (run the source "
+                   "under `cvmig vm` to hold it until you decide)", err=True)
         sys.exit(3)
     except Exception as e:  # noqa: BLE001 - a user sees one line, never a traceback
         click.secho(f"cvmig migrate failed: {clean(describe_failure(e, 'destination'))}",

@@ -18,7 +18,14 @@ from cvmig.migration.driver import MigrationParams, Observer
 from cvmig.migration.host import Host
 from cvmig.migration.messages import clean
 from cvmig.migration.report import full_report
-from cvmig.migration.source import MigrationFailed, Outcome, SourceVM, guest_ops, migrate_out
+from cvmig.migration.source import (
+    MigrationFailed,
+    MigrationInDoubt,
+    Outcome,
+    SourceVM,
+    guest_ops,
+    migrate_out,
+)
 from cvmig.psp.api import Batching, Policy
 from cvmig.psp.child import ENV as LIFELINE_ENV
 from cvmig.wire.protocol import IO_TIMEOUT_S
@@ -135,6 +142,11 @@ def migrate_local_or_remote(
                 raise MigrationFailed("migration cancelled before it started")
             outcome = migrate_out(vm, uri, opts.params, observer, should_cancel,
                                   io_timeout=opts.io_timeout_s)
+        except MigrationInDoubt as e:
+            if e.hold is not None:
+                e.hold.release()  # this call owns the copy and ends here (see cli.migrate)
+            vm.shutdown()
+            raise
         except BaseException:
             vm.shutdown()
             raise

@@ -4,9 +4,12 @@ wire, and keeps the promise that nothing is lost.
 Order of the end game: pause, last dirty pages, VMSAs, page states, the finish trailer;
 the destination runs RECEIVE_FINISH, resumes the guest and confirms with the digest its
 PSP measured on import (the downtime ends here); the still-paused source measures its
-own memory and, if they agree, issues SEND_FINISH (after which this guest can never run
-again) and releases. Any failure before that: SEND_CANCEL, the destination discards its
-copy, and the guest runs on here as before.
+own memory and, if they agree, releases the guest (RELEASED) and, once the destination
+says it owns it (OWNED), issues SEND_FINISH, after which this copy can never run again.
+Any failure before RELEASED: SEND_CANCEL, the destination discards its copy, and the
+guest runs on here as before. After RELEASED and before OWNED the outcome is unknown:
+the paused copy here is held, unfinished, in doubt (`SourceHold`), so that a destination
+that died in that window does not take the only runnable copy with it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from cvmig.wire.protocol import (
     Vmsa,
     slot_size,
 )
+from cvmig.wire.tls import TlsCreds, TlsError, client_wrap
 
 MODES = tuple(m.value for m in Batching)
 LEASE_POLL_S = 0.2  # how often the end game looks for the destination's lease requests
@@ -67,8 +71,62 @@ class DigestMismatch(MigrationFailed):
 
 
 class MigrationInDoubt(Exception):
-    """The source released the guest but could not hear the destination take it: the
-    destination holds it paused until told (`cvmig resolve`)."""
+    """The source released the guest but could not hear the destination take it. The
+    destination holds it (paused until told, `cvmig resolve`) or runs it, or is gone;
+    ``hold`` is this source's paused copy, kept until someone decides."""
+
+    def __init__(self, message: str, hold: SourceHold | None = None) -> None:
+        super().__init__(message)
+        self.hold = hold
+
+
+class SourceHold:
+    """The paused, unfinished source copy of a guest whose release is in doubt.
+
+    Never twice: nothing here resumes it on its own, since the destination may run the
+    guest. ``release`` finishes it (the destination has the guest: it said OWNED, or an
+    operator knows); ``keep`` runs it here again (an operator knows the destination does
+    not have it: its host died, say); ``retry`` tries once more to hear OWNED."""
+
+    def __init__(self, vm: SourceVM, uri: str, mig_id: str, tls: TlsCreds | None) -> None:
+        self.vm, self.uri, self.mig_id, self.tls = vm, uri, mig_id, tls
+        self.decided = ""  # "released" | "kept" once decided
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self.decided:
+                return
+            self.decided = "released"
+            assert self.vm.host.psp is not None
+            with contextlib.suppress(PspError):  # SENT: this copy can never run again
+                self.vm.host.psp.send_finish(self.vm.handle)
+            self.vm.shutdown()
+
+    def keep(self) -> None:
+        with self._lock:
+            if self.decided:
+                if self.decided != "kept":
+                    raise MigrationFailed("the source's copy was already released")
+                return
+            self.decided = "kept"
+            _roll_back(self.vm, None, "kept at the source by an operator")
+        # a destination that holds its copy in doubt may discard it now
+        threading.Thread(target=_tell_aborted, args=(self.uri, self.mig_id,
+                         "the source kept the guest", self.tls),
+                         name="cvmig-tell-aborted", daemon=True).start()
+
+    def retry(self, window_s: float, should_cancel: Callable[[], bool] = lambda: False) -> bool:
+        """Deliver RELEASED again for up to ``window_s``; release on OWNED. Returns whether
+        the destination took the guest (False: still in doubt, or already decided)."""
+        if self.decided:
+            return self.decided == "released"
+        try:
+            _deliver(self.uri, self.mig_id, "released", window_s, "", self.tls, should_cancel)
+        except MigrationInDoubt:
+            return False
+        self.release()
+        return self.decided == "released"
 
 
 @dataclass
@@ -309,8 +367,9 @@ class RealWorld:
         self.granted_at = time.monotonic()
 
     def release(self) -> None:
-        """The decision is made (SEND_FINISH done): tell the destination, and return once
-        it acknowledges that it owns the guest. Raises if that cannot be heard."""
+        """The decision is made: tell the destination, and return once it acknowledges
+        that it owns the guest (then, and only then, may SEND_FINISH end our copy).
+        Raises if that cannot be heard."""
         self.chan.send_json(FrameType.RELEASED, {"id": self.mig_id})
         # bounded even while lease requests keep coming: a destination that never heard
         # RELEASED asks on; once we stop granting, its lease ends and it holds in doubt
@@ -343,11 +402,15 @@ def migrate_out(
     io_timeout: float = IO_TIMEOUT_S,
     resolve_window_s: float = RESOLVE_WINDOW_S,
     on_channel: Callable[[Channel], None] | None = None,
+    tls: TlsCreds | None = None,
 ) -> Outcome:
     """Migrate ``vm`` to the destination listening at ``uri``.
 
     On success the source guest has been released (SENT, shut down). On failure raises
-    MigrationFailed and the guest runs on the source, its memory untouched.
+    MigrationFailed and the guest runs on the source, its memory untouched. When the
+    destination could not be heard taking the released guest, raises MigrationInDoubt
+    whose ``hold`` keeps the paused copy here until the caller decides (never resumed
+    on its own: the destination may run the guest).
     """
     params.validate()
     host, port = parse_uri(uri)
@@ -356,12 +419,13 @@ def migrate_out(
     chan: Channel | None = None
     world: RealWorld | None = None
     driver: Driver | None = None
-    committed = False
+    released = False
     try:
         try:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
             raise MigrationFailed(f"cannot connect to destination {uri}: {e.strerror or e}") from None
+        sock = client_wrap(sock, tls, host)  # TlsError is a failure like any other here
         sock.settimeout(io_timeout)
         chan = Channel(sock)
         if on_channel is not None:
@@ -386,29 +450,34 @@ def migrate_out(
         driver = Driver(world, params, observer or (lambda e, p: None), should_cancel)
         outcome.progress = driver.progress
         driver.run()
-        # the digests agree: commit. After SEND_FINISH our copy can never run again, so
-        # from here the guest is the destination's, whatever happens to this link.
-        psp.send_finish(vm.handle)
-        committed = True
+        # the digests agree: release. From RELEASED on we never resume our copy on our
+        # own (the destination may run the guest); it stays paused and unfinished until
+        # the destination says it owns the guest, and only then does SEND_FINISH end it.
+        released = True
+        hold = SourceHold(vm, uri, world.mig_id, tls)
         try:
             world.release()
         except (PeerGone, ProtocolError, RemoteError, OSError) as e:
-            # in doubt: the destination holds the guest paused until it hears this
+            # in doubt: tell it again over new connections; if none is heard, the caller
+            # gets the paused copy to decide on (`SourceHold`)
             _deliver(uri, world.mig_id, "released", resolve_window_s,
-                     why=describe_failure(e, "destination"))
+                     describe_failure(e, "destination"), tls, should_cancel, hold)
         else:
             with contextlib.suppress(PeerGone, ProtocolError, OSError):
                 verified = chan.recv_frame()  # the workload's own check, there
                 if verified.type is FrameType.CONFIRM:
                     outcome.verified = verified.json()
-        vm.shutdown()
+        hold.release()  # SEND_FINISH: OWNED was heard, the guest is the destination's
         return outcome
     except MigrationInDoubt:
-        vm.shutdown()  # SENT: it can never run here; the destination holds the only copy
-        raise
+        raise  # the paused copy is the caller's (e.hold)
     except BaseException as e:
-        if committed:
-            raise  # SEND_FINISH is done: nothing here to roll back to
+        if released:
+            # after RELEASED only the destination's OWNED or an operator decides
+            raise MigrationInDoubt(
+                _in_doubt_message(uri, describe_failure(e, "destination")),
+                SourceHold(vm, uri, world.mig_id, tls) if world is not None else None,
+            ) from e
         if world is not None:
             world.sender.close()  # the socket is ours again for the CANCEL
         if chan is not None and isinstance(e, PeerGone | OSError):
@@ -422,7 +491,7 @@ def migrate_out(
         if not told and world is not None:
             # the destination may hold its copy paused, in doubt, until it hears this;
             # telling it must not hold up the guest, which already runs here again
-            threading.Thread(target=_tell_aborted, args=(uri, world.mig_id, reason),
+            threading.Thread(target=_tell_aborted, args=(uri, world.mig_id, reason, tls),
                              name="cvmig-tell-aborted", daemon=True).start()
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -458,20 +527,34 @@ def _await_lease_end(world: RealWorld, chan: Channel | None) -> bool:
     return False
 
 
-def _tell_aborted(uri: str, mig_id: str, why: str) -> None:
+def _tell_aborted(uri: str, mig_id: str, why: str, tls: TlsCreds | None) -> None:
     with contextlib.suppress(MigrationInDoubt):
-        _deliver(uri, mig_id, "aborted", ABORT_WINDOW_S, why=why)
+        _deliver(uri, mig_id, "aborted", ABORT_WINDOW_S, why, tls)
 
 
-def _deliver(uri: str, mig_id: str, decision: str, window_s: float, why: str) -> None:
-    """Tell the destination our decision over new connections until it answers or the
-    window ends; then MigrationInDoubt says what an operator must do."""
+def _in_doubt_message(uri: str, why: str, decision: str = "released") -> str:
+    if decision != "released":
+        return (f"in doubt: this source kept the guest, but the destination at {uri} could "
+                f"not be told ({why}). If it holds a copy paused, run `cvmig resolve {uri} "
+                "--discard` there.")
+    return (f"in doubt: this source released the guest, but could not hear the destination "
+            f"at {uri} take it ({why}). The source holds its paused copy. If the destination "
+            f"holds or runs the guest, run `cvmig resolve {uri} --keep` there; only if its "
+            "host is gone, keep the source's copy (QMP x-migrate-resolve on the source).")
+
+
+def _deliver(uri: str, mig_id: str, decision: str, window_s: float, why: str,
+             tls: TlsCreds | None = None, should_cancel: Callable[[], bool] = lambda: False,
+             hold: SourceHold | None = None) -> None:
+    """Tell the destination our decision over new connections until it answers, the
+    window ends or we are cancelled; then MigrationInDoubt says what to do."""
     host, port = parse_uri(uri)
     deadline = time.monotonic() + window_s
     last = why
     while True:
         try:
-            with socket.create_connection((host, port), timeout=ENDGAME_TIMEOUT_S) as sock:
+            with socket.create_connection((host, port), timeout=ENDGAME_TIMEOUT_S) as raw:
+                sock = client_wrap(raw, tls, host)
                 sock.settimeout(ENDGAME_TIMEOUT_S)
                 ch = Channel(sock)
                 ch.send_json(FrameType.HELLO, {"version": VERSION, "role": "source",
@@ -481,15 +564,14 @@ def _deliver(uri: str, mig_id: str, decision: str, window_s: float, why: str) ->
                 if f.type is want:
                     return
                 last = str(f.json().get("message", f.type.name))
-        except (OSError, PeerGone, ProtocolError) as e:
+        except (OSError, PeerGone, ProtocolError, TlsError) as e:
             last = str(e)
-        if time.monotonic() >= deadline:
+        pause_until = min(deadline, time.monotonic() + 1.0)  # retry pacing
+        while time.monotonic() < pause_until and not should_cancel():
+            time.sleep(0.05)  # the pacing itself, watching for a cancel
+        if time.monotonic() >= deadline or should_cancel():
             break
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # retry pacing
-    raise MigrationInDoubt(
-        f"in doubt: the guest was {decision} by this source, but the destination at {uri} "
-        f"could not be told ({last}). It holds the guest paused until told: run "
-        f"`cvmig resolve {uri} --{'keep' if decision == 'released' else 'discard'}` there.")
+    raise MigrationInDoubt(_in_doubt_message(uri, last or "no answer", decision), hold)
 
 
 def _peer_reason(chan: Channel) -> RemoteError | None:
@@ -510,6 +592,8 @@ def describe_failure(e: BaseException, peer: str) -> str:
         return str(e)
     if isinstance(e, PspError):
         return f"secure processor refused: {e}"
+    if isinstance(e, TlsError):
+        return str(e)
     if isinstance(e, RemoteError):
         if e.ftype is FrameType.ERROR:
             return f"{peer} {e.message}"

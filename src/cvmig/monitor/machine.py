@@ -35,7 +35,13 @@ from cvmig.migration.host import Host
 from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S, Listener
 from cvmig.migration.live import IN_PROGRESS, RateMeter, migration_info
 from cvmig.migration.messages import clean
-from cvmig.migration.source import MigrationFailed, SourceVM, migrate_out
+from cvmig.migration.source import (
+    MigrationFailed,
+    MigrationInDoubt,
+    SourceHold,
+    SourceVM,
+    migrate_out,
+)
 from cvmig.monitor.params import Settings
 from cvmig.monitor.protocol import QMPError
 from cvmig.psp.api import Batching
@@ -59,7 +65,8 @@ class Job:
     meter: RateMeter = field(default_factory=RateMeter)
     error: str = ""
     passes: int = 0  # MIGRATION_PASS events sent
-    in_doubt: str = ""  # incoming: why the guest is held paused, in doubt (migration README)
+    in_doubt: str = ""  # why the guest is held paused, in doubt (migration README)
+    hold: SourceHold | None = None  # outgoing, in doubt: the paused copy kept here
 
     @property
     def outgoing_in_progress(self) -> bool:
@@ -154,8 +161,17 @@ class Machine:
         from cvmig.migration.resolve import resolve_in_doubt
 
         with self.lock:
+            hold = self.job.hold
+        if hold is not None:  # outgoing: keep = run it here again; discard = release it
+            try:
+                hold.keep() if keep else hold.release()
+            except MigrationFailed as e:
+                raise QMPError(str(e)) from None
+            self._held_decided(self.job, hold)
+            return
+        with self.lock:
             if not self.job.in_doubt or self._listener is None:
-                raise QMPError("No incoming guest is held in doubt here")
+                raise QMPError("No guest is held in doubt here")
             host, port = self._listener.srv.getsockname()[:2]
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
@@ -290,6 +306,21 @@ class Machine:
         try:
             outcome = migrate_out(vm, uri, job.params, partial(self._observe, job),
                                   self._cancel.is_set)
+        except MigrationInDoubt as e:
+            if e.hold is None:  # nothing held here (cannot happen after a release)
+                with self.lock:
+                    job.error = clean(e)
+                    self._status("failed")
+                return
+            with self.lock:
+                job.in_doubt, job.hold = clean(e), e.hold
+            # keep telling the destination; OWNED releases the copy here, and an
+            # operator's x-migrate-resolve (either way) ends this as well
+            while not e.hold.decided and not self._closing.is_set():
+                if e.hold.retry(5.0, self._closing.is_set):
+                    break
+            self._held_decided(job, e.hold)
+            return
         except BaseException as e:  # noqa: BLE001 - every end must leave a queryable state
             with self.lock:
                 if self._cancel.is_set():
@@ -309,6 +340,21 @@ class Machine:
             self.vm = None  # SEND_FINISH done; the guest runs at the destination now
             self._runstate("postmigrate")
             self._status("completed")
+
+    def _held_decided(self, job: Job, hold: SourceHold) -> None:
+        """An outgoing guest held in doubt was decided: show where it runs."""
+        with self.lock:
+            if job.hold is not hold or not hold.decided:
+                return
+            job.hold, job.in_doubt = None, ""
+            if hold.decided == "released":
+                self.vm = None  # SEND_FINISH done; the guest runs at the destination
+                self._runstate("postmigrate")
+                self._status("completed")
+            else:
+                job.error = "kept at the source by an operator after an in-doubt release"
+                self._status("failed")
+                self._runstate("running", "RESUME")
 
     def _incoming(self, srv: Listener) -> None:
         try:
