@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -201,4 +203,40 @@ def test_same_owner_domain_guest_migrates(host: Host) -> None:
         assert out.confirm["digest"] == out.source_digest
     finally:
         dest.close()
+        vm.shutdown()
+
+
+def test_cancel_ends_a_handshake_wait_within_a_second(host: Host) -> None:
+    """A destination that accepts the connection and never answers HELLO: a cancel ends
+    the wait (the I/O timeout is 15 s) within a second, and the guest runs on intact."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts in the backlog, says nothing
+    port = silent.getsockname()[1]
+    vm = boot(host, "dirtier:rate=500")
+    cancel = threading.Event()
+    try:
+        # a wait with a deadline: the cancel is set only once the source has connected
+        deadline = time.monotonic() + 10
+        done: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                migrate_out(vm, f"tcp:127.0.0.1:{port}", MigrationParams(), None, cancel.is_set)
+            except BaseException as e:  # noqa: BLE001 - examined below
+                done.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        conn, _ = silent.accept()  # the source is connected and waits for our HELLO
+        assert time.monotonic() < deadline
+        t0 = time.monotonic()
+        cancel.set()
+        t.join(5)
+        assert not t.is_alive()
+        assert time.monotonic() - t0 < 1.5, f"the cancel took {time.monotonic() - t0:.1f} s"
+        assert done and isinstance(done[0], MigrationFailed), done
+        assert "cancel" in str(done[0])
+        assert_still_running_intact(vm)
+        conn.close()
+    finally:
+        silent.close()
         vm.shutdown()

@@ -15,11 +15,14 @@ that died in that window does not take the only runnable copy with it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import secrets
+import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -420,22 +423,25 @@ def migrate_out(
     world: RealWorld | None = None
     driver: Driver | None = None
     released = False
+    hold: SourceHold | None = None
     try:
         try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
+            raw = _connect(host, port, connect_timeout, should_cancel)
         except OSError as e:
             raise MigrationFailed(f"cannot connect to destination {uri}: {e.strerror or e}") from None
-        sock = client_wrap(sock, tls, host)  # TlsError is a failure like any other here
-        sock.settimeout(io_timeout)
-        chan = Channel(sock)
-        if on_channel is not None:
-            on_channel(chan)  # e.g. a monitor that cancels by shutting the socket down
-        chan.send_json(FrameType.HELLO, {"version": VERSION, "role": "source",
-                                         "capabilities": MODES})
-        hello = chan.expect(FrameType.HELLO).json()
-        if hello.get("role") != "destination":
-            raise ProtocolError("peer is not a cvmig destination")
-        certs = PlatformCerts.from_bytes(chan.expect(FrameType.CERTS, max_data=1 << 20).meta)
+        with _shut_on_cancel(raw, should_cancel):  # a cancel ends the handshake's waits
+            raw.settimeout(io_timeout)
+            sock = client_wrap(raw, tls, host)  # TlsError is a failure like any other here
+            sock.settimeout(io_timeout)
+            chan = Channel(sock)
+            if on_channel is not None:
+                on_channel(chan)  # e.g. a monitor that cancels by shutting the socket down
+            chan.send_json(FrameType.HELLO, {"version": VERSION, "role": "source",
+                                             "capabilities": MODES})
+            hello = chan.expect(FrameType.HELLO).json()
+            if hello.get("role") != "destination":
+                raise ProtocolError("peer is not a cvmig destination")
+            certs = PlatformCerts.from_bytes(chan.expect(FrameType.CERTS, max_data=1 << 20).meta)
         sess = psp.send_start(vm.handle, certs)  # policy and chain checks happen here
         chan.send_json(FrameType.START, {
             "config": config_to_json(vm.config),
@@ -474,10 +480,12 @@ def migrate_out(
     except BaseException as e:
         if released:
             # after RELEASED only the destination's OWNED or an operator decides
+            if hold is not None and hold.decided:
+                raise  # released after OWNED: only the clean-up failed
             raise MigrationInDoubt(
-                _in_doubt_message(uri, describe_failure(e, "destination")),
-                SourceHold(vm, uri, world.mig_id, tls) if world is not None else None,
-            ) from e
+                _in_doubt_message(uri, describe_failure(e, "destination")), hold) from e
+        if should_cancel() and not isinstance(e, MigrationCancelled | KeyboardInterrupt):
+            e = MigrationCancelled("migration cancelled")  # whatever the cancel broke
         if world is not None:
             world.sender.close()  # the socket is ours again for the CANCEL
         if chan is not None and isinstance(e, PeerGone | OSError):
@@ -499,6 +507,57 @@ def migrate_out(
     finally:
         if chan is not None:
             chan.close()
+
+
+CANCEL_POLL_S = 0.1  # how often a wait without a cancel of its own looks for one
+
+
+def _connect(host: str, port: int, timeout: float,
+             should_cancel: Callable[[], bool]) -> socket.socket:
+    """A TCP connection within ``timeout``; a cancel ends the wait at once
+    (MigrationCancelled)."""
+    err: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        code = sock.connect_ex(addr)
+        deadline = time.monotonic() + timeout
+        while code in (errno.EINPROGRESS, errno.EAGAIN):
+            if should_cancel():
+                sock.close()
+                raise MigrationCancelled("migration cancelled while connecting")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                code = errno.ETIMEDOUT
+            elif select.select([], [sock], [], min(CANCEL_POLL_S, left))[1]:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            sock.setblocking(True)
+            return sock
+        sock.close()
+        err = OSError(code, os.strerror(code))
+    raise err
+
+
+@contextlib.contextmanager
+def _shut_on_cancel(sock: socket.socket, should_cancel: Callable[[], bool]) -> Iterator[None]:
+    """While the body waits on ``sock``, a cancel shuts it down, which ends the wait."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(CANCEL_POLL_S):
+            if should_cancel():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
+
+    t = threading.Thread(target=watch, name="cvmig-cancel-watch", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
 
 
 def _await_lease_end(world: RealWorld, chan: Channel | None) -> bool:
