@@ -7,8 +7,9 @@ import pytest
 
 from cvmig.migration.driver import Progress, Round, TimeoutAction
 from cvmig.migration.live import RateMeter, migration_info, percent
+from cvmig.migration.parameters import CAPABILITY_NAMES as CAPABILITIES
 from cvmig.migration.throttle import ThrottleKind
-from cvmig.monitor.params import CAPABILITIES, Settings
+from cvmig.monitor.params import Settings
 from cvmig.monitor.protocol import QMPError, Splitter, check_request, event, parse
 from cvmig.monitor.run import parse_qmp_address
 from cvmig.monitor.schema import check_args
@@ -72,8 +73,8 @@ def test_argument_types_as_the_qapi_visitor() -> None:
         ({"n": "5"}, "Invalid parameter type for 'n', expected: integer"),
         ({"n": 5.0}, "Invalid parameter type for 'n', expected: integer"),
         ({"n": True}, "Invalid parameter type for 'n', expected: integer"),
-        ({"n": 256}, "Parameter 'n' expects uint8"),
-        ({"n": -1}, "Parameter 'n' expects uint8"),
+        ({"n": 256}, "Parameter 'n' expects uint8_t"),
+        ({"n": -1}, "Parameter 'n' expects uint8_t"),
         ({"n": 1, "b": 1}, "Invalid parameter type for 'b', expected: boolean"),
         ({"n": 1, "s": 1}, "Invalid parameter type for 's', expected: string"),
         ({"n": 1, "x": False}, "Invalid parameter type for 'x', expected: number"),
@@ -94,9 +95,11 @@ def test_parameters_have_qemu_names_and_defaults() -> None:
     assert q["cpu-throttle-tailslow"] is False
     assert q["max-cpu-throttle"] == 99
     assert q["vcpu-dirty-limit"] == 1
-    assert q["x-batching"] == "page" and q["x-throttle"] == "auto"
+    assert q["x-batching"] == "aead" and q["x-throttle"] == "auto"  # one default: the CLI's
+    assert q["max-bandwidth"] == 134217728  # QEMU's; `cvmig migrate` keeps unlimited
+    assert q["tls-creds"] == q["tls-hostname"] == q["tls-authz"] == ""
     p = s.params()
-    assert p.throttle is ThrottleKind.NONE and p.max_bandwidth == 0
+    assert p.throttle is ThrottleKind.NONE and p.max_bandwidth == 134217728
 
 
 def test_parameters_map_onto_the_engine() -> None:
@@ -118,13 +121,20 @@ def test_bad_parameter_sets_change_nothing() -> None:
     s = Settings()
     before = s.query_parameters()
     for args, needle in [
-        ({"downtime-limit": 10, "cpu-throttle-initial": 0}, "cpu-throttle-initial"),
+        ({"downtime-limit": 10, "cpu-throttle-initial": 0},
+         "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99"),
+        ({"max-cpu-throttle": 10},  # below cpu-throttle-initial (20): QEMU's words
+         "Parameter 'max_cpu_throttle' expects an integer in the range of "
+         "cpu_throttle_initial to 99"),
+        ({"vcpu-dirty-limit": 0}, "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s"),
         ({"x-batching": "page", "x-batch-cap": 4}, "one page per command"),
         ({"x-batching": "bogus"}, "does not accept value 'bogus'"),
-        ({"x-precopy-throttle": 100}, "x-precopy-throttle"),
+        ({"x-precopy-throttle": 100}, "x_precopy_throttle"),
         ({"multifd-channels": 4}, "not supported by cvmig"),
         ({"nonsense": 1}, "Parameter 'nonsense' is unexpected"),
-        ({"downtime-limit": 2_000_001}, "downtime-limit"),
+        ({"downtime-limit": 2_000_001}, "Parameter 'downtime_limit' expects an integer in "
+                                        "the range of 0 to (2000 * 1000) ms"),
+        ({"tls-creds": 5}, "Invalid parameter type for 'tls-creds', expected: string"),
     ]:
         with pytest.raises(QMPError) as e:
             s.set_parameters(args)

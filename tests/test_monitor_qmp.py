@@ -138,7 +138,7 @@ def test_unknown_command_echoes_id(qmp: RawQMP, msg_id: object) -> None:
     ("migrate-set-parameters", {"downtime-limit": 300.5},
      "Invalid parameter type for 'downtime-limit', expected: integer"),
     ("migrate-set-parameters", {"cpu-throttle-initial": 300},
-     "Parameter 'cpu-throttle-initial' expects uint8"),
+     "Parameter 'cpu-throttle-initial' expects uint8_t"),
     ("migrate-set-parameters", {"cpu-throttle-tailslow": 1},
      "Invalid parameter type for 'cpu-throttle-tailslow', expected: boolean"),
     ("migrate-set-parameters", {"x-batching": 2},
@@ -163,7 +163,10 @@ def test_bad_values_are_refused_and_change_nothing(qmp: RawQMP) -> None:
     for cmd, args, needle in [
         ("migrate-set-parameters", {"x-batching": "page", "x-batch-cap": 8}, "one page"),
         ("migrate-set-parameters", {"downtime-limit": 10, "max-cpu-throttle": 0},
-         "max-cpu-throttle"),
+         "max_cpu_throttle"),
+        ("migrate-set-parameters", {"max-cpu-throttle": 15},  # below cpu-throttle-initial
+         "Parameter 'max_cpu_throttle' expects an integer in the range of "
+         "cpu_throttle_initial to 99"),
         ("migrate-set-parameters", {"x-throttle": "warp"}, "does not accept value 'warp'"),
         ("migrate-set-parameters", {"multifd-channels": 4}, "not supported by cvmig"),
         ("migrate-set-capabilities", {"capabilities": [{"capability": "postcopy-ram",
@@ -218,11 +221,11 @@ def test_events_go_to_every_negotiated_client(vm: VmProcess) -> None:
 
 def test_parameters_roundtrip(qmp: RawQMP) -> None:
     defaults = qmp.ok("query-migrate-parameters")
-    for name, value in [("downtime-limit", 300), ("max-bandwidth", 0),
+    for name, value in [("downtime-limit", 300), ("max-bandwidth", 134217728),
                         ("throttle-trigger-threshold", 50), ("cpu-throttle-initial", 20),
                         ("cpu-throttle-increment", 10), ("cpu-throttle-tailslow", False),
                         ("max-cpu-throttle", 99), ("vcpu-dirty-limit", 1),
-                        ("x-batching", "page"), ("x-batch-cap", 0), ("x-queue", False),
+                        ("x-batching", "aead"), ("x-batch-cap", 0), ("x-queue", False),
                         ("x-throttle", "auto"), ("x-precopy-throttle", -1),
                         ("x-max-rounds", 0), ("x-timeout", 0.0),
                         ("x-timeout-action", "cancel")]:

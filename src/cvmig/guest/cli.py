@@ -11,25 +11,9 @@ from typing import Any
 import click
 
 from cvmig.guest.workloads import WorkloadSpec, parse_workload
+from cvmig.units import parse_size  # the one size grammar (QEMU's)
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GIB": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """'256M', '1G', '16777216' -> bytes (binary units)."""
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    unit = t[len(num) :]
-    if unit not in _UNITS or not num:
-        raise ValueError(f"{text!r} is not a size; use e.g. 256M, 1G or a byte count")
-    try:
-        value = float(num)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size; use e.g. 256M, 1G or a byte count") from None
-    size = value * _UNITS[unit]
-    if size != int(size):
-        raise ValueError(f"{text!r} is not a whole number of bytes")
-    return int(size)
+__all__ = ["guest", "parse_size", "parse_throttle"]
 
 
 def parse_throttle(text: str) -> float:

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from cvmig.guest.vm import GuestConfig
 from cvmig.guest.workloads import parse_workload
+from cvmig.units import parse_size  # the one size grammar (QEMU's)
 from cvmig.wire.frames import ProtocolError
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """'256M', '1G', '4096', '1.5G' -> bytes (binary units, as QEMU's -m)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"{what} must be a number with an optional K/M/G/T suffix, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+__all__ = ["config_from_json", "config_to_json", "parse_size"]
 
 
 def config_to_json(c: GuestConfig) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Schema = dict[str, tuple[str, bool]]
 
 _RANGES = {"uint8": 0xFF, "uint32": 0xFFFF_FFFF, "uint64": (1 << 64) - 1,
            "size": (1 << 64) - 1}
+_QEMU_NAMES = {"uint8": "uint8_t", "uint32": "uint32_t", "size": "uint64"}  # QEMU 10's words
 _EXPECTED = {"int": "integer", "uint8": "integer", "uint32": "integer", "uint64": "integer",
              "size": "integer", "number": "number", "bool": "boolean", "str": "string",
              "array": "array", "object": "object"}
@@ -42,8 +43,7 @@ def check_value(name: str, kind: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
         if kind in _RANGES and not 0 <= value <= _RANGES[kind]:
-            raise QMPError(f"Parameter '{name}' expects "
-                           f"{'uint64' if kind == 'size' else kind}")
+            raise QMPError(f"Parameter '{name}' expects {_QEMU_NAMES.get(kind, kind)}")
         if kind == "int" and not -(1 << 63) <= value < (1 << 63):
             raise QMPError(f"Parameter '{name}' expects int64")
     return value
