@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from cvmig.migration.source import (
     SourceVM,
     migrate_out,
 )
+from cvmig.monitor.testing import RawQMP, VmProcess
 from cvmig.psp.api import GuestState, Policy
 from cvmig.wire.frames import HEADER, HEADER_SIZE, FrameType
 from tests.test_migration_failures import assert_still_running_intact
@@ -339,3 +341,31 @@ def test_qmp_shows_the_in_doubt_guest_and_resolves_it(
         proxy.close()
         vm.shutdown()
         dst.close()
+
+
+def test_qmp_source_holds_its_copy_when_the_destination_dies_at_released(
+    dest: Destination, tmp_path: Path,
+) -> None:
+    """A source under QMP releases the guest and its destination dies before it can take
+    it: the source shows x-in-doubt with its copy paused (it never resumes it on its own),
+    and an operator's x-migrate-resolve keep runs it there again."""
+    src = VmProcess(str(tmp_path / "src.sock"), ["--memory", "16M", "--vcpus", "2",
+                                                 "--workload", "dirtier:rate=500"])
+    proxy = FrameProxy(("127.0.0.1", dest.port), "s2d", FrameType.RELEASED, "cut",
+                       only_first=True)
+    try:
+        with RawQMP(src.qmp_path) as qmp:
+            qmp.ok("migrate", {"uri": proxy.uri})
+            assert proxy.fired.wait(60), "the migration never reached RELEASED"
+            dest.proc.kill()  # its host dies with the guest it ran on a lease
+            dest.proc.wait(10)
+            st = qmp.poll("query-status", lambda r: "x-in-doubt" in r, timeout=20)
+            assert st["running"] is False, st  # paused: never resumed on its own
+            assert "x-in-doubt" in qmp.ok("query-migrate")
+            qmp.ok("x-migrate-resolve", {"decision": "keep"})
+            st = qmp.ok("query-status")
+            assert st == {"running": True, "status": "running"}, st
+            assert qmp.ok("query-migrate")["status"] == "failed"
+    finally:
+        proxy.close()
+        src.close()

@@ -257,7 +257,10 @@ class Machine:
             if job.in_doubt:
                 info["x-in-doubt"] = job.in_doubt
             return info
-        return migration_info(job.status, job.progress, job.params, job.meter, error=job.error)
+        out = migration_info(job.status, job.progress, job.params, job.meter, error=job.error)
+        if job.in_doubt:  # released, not yet heard taken: our copy is held, paused
+            out["x-in-doubt"] = job.in_doubt
+        return out
 
     def set_parameters(self, args: dict[str, Any]) -> None:
         with self.lock:
@@ -304,8 +307,9 @@ class Machine:
     def _outgoing(self, job: Job, vm: SourceVM, uri: str) -> None:
         assert job.params is not None
         try:
+            # in doubt, the retries are ours (below), so that x-in-doubt shows at once
             outcome = migrate_out(vm, uri, job.params, partial(self._observe, job),
-                                  self._cancel.is_set)
+                                  self._cancel.is_set, resolve_window_s=0.0)
         except MigrationInDoubt as e:
             if e.hold is None:  # nothing held here (cannot happen after a release)
                 with self.lock:
