@@ -42,8 +42,10 @@ class Settings:
                 if name in P.UNSUPPORTED_PARAMS:
                     raise QMPError(f"Parameter '{name}' is not supported by cvmig")
                 raise QMPError(f"Parameter '{name}' is unexpected")
-            if value is None and p.nullable:
-                value = ""  # QEMU: null resets a StrOrNull parameter to ""
+            if p.nullable:  # QEMU's StrOrNull: null resets it to ""
+                if value is not None and not isinstance(value, str):
+                    raise QMPError(f"Invalid parameter type for '{name}', expected: StrOrNull")
+                value = "" if value is None else value
             changes[name] = check_value(name, SCHEMA[name][0], value)
         try:
             new, params = P.merge(self.values, changes, self.caps, migrating=migrating)

@@ -39,12 +39,17 @@ def check_value(name: str, kind: str, value: Any) -> Any:
     elif kind == "object":
         if not isinstance(value, dict):
             raise bad
-    else:  # integers
+    elif kind in _RANGES:  # unsigned, as QEMU 10's input visitor reads them
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                not -(1 << 63) <= value < (1 << 64):
+            raise QMPError(f"Parameter '{name}' expects uint64")
+        value %= 1 << 64  # QEMU takes a negative int64 as its two's complement
+        if value > _RANGES[kind]:
+            raise QMPError(f"Parameter '{name}' expects {_QEMU_NAMES.get(kind, kind)}")
+    else:  # int
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
-        if kind in _RANGES and not 0 <= value <= _RANGES[kind]:
-            raise QMPError(f"Parameter '{name}' expects {_QEMU_NAMES.get(kind, kind)}")
-        if kind == "int" and not -(1 << 63) <= value < (1 << 63):
+        if not -(1 << 63) <= value < (1 << 63):
             raise QMPError(f"Parameter '{name}' expects int64")
     return value
 
