@@ -74,9 +74,9 @@ class World:
         )
         return out
 
-    def start(self) -> SendSession:
-        s = self.src.send_start(self.h, self.dst.export_certs())
-        self.hd = self.dst.receive_start(self.d, self.npages, s)
+    def start(self, fmt: Batching | None = None) -> SendSession:
+        s = self.src.send_start(self.h, self.dst.export_certs(), fmt)
+        self.hd = self.dst.receive_start(self.d, self.npages, s, fmt)
         self.session = s
         return s
 
@@ -1136,3 +1136,57 @@ def test_a_refused_forged_packet_does_not_pick_the_sessions_format(
         world.recv(Batching.PAGE, [3], garbage, n)
     world.recv(mode, [1, 2], n)
     world.dst.receive_finish(world.hd, world.src.send_trailer(world.h))
+
+
+@pytest.mark.parametrize("fmt", list(Batching))
+def test_the_packet_format_is_negotiated_at_start(fws: tuple[Firmware, Firmware],
+                                                  fmt: Batching) -> None:
+    """SEND_START/RECEIVE_START bind the session to the batching mode's packet format
+    before any data moves: the source refuses every other format from the first packet
+    on, and so does the destination; SEV's page/contig keep SEV's 128-byte blob."""
+    w = World(*fws)
+    try:
+        s = w.start(fmt)
+        sev = fmt in (Batching.PAGE, Batching.CONTIG)
+        assert len(s.session) == (128 if sev else 128 + 36)
+        for other in Batching:
+            if (other in (Batching.PAGE, Batching.CONTIG)) == sev and (sev or other is fmt):
+                continue
+            with pytest.raises(PspError) as e:
+                w.send(other, [1])
+            assert e.value.status == Status.INVALID_PARAM, other
+            with pytest.raises(PspError) as e:
+                w.recv(other, [1], packet_size(other, 1))
+            assert e.value.status == Status.INVALID_PARAM, other
+        n = w.send(fmt, [1])
+        w.recv(fmt, [1], n)  # the negotiated format itself moves
+    finally:
+        w.close()
+
+
+def test_a_changed_negotiation_is_refused_at_receive_start(
+    fws: tuple[Firmware, Firmware],
+) -> None:
+    """Whoever carries the session blob cannot change the format it negotiates: not by
+    flipping the format code, not by stripping the extension (a SEV blob then says SEV's
+    format, and the aead the stream announces is refused), not by announcing another."""
+    w = World(*fws)
+    try:
+        s = w.src.send_start(w.h, w.dst.export_certs(), Batching.AEAD)
+        flipped = s.session[:128] + (2).to_bytes(4, "little") + s.session[132:]
+        cases = [
+            (dataclasses.replace(s, session=flipped), Batching.SG),
+            (dataclasses.replace(s, session=s.session[:128]), Batching.AEAD),
+            (s, Batching.SG),
+            (s, Batching.PAGE),
+            (dataclasses.replace(s, session=s.session + b"x"), Batching.AEAD),
+        ]
+        for bad, announced in cases:
+            with pytest.raises(PspError) as e:
+                w.dst.receive_start(w.d, w.npages, bad, announced)
+            assert e.value.status in (Status.BAD_MEASUREMENT, Status.INVALID_LENGTH), announced
+        w.hd = w.dst.receive_start(w.d, w.npages, s, Batching.AEAD)  # the real one goes
+        n = w.send(Batching.AEAD, [1, 2])
+        w.recv(Batching.AEAD, [1, 2], n)
+    finally:
+        w.close()

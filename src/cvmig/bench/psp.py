@@ -80,8 +80,8 @@ def _measure(
     plan: _Plan, seconds: float, rng: np.random.Generator,
 ) -> tuple[list[float], list[float]]:
     """Seconds of each mailbox message: for send, then for receive of the same packets."""
-    sess = a.send_start(h, b.export_certs())
-    hd = b.receive_start(dregion, npages, sess)
+    sess = a.send_start(h, b.export_certs(), plan.mode)
+    hd = b.receive_start(dregion, npages, sess, plan.mode)
     try:
         one = packet_size(plan.mode, 1 if plan.queue else plan.batch)
         per_msg = one * (plan.batch if plan.queue else 1)

@@ -22,9 +22,10 @@ from cvmig.migration.config import config_from_json
 from cvmig.migration.host import Host
 from cvmig.migration.receiver import Receiver
 from cvmig.migration.source import MODES, describe_failure, guest_ops
-from cvmig.psp.api import PspError, SendSession, packet_size
+from cvmig.psp.api import SESSION_SIZE, Batching, PspError, SendSession, packet_size
 from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
+from cvmig.psp.session import FORMAT_EXT_SIZE
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError, parse_json
 from cvmig.wire.protocol import (
@@ -116,7 +117,15 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         config = config_from_json(info["config"])
         npages = int(info["npages"])  # type: ignore[call-overload]
         tail = start.meta[start.header.meta_len:]
-        sender_pdh, session = tail[:-128], tail[-128:]
+        session_len = info.get("session_len", SESSION_SIZE)
+        if session_len not in (SESSION_SIZE, SESSION_SIZE + FORMAT_EXT_SIZE) or \
+                not isinstance(session_len, int) or len(tail) <= session_len:
+            raise ProtocolError(f"START: a session blob of {session_len!r} bytes")
+        try:
+            fmt = Batching(str(info.get("batching")))
+        except ValueError:
+            raise ProtocolError(f"START: unknown batching {info.get('batching')!r}") from None
+        sender_pdh, session = tail[:-session_len], tail[-session_len:]
         memory = GuestMemory.create(config.memory, populate=False)
         # first-touch faults of a large memory cost seconds per GiB here: taken on a
         # thread, ahead of the pages arriving in order, not before the first one
@@ -125,7 +134,8 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
             raise ProtocolError(f"source guest has {npages} pages, config says {memory.npages}")
         region = psp.map_region(memory.name, memory.size)
         handle = psp.receive_start(region, npages, SendSession(
-            int(info["policy"]), bytes(sender_pdh), bytes(session)))  # type: ignore[call-overload]
+            int(info["policy"]), bytes(sender_pdh), bytes(session)),  # type: ignore[call-overload]
+            fmt)
         # the vCPU processes start now, while the pages arrive, not in the downtime
         guest = Guest(config, memory, hostobj.psp_socket, handle)
         guest.prepare()

@@ -442,13 +442,15 @@ def migrate_out(
             if hello.get("role") != "destination":
                 raise ProtocolError("peer is not a cvmig destination")
             certs = PlatformCerts.from_bytes(chan.expect(FrameType.CERTS, max_data=1 << 20).meta)
-        sess = psp.send_start(vm.handle, certs)  # policy and chain checks happen here
+        # policy and chain checks happen here; the packet format is negotiated here too
+        sess = psp.send_start(vm.handle, certs, params.batching)
         chan.send_json(FrameType.START, {
             "config": config_to_json(vm.config),
             "npages": vm.memory.npages,
             "policy": sess.policy,
             "batching": str(params.batching),
             "cap": params.cap,
+            "session_len": len(sess.session),
         }, [sess.sender_pdh, sess.session])
         world = RealWorld(vm, chan, params, should_cancel)
         outcome = Outcome(Progress())

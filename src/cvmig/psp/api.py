@@ -145,7 +145,7 @@ class SendSession:
 
     policy: int
     sender_pdh: bytes  # the sending platform's PDH certificate
-    session: bytes  # the 128-byte session blob (nonce, wrapped TEK/TIK, MACs)
+    session: bytes  # the session blob: SEV's 128 bytes (+36 negotiating sg or aead)
 
 
 def packet_size(mode: Batching, npages: int) -> int:
@@ -182,7 +182,13 @@ class SecureProcessor(Protocol):
         ...
 
     # -- send -----------------------------------------------------------------------
-    def send_start(self, handle: int, target: PlatformCerts) -> SendSession: ...
+    def send_start(self, handle: int, target: PlatformCerts,
+                   packet_format: Batching | None = None) -> SendSession:
+        """RUNNING -> SUPDATE. ``packet_format`` (the batching mode the session will use)
+        is negotiated here: the session is bound to it, and for cvmig's own formats (sg,
+        aead) the session blob carries it under a MAC (psp/README.md). None: bound by
+        the first packet, as before negotiation existed."""
+        ...
 
     def send_update_data(
         self, handle: int, mode: Batching, pfns: np.ndarray, trans: int, offset: int
@@ -220,8 +226,11 @@ class SecureProcessor(Protocol):
     def send_cancel(self, handle: int) -> None: ...
 
     # -- receive --------------------------------------------------------------------
-    def receive_start(self, region: int, npages: int, session: SendSession) -> int:
-        """A new guest in RUPDATE over ``region``, with its own new VEK. Returns the handle."""
+    def receive_start(self, region: int, npages: int, session: SendSession,
+                      packet_format: Batching | None = None) -> int:
+        """A new guest in RUPDATE over ``region``, with its own new VEK. Returns the handle.
+        The session is bound to the packet format its blob negotiates; ``packet_format``,
+        if given (the one the stream announced), must be that one."""
         ...
 
     def receive_update_data(

@@ -263,8 +263,9 @@ class MailboxClient:
         return self._call(K.GUEST_STATUS, handle)
 
     # -- send --
-    def send_start(self, handle: int, target: PlatformCerts) -> SendSession:
-        return self._call(K.SEND_START, handle, target)
+    def send_start(self, handle: int, target: PlatformCerts,
+                   packet_format: Batching | None = None) -> SendSession:
+        return self._call(K.SEND_START, handle, target, packet_format)
 
     def send_update_data(
         self, handle: int, mode: Batching, pfns: np.ndarray, trans: int, offset: int
@@ -291,8 +292,9 @@ class MailboxClient:
         self._call(K.SEND_CANCEL, handle)
 
     # -- receive --
-    def receive_start(self, region: int, npages: int, session: SendSession) -> int:
-        return self._call(K.RECEIVE_START, region, npages, session)
+    def receive_start(self, region: int, npages: int, session: SendSession,
+                      packet_format: Batching | None = None) -> int:
+        return self._call(K.RECEIVE_START, region, npages, session, packet_format)
 
     def receive_update_data(
         self, handle: int, mode: Batching, pfns: np.ndarray, trans: int, offset: int, length: int

@@ -35,7 +35,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _II = struct.Struct("<II")
 _LAUNCH = struct.Struct("<IQI")  # region, npages, policy
-_RSTART = struct.Struct("<IQ")  # region, npages (then the session)
+_RSTART = struct.Struct("<IQI")  # region, npages, packet format (then the session)
 # handle u32, mode u8, pad 3, trans u32, pad 4, offset u64, length u64, npfns u32, nbounds u32
 _XFER = struct.Struct("<IB3xI4xQQII")
 _VMSA = struct.Struct("<I4xQIIQQ")  # handle, pfn, trans, pad, offset, length
@@ -112,9 +112,21 @@ MAP = Request(
     lambda b: (bytes(b[8:]).decode(), _U64.unpack_from(b, 0)[0]),
 )
 LAUNCH = Request(_LAUNCH.pack, lambda b: _LAUNCH.unpack_from(b, 0))
+_NO_FORMAT = 0xFF  # the packet format is not negotiated (bound by the first packet)
+
+
+def _format_code(fmt: Batching | None) -> int:
+    return _NO_FORMAT if fmt is None else _MODE_ID[Batching(fmt)]
+
+
+def _format(code: int) -> Batching | None:
+    return None if code == _NO_FORMAT else _MODES[code]
+
+
 SEND_START_REQ = Request(
-    lambda h, target: _U32.pack(h) + target.to_bytes(),
-    lambda b: (_U32.unpack_from(b, 0)[0], PlatformCerts.from_bytes(bytes(b[4:]))),
+    lambda h, target, fmt=None: _II.pack(h, _format_code(fmt)) + target.to_bytes(),
+    lambda b: (_II.unpack_from(b, 0)[0], PlatformCerts.from_bytes(bytes(b[8:])),
+               _format(_II.unpack_from(b, 0)[1])),
 )
 def _send_data(b: memoryview) -> tuple[Any, ...]:
     h, mode, trans, off, _, pfns, _ = _unxfer(b)
@@ -166,8 +178,10 @@ RECEIVE_VMSA = Request(
     lambda h, pfn, trans, off, n: _VMSA.pack(h, pfn, trans, 0, off, n), _receive_vmsa
 )
 RECEIVE_START_REQ = Request(
-    lambda region, npages, s: _RSTART.pack(region, npages) + session_bytes(s),
-    lambda b: (*_RSTART.unpack_from(b, 0), session_from(b[_RSTART.size :])),
+    lambda region, npages, s, fmt=None: _RSTART.pack(region, npages, _format_code(fmt))
+    + session_bytes(s),
+    lambda b: (*_RSTART.unpack_from(b, 0)[:2], session_from(b[_RSTART.size :]),
+               _format(_RSTART.unpack_from(b, 0)[2])),
 )
 HANDLE_BYTES = Request(  # (handle, trailer)
     lambda h, data: _U32.pack(h) + data,

@@ -21,6 +21,7 @@ import numpy as np
 from cvmig.psp import certs as C
 from cvmig.psp.api import (
     PAGE_SIZE,
+    SESSION_SIZE,
     SPEC_MAX_LENGTH,
     Batching,
     GuestState,
@@ -32,8 +33,22 @@ from cvmig.psp.api import (
 )
 from cvmig.psp.measure import measure_digest, page_measure
 from cvmig.psp.memcrypt import VEK_SIZE, MemoryCipher, is_run
-from cvmig.psp.packet import AEAD_RECORD, Channel, packet_size
-from cvmig.psp.session import shared_secret, unwrap, wrap
+from cvmig.psp.packet import (
+    AEAD_RECORD,
+    Channel,
+    format_code,
+    format_from_code,
+    packet_size,
+)
+from cvmig.psp.packet import packet_format as format_of
+from cvmig.psp.session import (
+    FORMAT_EXT_SIZE,
+    check_format_ext,
+    format_ext,
+    shared_secret,
+    unwrap,
+    wrap,
+)
 
 DEFAULT_MAX_SG_PAGES = 512  # TDX's TDH.EXPORT.MEM limit; a GPA list page of 8-byte entries
 _LAUNCH_CHUNK = 1024  # pages encrypted per pass when a guest's memory is initialised
@@ -293,7 +308,8 @@ class Firmware:
 
     # -- send ------------------------------------------------------------------------------
 
-    def send_start(self, handle: int, target: PlatformCerts) -> SendSession:
+    def send_start(self, handle: int, target: PlatformCerts,
+                   packet_format: Batching | None = None) -> SendSession:
         cmd = "SEND_START"
         g = self._guest(cmd, handle)
         self._need_state(cmd, g, GuestState.RUNNING)
@@ -316,6 +332,11 @@ class Firmware:
         z = shared_secret(self.identity.pdh_key, pdh.public_key)
         blob, keys = wrap(z, g.policy)
         g.channel = Channel(keys)
+        if packet_format is not None:  # negotiated now, bound from the first packet on
+            fmt = format_of(Batching(packet_format))
+            g.channel.bind_mode(fmt)
+            if fmt is not Batching.PAGE:
+                blob += format_ext(keys.tik, format_code(fmt))
         g.sent = np.zeros((g.npages, 2), dtype=np.uint64)
         g.state = GuestState.SUPDATE
         return SendSession(g.policy, self.identity.certs.pdh, blob)
@@ -433,7 +454,8 @@ class Firmware:
 
     # -- receive ---------------------------------------------------------------------------
 
-    def receive_start(self, region: int, npages: int, session: SendSession) -> int:
+    def receive_start(self, region: int, npages: int, session: SendSession,
+                      packet_format: Batching | None = None) -> int:
         cmd = "RECEIVE_START"
         self._region(cmd, region)
         if _api_version(session.policy) > (C.API_MAJOR, C.API_MINOR):
@@ -447,9 +469,28 @@ class Firmware:
         except C.CertError as e:
             raise PspError(cmd, e.status, e.detail) from None
         z = shared_secret(self.identity.pdh_key, pdh.public_key)
-        keys = unwrap(z, session.policy, session.session)  # before any guest is created
+        blob = session.session
+        if len(blob) not in (SESSION_SIZE, SESSION_SIZE + FORMAT_EXT_SIZE):
+            raise PspError(cmd, Status.INVALID_LENGTH, f"session blob is {len(blob)} bytes, "
+                           f"want {SESSION_SIZE} (SEV) or {SESSION_SIZE + FORMAT_EXT_SIZE} "
+                           "(with a negotiated packet format)")
+        keys = unwrap(z, session.policy, blob[:SESSION_SIZE])  # before any guest is created
+        fmt = Batching.PAGE  # a SEV blob negotiates SEV's packets
+        if len(blob) == SESSION_SIZE + FORMAT_EXT_SIZE:
+            code = check_format_ext(keys.tik, blob[SESSION_SIZE:])
+            ext = format_from_code(code)
+            if ext is None:
+                raise PspError(cmd, Status.INVALID_PARAM, f"no packet format has code {code}")
+            fmt = ext
+        if packet_format is not None and format_of(Batching(packet_format)) is not fmt:
+            raise PspError(
+                cmd, Status.BAD_MEASUREMENT,
+                f"the session negotiates {fmt.value} packets, not {packet_format.value} "
+                "(the packet format was changed on the way)")
         g = self._new_guest(cmd, region, npages, session.policy, GuestState.RUPDATE, zero=False)
         g.channel = Channel(keys)
+        if packet_format is not None or len(blob) > SESSION_SIZE:
+            g.channel.bind_mode(fmt)
         g.last_seq = np.full(npages, -1, dtype=np.int64)
         g.measure = np.zeros((npages, 2), dtype=np.uint64)
         return g.handle

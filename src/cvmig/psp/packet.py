@@ -91,6 +91,23 @@ _MODE_BYTE = {Batching.PAGE: 0, Batching.CONTIG: 1, Batching.SG: 2, Batching.AEA
 _FORMAT_NAME = {Batching.PAGE: "SEV (page/contig)", Batching.SG: "sg", Batching.AEAD: "aead"}
 
 
+def packet_format(mode: Batching) -> Batching:
+    """The packet format ``mode`` uses: page and contig share SEV's."""
+    return Batching.PAGE if mode is Batching.CONTIG else mode
+
+
+def format_code(fmt: Batching) -> int:
+    return _MODE_BYTE[fmt]
+
+
+def format_from_code(code: int) -> Batching | None:
+    """The extension format with this code (sg, aead); None for any other."""
+    for m in (Batching.SG, Batching.AEAD):
+        if _MODE_BYTE[m] == code:
+            return m
+    return None
+
+
 def _check_gpas(cmd: str, gpas: np.ndarray, pfns: np.ndarray) -> np.ndarray:
     """A sequenced packet's GPA table must name exactly the command's frames (else the
     hypervisor redirected a page); returns those GPAs."""
@@ -140,7 +157,7 @@ class Channel:
         """Refuse ``mode`` if the session is bound to another packet format; return the
         format ``mode`` uses. page and contig share SEV's format (a page packet is a
         one-page contig packet), so they count as one."""
-        fmt = Batching.PAGE if mode is Batching.CONTIG else mode
+        fmt = packet_format(mode)
         if self.mode is not None and fmt is not self.mode:
             raise PspError(
                 cmd, Status.INVALID_PARAM,

@@ -6,6 +6,13 @@
 | 0x40 | 32 | WRAP_MAC = HMAC-SHA-256(KIK, WRAP_TK)                     |
 | 0x60 | 32 | POLICY_MAC = HMAC-SHA-256(TIK, policy as u32 LE)          |
 
+Extension: a session that moves one of cvmig's own packet formats (sg, aead) negotiates
+it here, so that it is covered by the session's keys from the start; SEV's format
+(page/contig) keeps SEV's 128 bytes exactly.
+
+| 0x80 | 4  | FORMAT (u32 LE: 2 = sg, 3 = aead; the trailer's format byte)          |
+| 0x84 | 32 | FORMAT_MAC = HMAC-SHA-256(TIK, 0x19 ‖ FORMAT)                        |
+
 KEK and KIK come from Z = ECDH(P-384) between one side's PDH private key and the other's
 PDH public key (48-byte x-coordinate), through the SP 800-108 KDF.
 """
@@ -43,6 +50,25 @@ def shared_secret(local_pdh: ec.EllipticCurvePrivateKey, peer_pdh: ec.EllipticCu
 
 def policy_mac(tik: bytes, policy: int) -> bytes:
     return hmac.digest(tik, policy.to_bytes(4, "little"), "sha256")
+
+
+CTX_FORMAT = 0x19  # extension: the negotiated packet format
+FORMAT_EXT_SIZE = 36
+
+
+def format_ext(tik: bytes, code: int) -> bytes:
+    """The session blob's extension negotiating packet format ``code``."""
+    c = code.to_bytes(4, "little")
+    return c + hmac.digest(tik, bytes([CTX_FORMAT]) + c, "sha256")
+
+
+def check_format_ext(tik: bytes, ext: bytes) -> int:
+    """The format code the extension negotiates; refused if its MAC does not verify."""
+    if len(ext) != FORMAT_EXT_SIZE or not hmac.compare_digest(format_ext(tik, int.from_bytes(
+            ext[:4], "little"))[4:], ext[4:]):
+        raise PspError("RECEIVE_START", Status.BAD_MEASUREMENT,
+                       "FORMAT_MAC does not verify (the negotiated packet format was changed)")
+    return int.from_bytes(ext[:4], "little")
 
 
 def wrap(z: bytes, policy: int, keys: TransportKeys | None = None) -> tuple[bytes, TransportKeys]:
