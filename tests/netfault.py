@@ -234,6 +234,14 @@ def rewrite_start_npages(frame: Frame) -> None:
     frame.meta = json.dumps(obj, separators=(",", ":")).encode()
 
 
+def rewrite_start_batching(frame: Frame) -> None:
+    """START: the stream announces SEV's page format instead of the one the session
+    negotiated (a downgrade: page packets carry no per-page sequence number)."""
+    obj = json.loads(frame.meta)
+    obj["batching"] = "page"
+    frame.meta = json.dumps(obj, separators=(",", ":")).encode()
+
+
 # -- where -----------------------------------------------------------------------------------
 
 

@@ -75,6 +75,7 @@ from tests.netfault import (
     pages_bounds,
     pages_count,
     pages_pfn,
+    rewrite_start_batching,
     rewrite_start_npages,
     vmsa_pfn,
 )
@@ -387,6 +388,8 @@ CASES = [
     Case("setup-drop-CERTS", fault("drop", At(D2S, FrameType.CERTS)), FAILED, "setup"),
     Case("setup-meta-START-npages", fault("corrupt_meta", At(S2D, FrameType.START),
                                           rewrite=rewrite_start_npages), FAILED, "setup"),
+    Case("setup-meta-START-batching", fault("corrupt_meta", At(S2D, FrameType.START),
+                                            rewrite=rewrite_start_batching), FAILED, "setup"),
     Case("setup-oversize-START-data", fault("oversize", At(S2D, FrameType.START),
                                             data_len=HUGE), FAILED, "setup"),
     Case("setup-close-HELLO", fault("close", At(S2D, FrameType.HELLO)), FAILED, "setup"),
