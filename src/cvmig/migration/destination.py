@@ -149,6 +149,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
             raise
         finally:
             rx.stop()
+        finish_in = time.monotonic()  # the stop's part here begins (migration/stopcost.py)
         populator.stop()  # whatever it has not reached was faulted in by the import
         mig_id = str(finish.get("id", ""))
         # never stale: our PSP refuses a stream whose pages differ from those sent (any
@@ -165,6 +166,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         leased = True  # from CONFIRM on, the source may commit: we hold until it decides
         lease = Lease(chan, guest, lease_s)
         try:
+            confirmed_at = time.monotonic()
             chan.send_json(FrameType.CONFIRM, {"status": "ready", "digest": digest,
                                                "lease": 0})
             lease.requested(0)
@@ -185,6 +187,8 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         if not in_doubt:
             chan.send_json(FrameType.OWNED, {})
             vm.report = _verify(guest, resumed_at)
+            vm.report["stop_costs"] = {"finish": round((confirmed_at - finish_in) * 1000, 3),
+                                       "grant": round((resumed_at - confirmed_at) * 1000, 3)}
             with contextlib.suppress(PeerGone, OSError):
                 chan.send_json(FrameType.CONFIRM, vm.report)
         else:

@@ -5,21 +5,28 @@ engine binds `World` to the guest, the secure processor and the wire; a model bi
 a simulated clock. One driver, two worlds.
 
 The algorithm is QEMU's, by rounds: a bulk round over every page, then iterative rounds
-over the dirty set; after each dirty-log sync, switch over when the remaining bytes fit in
-bandwidth x downtime-limit (``migration_iteration_run``), the bandwidth being what the last
-round actually achieved, firmware time included.
+over the dirty set; after each dirty-log sync, switch over when the stop is predicted to
+fit the downtime-limit. The default rule (``firmware``) predicts the whole stop: the fixed
+costs the hosts measured (pause, VMSAs, trailer, RECEIVE_FINISH, starting the vCPUs,
+migration/stopcost.py), the frames still in flight, and the dirty set priced by the
+firmware commands it needs, at a cost per command and per byte fitted from this
+migration's own sends. QEMU's rule (``qemu``: remaining bytes <= bandwidth x limit,
+``migration_iteration_run``) stays available. Near the stop, commands and sends are sized
+to the budget, so that on slow hardware one big command cannot blow it.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from cvmig.migration.batching import default_cap, plan_batches, validate_cap
+from cvmig.migration.batching import SCATTERED, default_cap, plan_batches, validate_cap
+from cvmig.migration.stopcost import StopCosts
 from cvmig.migration.throttle import (
     Sync,
     ThrottleKind,
@@ -37,6 +44,14 @@ CHUNK_TARGET_S = 0.025
 MIN_CHUNK_PAGES = 16
 MAX_CHUNK_PAGES = 1024  # what one PAGES frame carries (cvmig.wire.protocol)
 RATE_WINDOW_S = 0.1  # QEMU's BUFFER_DELAY: the max-bandwidth budget is per 100 ms
+# near the stop (iterative rounds, stop-and-copy), so that the last commands fit the budget:
+STOP_CMD_SHARE = 0.1  # one firmware command takes at most this share of downtime-limit
+STOP_SEND_SHARE = 1 / 12  # one send (a frame) at most this share: the frames in flight
+UNKEEPABLE_SHARE = 0.25  # a limit the fixed costs exceed: the pages' share allowed
+PIPELINE_FRAMES = 2  # frames in flight at the switch: one being imported, one on the wire
+PROBE_SENDS = (6, 8)  # bulk sends made with small commands, so per-command and per-byte
+# costs can be told apart (the bulk's own commands all have the same size); after the
+# pipeline has filled, so they see the same back-pressure as the rest
 
 
 class TimeoutAction(enum.StrEnum):
@@ -67,11 +82,10 @@ class MigrationParams:
     max_rounds: int = 0  # iterative rounds; 0 = no cap (as QEMU)
     timeout_s: float = 0.0  # 0 = none
     timeout_action: TimeoutAction = TimeoutAction.CANCEL
-    switchover: Switchover = Switchover.QEMU
-    # firmware estimate only: what stopping costs besides the pages (pause, VMSAs, frames
-    # still in flight, starting the vCPUs at the destination), not measurable before the
-    # first switch; ~100 ms on this machine (a migration's downtime less its last transfer)
-    switchover_fixed_ms: int = 100
+    switchover: Switchover = Switchover.FIRMWARE
+    # firmware estimate only: what stopping costs besides the pages (pause, VMSAs, trailer,
+    # RECEIVE_FINISH, starting the vCPUs there); -1 = as measured (migration/stopcost.py)
+    switchover_fixed_ms: int = -1
 
     @property
     def cap(self) -> int:
@@ -84,8 +98,8 @@ class MigrationParams:
         if self.max_bandwidth < 0:
             raise ValueError("max-bandwidth must be >= 0 bytes/s (0 = unlimited)")
         validate_cap(self.batching, self.cap)
-        if self.switchover_fixed_ms < 0:
-            raise ValueError("switchover fixed cost must be >= 0 ms")
+        if self.switchover_fixed_ms < -1:
+            raise ValueError("switchover fixed cost must be >= 0 ms (or -1: as measured)")
         if self.max_rounds < 0:
             raise ValueError("max-rounds must be >= 0 (0 = no cap)")
         if self.timeout_s < 0:
@@ -155,6 +169,10 @@ class World(Protocol):
         Returns the time (world clock) the destination confirmed: the end of downtime."""
         ...
 
+    # Optional, looked up by name: ``stop_costs() -> StopCosts``, the fixed costs of the
+    # stop as measured on these hosts (none: nothing counted); ``pipeline_frames``, frames
+    # in flight at a switch (default PIPELINE_FRAMES).
+
 
 class MigrationCancelled(Exception):
     """The user (or the timeout, with action cancel) stopped the migration."""
@@ -205,9 +223,14 @@ class Progress:
     pause_time: float = 0.0  # world clock at pause (downtime start)
     switchover: str = ""  # why pre-copy ended: converged | max-rounds | timeout
     error: str = ""
+    stop_costs: dict[str, float] = field(default_factory=dict)  # ms, counted by the rule
+    stop_costs_measured: dict[str, float] = field(default_factory=dict)  # ms, this stop
+    stop_cap: int = 0  # pages per command in stop-and-copy
 
 
-Observer = Callable[[str, Progress], None]  # (event, progress): "round", "chunk", "status"
+# (event, progress): "round", "chunk", "status", "sync", "paused"; the source adds
+# "handed-off" (the destination owns the guest)
+Observer = Callable[[str, Progress], None]
 
 
 def _noop(event: str, progress: Progress) -> None:
@@ -237,6 +260,12 @@ class Driver:
         self._window_bytes = 0
         self._chunk = 256
         self._costs: list[tuple[int, int, float]] = []  # (commands, bytes, seconds) per send
+        self._probes: list[tuple[int, int, float]] = []  # the bulk's small-command sends
+        self._sent_at = 0.0  # when the last send returned
+        get = getattr(world, "stop_costs", None)
+        self.stop: StopCosts = get() if callable(get) else StopCosts()
+        self.pipeline_frames = int(getattr(world, "pipeline_frames", PIPELINE_FRAMES))
+        self.progress.stop_costs = self.stop.as_ms()
 
     # -- throttle control, as the policy sees it ----------------------------------------
     def set_throttle(self, pct: int) -> None:
@@ -271,8 +300,13 @@ class Driver:
             bw = max(rnd.bandwidth, 1.0)
             rnd.threshold_bytes = bw * p.downtime_limit_ms / 1000
             if p.switchover is Switchover.FIRMWARE:
-                expected = self._predict(dirty) + p.switchover_fixed_ms / 1000
-                fits = expected * 1000 <= p.downtime_limit_ms
+                expected = self.expected_downtime(dirty)
+                limit = p.downtime_limit_ms / 1000
+                # where stopping alone costs (nearly) the whole limit, it cannot be kept:
+                # stop once the rest is a small share, rather than never
+                fits = expected <= limit or (
+                    self._fixed() >= (1 - UNKEEPABLE_SHARE) * limit
+                    and expected - self._fixed() <= UNKEEPABLE_SHARE * limit)
             else:
                 expected = remaining / bw
                 fits = remaining <= rnd.threshold_bytes
@@ -301,11 +335,14 @@ class Driver:
         self._status("device")
         w.pause_guest()
         prog.pause_time = w.now()
+        self.observe("paused", prog)  # the vCPUs have stopped: STOP's moment
         # what the last sync found is still unsent: it goes now, with what came since
         final = np.union1d(dirty, w.harvest())
         prog.dirty_sync_count += 1
+        a, b = self._fit()
+        prog.stop_cap = self._stop_cap(len(final), a, b)
         last = self._send_round(rnd.index + 1, "stop-and-copy", final, dirty=len(final),
-                                rate_limited=False)
+                                rate_limited=False, cap=prog.stop_cap)
         state = w.send_vcpu_state()
         self._account(last, state)
         running_at = w.complete()
@@ -332,9 +369,13 @@ class Driver:
         return "; ".join(tips)
 
     def _send_round(
-        self, index: int, kind: str, pfns: np.ndarray, *, dirty: int, rate_limited: bool = True
+        self, index: int, kind: str, pfns: np.ndarray, *, dirty: int, rate_limited: bool = True,
+        cap: int = 0,
     ) -> Round:
         w, p, prog = self.world, self.params, self.progress
+        near_stop = kind != "bulk"
+        if not cap:
+            cap = self._round_cap(*self._fit()) if near_stop else p.cap
         t0 = w.now()
         rnd = Round(index, kind, start=t0 - prog.start, dirty_pages=dirty,
                     throttle_pct=prog.throttle_pct)
@@ -345,17 +386,27 @@ class Driver:
             self._account(rnd, w.send_shared(pfns[shared]))
             pfns = pfns[~shared]
         lo = 0
+        sends = 0
         while lo < len(pfns):
             if kind != "stop-and-copy" and self.should_cancel():
                 raise MigrationCancelled("migration cancelled")
-            chunk = pfns[lo : lo + self._chunk]
+            probe = kind == "bulk" and sends in PROBE_SENDS and cap > 1
+            chunk = pfns[lo : lo + (min(self._chunk, 16 * cap) if probe else self._chunk)]
             lo += len(chunk)
             t = w.now()
-            bounds = plan_batches(chunk, p.batching, p.cap)
+            bounds = plan_batches(chunk, p.batching, max(1, cap // 8) if probe else cap)
             sent = w.send_private(chunk, bounds, p.queue)
-            dt = w.now() - t
-            self._adapt_chunk(len(chunk), dt)
-            self._costs = [*self._costs[-63:], (len(bounds) - 1, sent.bytes, dt)]
+            self._sent_at = w.now()
+            dt = self._sent_at - t
+            sends += 1
+            cost = (len(bounds) - 1, sent.bytes, dt)
+            if probe:
+                self._probes.append(cost)
+            else:
+                # a round's last sends are short too: a switch may follow at once
+                end = len(pfns) - lo < 4 * self._chunk
+                self._adapt_chunk(len(chunk), dt, cap, near_stop or end)
+                self._costs = [*self._costs[-63:], cost]
             self._account(rnd, sent)
             prog.remaining_pages = max(0, prog.remaining_pages - sent.pages)
             if rate_limited and p.max_bandwidth:
@@ -368,32 +419,82 @@ class Driver:
         self.observe("round", prog)
         return rnd
 
-    def _predict(self, pfns: np.ndarray) -> float:
-        """Seconds to send ``pfns`` as they would be batched, from the recent sends:
-        t = a x commands + b x bytes, fitted by least squares (a, b >= 0)."""
-        if not self._costs or len(pfns) == 0:
-            return 0.0
+    def expected_downtime(self, dirty: np.ndarray) -> float:
+        """Seconds from the pause to the guest running at the destination, if the stop
+        came now: the measured fixed costs, the frames still in flight, the dirty set (and
+        what the guest writes while it is being paused) priced by its firmware commands at
+        the stop's cap, and the last frame's way through the destination."""
+        a, b = self._fit()
+        extra = int(self.progress.dirty_pages_rate * self.stop.pause)
+        n = len(dirty) + extra
+        cap = self._stop_cap(n, a, b)
+        cmds = len(plan_batches(dirty, self.params.batching, cap)) - 1
+        cmds += math.ceil(extra / cap) if self.params.batching in SCATTERED else extra
+        pages = a * cmds + b * n * PAGE_SIZE
+        # the frames still in flight drain while we decide: what is left of them
+        last_send = self._costs[-1][2] if self._costs else 0.0
+        in_flight = max(0.0, self.pipeline_frames * last_send - (self.world.now() - self._sent_at))
+        tail = min(pages, self._send_target(True))
+        return self._fixed() + in_flight + pages + tail
+
+    def _fixed(self) -> float:
         p = self.params
-        cmds = len(plan_batches(pfns, p.batching, p.cap)) - 1
-        nbytes = len(pfns) * PAGE_SIZE
-        x = np.array([(c, b) for c, b, _ in self._costs], dtype=float)
-        y = np.array([t for _, _, t in self._costs], dtype=float)
+        return p.switchover_fixed_ms / 1000 if p.switchover_fixed_ms >= 0 else self.stop.total()
+
+    def _fit(self) -> tuple[float, float]:
+        """Seconds per command and per byte, t = a x commands + b x bytes, fitted by least
+        squares (a, b >= 0) to the recent sends and the bulk's probes."""
+        data = self._probes + self._costs
+        if not data:
+            return 0.0, 0.0
+        x = np.array([(c, b) for c, b, _ in data], dtype=float)
+        y = np.array([t for _, _, t in data], dtype=float)
+        per_cmd = float(y.sum() / max(x[:, 0].sum(), 1.0))
         ratio = x[:, 1] / np.maximum(x[:, 0], 1.0)
         if ratio.max() < 1.2 * ratio.min():
-            # every send had the same bytes per command (the bulk round; page mode): the
-            # split is unknowable, so charge it all per command: pessimistic for a dirty
-            # set that batches worse, exact for one that batches the same
-            return float(y.sum() / max(x[:, 0].sum(), 1.0) * cmds)
+            # every send had the same bytes per command (page mode): the split is
+            # unknowable, and needless: charge it all per command
+            return per_cmd, 0.0
         scale = x.max(axis=0)
         coef, *_ = np.linalg.lstsq(x / scale, y, rcond=None)
-        a, b = np.maximum(coef, 0.0) / scale
-        return float(a * cmds + b * nbytes)
+        a, b = coef / scale
+        if a < 0:
+            return 0.0, float(y.sum() / max(x[:, 1].sum(), 1.0))
+        if b < 0:
+            return per_cmd, 0.0
+        return float(a), float(b)
 
-    def _adapt_chunk(self, pages: int, seconds: float) -> None:
+    def _round_cap(self, a: float, b: float) -> int:
+        """Pages per command near the stop: one command within STOP_CMD_SHARE of the
+        limit (on 2020 hardware a 256-page command takes 130 ms)."""
+        cap, pb = self.params.cap, b * PAGE_SIZE
+        limit = self.params.downtime_limit_ms / 1000
+        if cap > 1 and pb > 0 and limit > 0:
+            cap = min(cap, max(1, int((STOP_CMD_SHARE * limit - a) / pb)))
+        return cap
+
+    def _stop_cap(self, n: int, a: float, b: float) -> int:
+        """Pages per command for a stop of ``n`` pages: also small enough that the two
+        secure processors overlap (the destination imports one frame while the source
+        fills the next): n pages in commands of c cost n*a/c + n*b + (a + c*b) for the
+        last one at the destination, least at c = sqrt(n*a/b)."""
+        cap, pb = self._round_cap(a, b), b * PAGE_SIZE
+        if cap > 1 and pb > 0 and n > 0:
+            cap = min(cap, max(1, round(math.sqrt(n * a / pb))))
+        return cap
+
+    def _send_target(self, near_stop: bool) -> float:
+        """Seconds one send should take: short near the stop, so what is in flight at the
+        switch (and the last frame through the destination) stays a small share."""
+        limit = self.params.downtime_limit_ms / 1000
+        if near_stop and limit > 0:
+            return min(self.chunk_target_s, limit * STOP_SEND_SHARE)
+        return self.chunk_target_s
+
+    def _adapt_chunk(self, pages: int, seconds: float, cap: int, near_stop: bool) -> None:
         if seconds <= 0:
             return
-        cap = self.params.cap
-        want = int(pages / seconds * self.chunk_target_s)
+        want = int(pages / seconds * self._send_target(near_stop))
         if self.params.max_bandwidth:  # no burst larger than half a rate window's budget
             want = min(want, int(self.params.max_bandwidth * RATE_WINDOW_S / 2 / PAGE_SIZE))
         want = max(MIN_CHUNK_PAGES, min(MAX_CHUNK_PAGES, want))

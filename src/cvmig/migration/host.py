@@ -38,6 +38,7 @@ class Host:
         spec; more is an extension both hosts must enable). ``psp_owner``: the platform
         owner (OCA) directory, or "self" for a platform owned by no one else."""
         self.name = name
+        self.psp_profile = psp_profile
         sweep()  # what hosts killed outright here before left behind
         # our pid in the name: if we and our PSP are both killed, the next host removes it
         self._dir = Path(tempfile.mkdtemp(prefix=f"cvmig-{name}-{os.getpid()}-"))

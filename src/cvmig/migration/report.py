@@ -81,6 +81,9 @@ def full_report(
         "profile": psp_profile,
     }
     rep["x-switchover"] = p.switchover
+    rep["x-stop"] = {"expected-downtime-ms": round(p.expected_downtime_ms, 1),
+                     "costs-counted-ms": p.stop_costs, "costs-measured-ms": p.stop_costs_measured,
+                     "cap": p.stop_cap}  # the switch-over rule's view (migration/stopcost.py)
     rep["guest"] = guest
     rep["verify"] = verify
     rep["params"] = {

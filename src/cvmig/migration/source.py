@@ -40,7 +40,9 @@ from cvmig.migration.driver import (
 )
 from cvmig.migration.host import Host
 from cvmig.migration.sender import Sender
-from cvmig.psp.api import Batching, GuestState, PlatformCerts, PspError
+from cvmig.migration.stopcost import StopCosts, estimate, record
+from cvmig.psp.api import PAGE_SIZE, Batching, GuestState, PlatformCerts, PspError
+from cvmig.psp.cost import parse
 from cvmig.psp.measure import compose
 from cvmig.wire.channel import Channel, PeerGone, RemoteError, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError, json_meta
@@ -204,6 +206,7 @@ class RealWorld:
         self.mig_id = secrets.token_hex(8)
         self.finish_sent = False  # FINISH may be on the wire: from here a break is in doubt
         self.granted_at = 0.0  # our last lease grant (0: none: the guest never ran there)
+        self.measured = StopCosts()  # this migration's stop, part by part (stopcost.py)
 
     # -- clock --------------------------------------------------------------------------
     def now(self) -> float:
@@ -289,12 +292,32 @@ class RealWorld:
         self.vm.guest.set_dirty_limit(pages_per_s)
 
     # -- end game -----------------------------------------------------------------------
+    def stop_costs(self) -> StopCosts:
+        """What stopping costs here, as recent migrations measured it (the driver counts
+        it); before any, defaults plus the cost profile's price of the commands."""
+        profile = self.vm.host.psp_profile
+        return estimate(profile, self.vm.config.vcpus, parse(profile).duration(1, PAGE_SIZE))[0]
+
+    def record_stop_costs(self, progress: Progress) -> None:
+        """Remember this stop (with the destination's parts, from its report) for the
+        next migration, and put it in the report."""
+        dest = self.outcome.verified.get("stop_costs") if self.outcome is not None else None
+        if isinstance(dest, dict):
+            theirs = StopCosts.from_ms(dest)
+            self.measured.finish, self.measured.grant = theirs.finish, theirs.grant
+        progress.stop_costs_measured = self.measured.as_ms()
+        if self.measured.finish and self.measured.grant:  # a whole stop, not a broken one
+            record(self.vm.host.psp_profile, self.vm.config.vcpus, self.measured)
+
     def pause_guest(self) -> None:
+        t0 = time.monotonic()
         self.vm.guest.pause()
+        self.measured.pause = time.monotonic() - t0
         if self.outcome is not None:
             self.outcome.ops_at_pause = guest_ops(self.vm.guest)
 
     def send_vcpu_state(self) -> Sent:
+        t_start = time.monotonic()
         out = Sent()
         g, region = self.vm.guest, self.trans.region
         for pfn in g.vmsa_pfns.tolist():
@@ -309,6 +332,7 @@ class RealWorld:
             out.pages += 1
         state = np.asarray(self.vm.memory.page_state)
         out.bytes += self.sender.submit(FrameType.PAGE_STATE, [state.data.cast("B")])
+        self.measured.vcpu_state = time.monotonic() - t_start
         return out
 
     def complete(self) -> float:
@@ -317,11 +341,13 @@ class RealWorld:
         heartbeats), the paused source measures its own memory: the digests must match
         before anything is released."""
         assert self.outcome is not None
+        t_trailer = time.monotonic()
         trailer = self.psp.send_trailer(self.vm.handle)
         shared = compose(b"", self.vm.memory.pages, self.vm.memory.page_state)
         self.finish_sent = True
         self.sender.submit(FrameType.FINISH, [json_meta({"id": self.mig_id, "shared": shared})],
                            data=[trailer])
+        self.measured.trailer = time.monotonic() - t_trailer
         self.sender.flush()
         self.sender.close()  # the socket is ours again: the handoff reads from it
         self.chan.sock.settimeout(ENDGAME_TIMEOUT_S)
@@ -475,6 +501,7 @@ def migrate_out(
                 verified = chan.recv_frame()  # the workload's own check, there
                 if verified.type is FrameType.CONFIRM:
                     outcome.verified = verified.json()
+            world.record_stop_costs(driver.progress)
         hold.release()  # SEND_FINISH: OWNED was heard, the guest is the destination's
         return outcome
     except MigrationInDoubt:
