@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -68,9 +69,28 @@ class Switchover(enum.StrEnum):
     # bulk round did, and the firmware's per-command cost is what dominates SEV migration
 
 
+class ParamsFeed:
+    """Parameters changed while a migration runs (QMP's migrate-set-parameters): the
+    monitor puts the newest, the driver takes it between sends. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._new: MigrationParams | None = None
+
+    def put(self, params: MigrationParams) -> None:
+        with self._lock:
+            self._new = params
+
+    def take(self) -> MigrationParams | None:
+        with self._lock:
+            new, self._new = self._new, None
+        return new
+
+
 @dataclass(frozen=True)
 class MigrationParams:
-    """Everything a user can set; QEMU's names and defaults where QEMU has them."""
+    """Everything a user can set; QEMU's names and defaults where QEMU has them.
+    (User-facing names, ranges and defaults: `cvmig.migration.parameters`.)"""
 
     downtime_limit_ms: int = 300
     max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU's 128 MiB/s would hide the PSP)
@@ -86,6 +106,8 @@ class MigrationParams:
     # firmware estimate only: what stopping costs besides the pages (pause, VMSAs, trailer,
     # RECEIVE_FINISH, starting the vCPUs there); -1 = as measured (migration/stopcost.py)
     switchover_fixed_ms: int = -1
+    # where changes made during the migration arrive (None: fixed for the whole run)
+    updates: ParamsFeed | None = field(default=None, compare=False, repr=False)
 
     @property
     def cap(self) -> int:
@@ -290,6 +312,7 @@ class Driver:
 
         rnd = self._send_round(0, "bulk", pages, dirty=len(pages))
         while True:
+            p = self._take_updates()
             dirty = w.harvest()
             sync_time = w.now()
             prog.dirty_sync_count += 1
@@ -354,6 +377,25 @@ class Driver:
         self._status("completed")
         return prog
 
+    def _take_updates(self) -> MigrationParams:
+        """Adopt parameters changed mid-migration, if any (checked by whoever put them;
+        the non-live ones, batching and throttle kind, never differ): the policy reads
+        its own from now on, and the rate window starts afresh."""
+        feed = self.params.updates
+        new = feed.take() if feed is not None else None
+        if new is not None:
+            new.validate()
+            self.params = replace(new, updates=feed)
+            pol = self.policy
+            pol.params = new.throttle_params
+            if pol.pct > new.throttle_params.max_cpu_throttle:
+                pol._set(self, pol.pct)  # clamps to the new max-cpu-throttle at once
+            if pol.dirty_limit is not None:  # dirty-limit already on: the new quota
+                pol.dirty_limit = new.throttle_params.vcpu_dirty_limit * 1e6 / PAGE_SIZE
+                self.set_dirty_limit(pol.dirty_limit)
+            self._window_start, self._window_bytes = self.world.now(), 0
+        return self.params
+
     def _advice(self) -> str:
         """What a user whose migration did not converge can change, most useful first."""
         p = self.params
@@ -390,6 +432,7 @@ class Driver:
         while lo < len(pfns):
             if kind != "stop-and-copy" and self.should_cancel():
                 raise MigrationCancelled("migration cancelled")
+            p = self._take_updates()  # a new max-bandwidth paces the very next send
             probe = kind == "bulk" and sends in PROBE_SENDS and cap > 1
             chunk = pfns[lo : lo + (min(self._chunk, 16 * cap) if probe else self._chunk)]
             lo += len(chunk)

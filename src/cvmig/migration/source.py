@@ -497,6 +497,8 @@ def migrate_out(
             _deliver(uri, world.mig_id, "released", resolve_window_s,
                      describe_failure(e, "destination"), tls, should_cancel, hold)
         else:
+            if observer is not None:
+                observer("handed-off", driver.progress)  # OWNED: the handoff is complete
             with contextlib.suppress(PeerGone, ProtocolError, OSError):
                 verified = chan.recv_frame()  # the workload's own check, there
                 if verified.type is FrameType.CONFIRM:
