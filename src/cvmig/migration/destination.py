@@ -87,13 +87,17 @@ def listen(host: str, port: int) -> socket.socket:
 def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOUT_S, *,
                lease_s: float = LEASE_S,
                decisions: Callable[[float], socket.socket | None] | None = None,
-               on_in_doubt: Callable[[str], None] | None = None) -> IncomingVM:
+               on_in_doubt: Callable[[str], None] | None = None,
+               on_event: Callable[[str], None] | None = None) -> IncomingVM:
     """Receive one guest over ``conn``. Raises IncomingFailed (after discarding it).
+    ``on_event`` hears the moments a monitor reports, as they happen: "resumed" (the
+    vCPUs run here), "paused" (held in doubt) and "owned" (the source released it).
 
     Once resumed here, the guest runs on a lease from the source: if the source falls
     silent for ``lease_s`` before releasing it, the guest is paused and held in doubt
     until a decision arrives: ``decisions(timeout)`` yields the connections that carry one
     (`cvmig.migration.listener.Listener.take_decision`)."""
+    tell = on_event or (lambda event: None)
     conn.settimeout(io_timeout)
     chan = Channel(conn)
     psp = hostobj.psp
@@ -164,7 +168,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         vm = IncomingVM(guest, memory, handle)
         in_doubt = False
         leased = True  # from CONFIRM on, the source may commit: we hold until it decides
-        lease = Lease(chan, guest, lease_s)
+        lease = Lease(chan, guest, lease_s, on_resume=lambda: tell("resumed"))
         try:
             confirmed_at = time.monotonic()
             chan.send_json(FrameType.CONFIRM, {"status": "ready", "digest": digest,
@@ -177,6 +181,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
             # copy, so ours must not run; nor may it be discarded, since the source may
             # have released it
             guest.pause()
+            tell("paused")
             in_doubt = True
             decision = _await_resolution(decisions, mig_id, f"{describe_failure(e, 'source')}",
                                          on_in_doubt)
@@ -184,8 +189,11 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
                 raise IncomingFailed("in doubt, resolved: the source kept the guest") from None
             guest.resume()
             resumed_at = time.monotonic()
+            tell("resumed")
+            tell("owned")
         if not in_doubt:
             chan.send_json(FrameType.OWNED, {})
+            tell("owned")
             vm.report = _verify(guest, resumed_at)
             vm.report["stop_costs"] = {"finish": round((confirmed_at - finish_in) * 1000, 3),
                                        "grant": round((resumed_at - confirmed_at) * 1000, 3)}
@@ -283,8 +291,10 @@ class Lease:
     (its grant's time) + lease_s whatever delayed the messages: only then may it resume
     its own copy without word from us. The first grant is the go-ahead to resume."""
 
-    def __init__(self, chan: Channel, guest: Guest, lease_s: float) -> None:
+    def __init__(self, chan: Channel, guest: Guest, lease_s: float,
+                 on_resume: Callable[[], None] = lambda: None) -> None:
         self.chan, self.guest, self.lease_s = chan, guest, lease_s
+        self.on_resume = on_resume  # told the moment the vCPUs run (RESUME's time)
         self.stamps: dict[int, float] = {}
         self.next_n = 0
         self.until = 0.0  # the guest may run here until then (monotonic); 0: not granted
@@ -324,11 +334,13 @@ class Lease:
                 if not resumed_at and time.monotonic() < self.until:
                     self.guest.resume()  # the go-ahead: the downtime ends here
                     resumed_at = time.monotonic()
+                    self.on_resume()
                 continue
             if f.type is FrameType.RELEASED:
                 if not resumed_at:
                     self.guest.resume()
                     resumed_at = time.monotonic()
+                    self.on_resume()
                 return resumed_at
             if f.type in (FrameType.CANCEL, FrameType.ERROR):
                 raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
