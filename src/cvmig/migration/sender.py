@@ -14,7 +14,6 @@ submission order. A failure of the sender is raised to the engine at its next ca
 from __future__ import annotations
 
 import queue
-import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -161,10 +160,9 @@ class Sender:
 
     def _take_acks(self, wait: bool) -> None:
         """Read whatever the destination sent: ACKs, or an ERROR/CANCEL (raised)."""
-        sock = self.chan.sock
         while True:
-            r, _, _ = select.select([sock], [], [], POLL_S if wait else 0)
-            if not r:
+            # not select() on the socket: over TLS, bytes may wait inside the SSL object
+            if not self.chan.wait_readable(POLL_S if wait else 0):
                 return
             f = self.chan.recv_frame(max_data=1 << 20)
             if f.type is FrameType.ACK:

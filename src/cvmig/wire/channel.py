@@ -1,10 +1,17 @@
 """One migration channel over a TCP socket: frames out with scatter-gather, frames in
-straight into the caller's buffers."""
+straight into the caller's buffers.
+
+The socket may be a TLS one (`cvmig.wire.tls`): an ``ssl.SSLSocket`` has no ``sendmsg``,
+so a frame's small buffers (header, metadata) are joined and every buffer goes out with
+``sendall`` (no copy in Python; the encryption is the copy), bytes may wait decrypted in
+the SSL object where ``select`` cannot see them (`Channel.wait_readable` looks there
+first), and a shutdown must leave the SSL object in place (`shutdown`)."""
 
 from __future__ import annotations
 
 import select
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +28,7 @@ from cvmig.wire.frames import (
 )
 
 _IOV_MAX = 1024
+_COALESCE = 4096  # over TLS, buffers smaller than this are joined, to fill TLS records
 
 
 class PeerGone(ConnectionError):
@@ -45,6 +53,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -64,7 +73,10 @@ class Channel:
         bufs.extend(m for m in metas if memoryview(m).nbytes)
         bufs.extend(d for d in data if memoryview(d).nbytes)
         total = sum(memoryview(b).nbytes for b in bufs)
-        self._sendmsg_all(bufs, total)
+        if self.tls:
+            self._sendall_tls(bufs)
+        else:
+            self._sendmsg_all(bufs, total)
         self.bytes_sent += total
         return total
 
@@ -91,6 +103,28 @@ class Channel:
         except TimeoutError:
             raise PeerGone("peer stopped reading (send timed out)") from None
 
+    def _sendall_tls(self, bufs: list[bytes | memoryview]) -> None:
+        """Each large buffer as it is; runs of small ones joined into one write (one TLS
+        record rather than one per header)."""
+        small: list[bytes | memoryview] = []
+        try:
+            for b in bufs:
+                if memoryview(b).nbytes < _COALESCE:
+                    small.append(b)
+                    continue
+                if small:
+                    self.sock.sendall(b"".join(small))
+                    small.clear()
+                self.sock.sendall(b)
+            if small:
+                self.sock.sendall(b"".join(small))
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise PeerGone(f"peer closed the connection while sending: {e}") from None
+        except TimeoutError:
+            raise PeerGone("peer stopped reading (send timed out)") from None
+        except ssl.SSLError as e:
+            raise PeerGone(f"TLS connection failed while sending: {_ssl_reason(e)}") from None
+
     # -- receiving ----------------------------------------------------------------------
     def recv_into(self, buf: memoryview) -> None:
         """Fill ``buf`` exactly from the stream."""
@@ -106,6 +140,8 @@ class Channel:
             raise PeerGone(f"connection reset: {e}") from None
         except TimeoutError:
             raise PeerGone("peer went silent (receive timed out)") from None
+        except ssl.SSLError as e:
+            raise PeerGone(f"TLS connection failed: {_ssl_reason(e)}") from None
         self.bytes_received += got
 
     def recv_header(self) -> Header:
@@ -146,15 +182,35 @@ class Channel:
 
     def readable(self) -> bool:
         """Whether the peer has sent something (e.g. an ERROR) we have not read."""
-        r, _, _ = select.select([self.sock], [], [], 0)
+        return self.wait_readable(0)
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` s until there is something to read (or end of file);
+        over TLS, bytes already decrypted count (``select`` cannot see them)."""
+        if self.tls and self.sock.pending():  # type: ignore[attr-defined]
+            return True
+        r, _, _ = select.select([self.sock], [], [], timeout)
         return bool(r)
 
     def close(self) -> None:
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+
+
+def shutdown(sock: socket.socket, how: int) -> None:
+    """``sock.shutdown(how)``, but a TLS socket keeps its SSL object (``SSLSocket.shutdown``
+    drops it: what is sent afterwards would go out in plaintext, and what is read would be
+    taken for plaintext). Wakes a thread blocked reading or writing, as for plain TCP."""
+    socket.socket.shutdown(sock, how)
+
+
+def _ssl_reason(e: ssl.SSLError) -> str:
+    if e.reason:
+        return str(e.reason).replace("_", " ").lower()
+    return str(e)
 
 
 class RemoteError(Exception):

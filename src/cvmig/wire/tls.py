@@ -56,6 +56,35 @@ class TlsError(Exception):
     """A TLS handshake or check failed; the message says what and what to do."""
 
 
+class TlsSocket(ssl.SSLSocket):
+    """A server-side TLS socket that can be handed on with bytes already read put back
+    (`unread`): the destination's listener reads a source's HELLO to vet it (a TLS
+    stream cannot be peeked), and the migration then reads it again from here."""
+
+    _unread = b""
+
+    def unread(self, data: bytes) -> None:
+        self._unread = bytes(data) + self._unread
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        if not self._unread:
+            return super().recv_into(buffer, nbytes, flags)
+        view = memoryview(buffer).cast("B")
+        n = min(nbytes or len(view), len(view), len(self._unread))
+        view[:n] = self._unread[:n]
+        self._unread = self._unread[n:]
+        return n
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if not self._unread:
+            return super().recv(buflen, flags)
+        data, self._unread = self._unread[:buflen], self._unread[buflen:]
+        return data
+
+    def pending(self) -> int:
+        return len(self._unread) + super().pending()
+
+
 @dataclass(frozen=True)
 class TlsCreds:
     """A host's credential directory (see module) and whom it accepts."""
@@ -92,6 +121,7 @@ class TlsCreds:
         ctx.verify_mode = ssl.CERT_REQUIRED  # mutual: the server asks for a client cert
         if server:
             ctx.num_tickets = 0  # no post-handshake messages: see module
+            ctx.sslsocket_class = TlsSocket
         try:
             ctx.load_verify_locations(cafile=str(self.directory / CA_CERT))
         except (ssl.SSLError, OSError) as e:
@@ -122,13 +152,13 @@ def client_wrap(sock: socket.socket, creds: TlsCreds | None,
     tls = ctx.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
     try:
         _bounded(tls, tls.do_handshake, deadline)
-        verdict = _recv_exact(tls, 2, deadline)
+        verdict = recv_exact(tls, 2, deadline)
         if verdict[0] != _OK:
-            why = _recv_exact(tls, verdict[1], deadline).decode("utf-8", "replace")
+            why = recv_exact(tls, verdict[1], deadline).decode("utf-8", "replace")
             raise TlsError(f"TLS: the destination refused us: {why}")
     except ssl.SSLCertVerificationError as e:
         tls.close()
-        what = e.verify_message or _reason(e)
+        what = (e.verify_message or _reason(e)).rstrip(".")
         hint = ("its certificate does not name "
                 f"{name!r}: pass --tls-hostname NAME (the name in its certificate)"
                 if "hostname" in what.lower() or "ip address" in what.lower()
@@ -137,9 +167,10 @@ def client_wrap(sock: socket.socket, creds: TlsCreds | None,
             from None
     except ssl.SSLError as e:
         tls.close()
-        raise TlsError(f"TLS handshake failed: the destination rejected our certificate or "
-                       f"does not speak TLS ({_reason(e)}); check that both sides use "
-                       f"--tls-creds with certificates from the same CA") from None
+        what = ("the destination rejected our certificate" if _is_alert(e)
+                else "the destination does not speak TLS as we do")
+        raise TlsError(f"TLS handshake failed: {what} ({_reason(e)}); check that both sides "
+                       f"use --tls-creds with certificates from the same CA") from None
     except (OSError, EOFError) as e:
         tls.close()
         raise TlsError(f"TLS handshake failed: {_reason(e)}; does the destination use "
@@ -177,9 +208,16 @@ def server_wrap(sock: socket.socket, creds: TlsCreds | None) -> socket.socket:
             tls.close()
             raise TlsError(f"TLS: refused the source: {why}")
         _send_all(tls, bytes([_OK, 0]), deadline)
+    except ssl.SSLCertVerificationError as e:
+        tls.close()
+        what = (e.verify_message or _reason(e)).rstrip(".")
+        raise TlsError(f"TLS: the source's certificate was rejected ({what}); is it signed "
+                       "by this host's CA (ca-cert.pem)?") from None
     except ssl.SSLError as e:
         tls.close()
-        raise TlsError(f"TLS handshake failed: {_reason(e)}") from None
+        what = ("the source rejected our certificate" if _is_alert(e)
+                else "the client does not speak TLS as we do")
+        raise TlsError(f"TLS handshake failed: {what} ({_reason(e)})") from None
     except OSError as e:
         tls.close()
         raise TlsError(f"TLS handshake failed: {_reason(e)}") from None
@@ -206,6 +244,26 @@ def peer_identities(tls: ssl.SSLSocket) -> list[str]:
             if v not in names:
                 names.append(v)
     return names
+
+
+def own_name(creds: TlsCreds) -> str | None:
+    """The first name this host's server certificate carries (CN, else a SAN): what a
+    client connecting to our own listener checks the name against."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate((creds.directory / SERVER_CERT).read_bytes())
+    except (OSError, ValueError):
+        return None
+    for attr in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME):
+        return str(attr.value)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for name in san:
+        return str(name.value)
+    return None
 
 
 def is_tls_hello(first: bytes) -> bool:
@@ -237,7 +295,8 @@ def _bounded(tls: ssl.SSLSocket, step: Callable[[], T], deadline: float) -> T:
             tls.setblocking(True)
 
 
-def _recv_exact(tls: ssl.SSLSocket, n: int, deadline: float) -> bytes:
+def recv_exact(tls: ssl.SSLSocket, n: int, deadline: float) -> bytes:
+    """Exactly ``n`` bytes, by ``deadline`` (TlsError) or end of file (EOFError)."""
     buf = bytearray()
     while len(buf) < n:
         chunk = _bounded(tls, partial(tls.recv, n - len(buf)), deadline)
@@ -252,6 +311,11 @@ def _send_all(tls: ssl.SSLSocket, data: bytes, deadline: float) -> None:
     while view:
         n = _bounded(tls, partial(tls.send, view), deadline)
         view = view[n:]
+
+
+def _is_alert(e: ssl.SSLError) -> bool:
+    """The peer sent a TLS alert: it refused us (our certificate, mostly)."""
+    return "ALERT" in str(e.reason or "")
 
 
 def _reason(e: BaseException) -> str:
