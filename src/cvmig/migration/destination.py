@@ -8,7 +8,6 @@ its own digest with the one our PSP measured on import, releases it.
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from cvmig.psp.api import SESSION_SIZE, Batching, PspError, SendSession, packet_
 from cvmig.psp.mailbox import MailboxClient
 from cvmig.psp.measure import compose
 from cvmig.psp.session import FORMAT_EXT_SIZE
-from cvmig.wire.channel import Channel, PeerGone, RemoteError
+from cvmig.wire.channel import Channel, PeerGone, RemoteError, shutdown
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError, parse_json
 from cvmig.wire.protocol import (
     ENDGAME_TIMEOUT_S,
@@ -149,7 +148,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
             trailer, finish = _import_stream(rx, psp, handle, trans.region, memory)
         except BaseException:
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RD)  # wakes the reader; ERROR can still go out
+                shutdown(conn, socket.SHUT_RD)  # wakes the reader; ERROR can still go out
             raise
         finally:
             rx.stop()
@@ -321,7 +320,7 @@ class Lease:
                 self.requested(self.next_n)
                 next_request = now + LEASE_REQUEST_S
             wait = min(end, next_request) - now if self.until else end - now
-            if not select.select([sock], [], [], max(0.0, wait))[0]:
+            if not self.chan.wait_readable(max(0.0, wait)):  # TLS-buffered bytes too
                 continue
             sock.settimeout(self.lease_s)  # a frame begun is a small one: read it whole
             f = self.chan.recv_frame()
