@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 from cryptography import x509
@@ -27,7 +28,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cvmig.wire.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, FILES, SERVER_CERT, SERVER_KEY
+from cvmig.wire.tls import (
+    CA_CERT,
+    CLIENT_CERT,
+    CLIENT_KEY,
+    FILES,
+    SERVER_CERT,
+    SERVER_KEY,
+    TlsCreds,
+)
 
 CA_KEY = "ca-key.pem"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -204,3 +213,34 @@ def pki(directory: Path, hosts: str, days: int) -> None:
     click.echo(f"CA: {directory / CA_CERT} (its key: {directory / CA_KEY}, keep it private)")
     for d in made:
         click.echo(f"{d.name}: --tls-creds {d}")
+
+
+# -- the --tls-* options, shared by `cvmig migrate`, `cvmig vm` and `cvmig resolve` ------
+def tls_options(f: Any) -> Any:
+    """--tls-creds, --tls-authz and --tls-hostname (QEMU's tls-creds, tls-authz and
+    tls-hostname migration parameters)."""
+    for opt in reversed([
+        click.option("--tls-creds", default=None, metavar="DIR",
+                     help="Mutual TLS: this host's credential directory in QEMU's x509 "
+                          "layout (`cvmig pki`). Both sides need it; without it, control "
+                          "frames and shared pages are protected by a CRC only."),
+        click.option("--tls-authz", default=None, metavar="NAME[,NAME...]",
+                     help="As a destination: admit only sources whose certificate names "
+                          "one of these (default: any the CA signed)."),
+        click.option("--tls-hostname", default=None, metavar="NAME",
+                     help="As a source: the name the destination's certificate must "
+                          "carry (default: the host in the URI)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def load_tls(tls_creds: str | None, tls_authz: str | None = None,
+             tls_hostname: str | None = None) -> TlsCreds | None:
+    """The options' credentials, checked now; ValueError in one line if they are bad."""
+    if not tls_creds:
+        if tls_authz or tls_hostname:
+            raise ValueError("--tls-authz and --tls-hostname need --tls-creds DIR")
+        return None
+    authz = tls_authz.split(",") if tls_authz else []
+    return TlsCreds.load(tls_creds, authz, tls_hostname)

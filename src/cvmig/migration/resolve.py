@@ -17,23 +17,27 @@ import sys
 
 import click
 
+from cvmig.pki import load_tls, tls_options
 from cvmig.wire.channel import Channel, PeerGone, parse_uri
 from cvmig.wire.frames import VERSION, FrameType, ProtocolError
+from cvmig.wire.tls import TlsCreds, TlsError, client_wrap
 
 TIMEOUT_S = 5.0
 
 
-def resolve_in_doubt(uri: str, keep: bool, timeout: float = TIMEOUT_S) -> str:
+def resolve_in_doubt(uri: str, keep: bool, timeout: float = TIMEOUT_S,
+                     tls: TlsCreds | None = None) -> str:
     """Send the decision; return the destination's answer. Raises ConnectionError,
-    ValueError (bad URI) or RuntimeError (the destination refused)."""
+    ValueError (bad URI), TlsError or RuntimeError (the destination refused)."""
     host, port = parse_uri(uri)
     decision = "released" if keep else "aborted"
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        ch = Channel(sock)
-        ch.send_json(FrameType.HELLO, {"version": VERSION, "role": "operator",
-                                       "decision": decision})
-        f = ch.recv_frame(max_data=1 << 20)
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw.settimeout(timeout)
+        with client_wrap(raw, tls, host) as sock:  # a TLS destination: decisions over TLS
+            ch = Channel(sock)
+            ch.send_json(FrameType.HELLO, {"version": VERSION, "role": "operator",
+                                           "decision": decision})
+            f = ch.recv_frame(max_data=1 << 20)
     want = FrameType.OWNED if keep else FrameType.CANCEL
     if f.type is not want:
         raise RuntimeError(str(f.json().get("message", f.type.name)))
@@ -45,17 +49,20 @@ def resolve_in_doubt(uri: str, keep: bool, timeout: float = TIMEOUT_S) -> str:
 @click.option("--keep", "decision", flag_value="keep", help="Run the guest at the destination.")
 @click.option("--discard", "decision", flag_value="discard",
               help="Discard the destination's copy (the source runs the guest).")
-def resolve(uri: str, decision: str | None) -> None:
+@tls_options
+def resolve(uri: str, decision: str | None, tls_creds: str | None, tls_authz: str | None,
+            tls_hostname: str | None) -> None:
     """Resolve a guest a destination holds in doubt (see `cvmig migrate`'s in-doubt exit)."""
     if decision is None:
         raise click.UsageError("say --keep (run it at the destination) or --discard")
     try:
         parse_uri(uri)
+        tls = load_tls(tls_creds, tls_authz, tls_hostname)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
-        click.echo(resolve_in_doubt(uri, decision == "keep"))
-    except (OSError, PeerGone, ProtocolError) as e:
+        click.echo(resolve_in_doubt(uri, decision == "keep", tls=tls))
+    except (OSError, PeerGone, ProtocolError, TlsError) as e:
         click.secho(f"cannot reach the destination at {uri}: {e}", fg="red", err=True)
         sys.exit(1)
     except RuntimeError as e:

@@ -29,6 +29,7 @@ from cvmig.migration.source import (
 from cvmig.psp.api import Batching, Policy
 from cvmig.psp.child import ENV as LIFELINE_ENV
 from cvmig.wire.protocol import IO_TIMEOUT_S
+from cvmig.wire.tls import TlsCreds
 
 DEFAULT_POLICY = int(Policy.NODBG | Policy.ES)
 
@@ -41,6 +42,7 @@ class MigrateOptions:
     policy: int = DEFAULT_POLICY
     warmup_s: float = 1.0  # the guest runs this long before migration: "throughput before"
     io_timeout_s: float = IO_TIMEOUT_S  # silence from the destination while pages stream
+    tls: TlsCreds | None = None  # mutual TLS; a local destination uses the same creds
 
 
 class DestinationProcess:
@@ -108,6 +110,14 @@ class DestinationProcess:
         self._lifeline.close()
 
 
+def tls_args(tls: TlsCreds | None) -> list[str]:
+    """`cvmig vm` options for a local destination with the same TLS credentials."""
+    if tls is None:
+        return []
+    return ["--tls-creds", str(tls.directory)] + (
+        ["--tls-authz", ",".join(tls.authz)] if tls.authz else [])
+
+
 def contig_cap(params: MigrationParams) -> int:
     """The contig cap both PSPs must allow for these parameters (at least the spec's)."""
     return max(4, params.cap) if params.batching is Batching.CONTIG else 4
@@ -133,7 +143,8 @@ def migrate_local_or_remote(
         vm = SourceVM.boot(host, opts.guest, opts.policy)
         try:
             if uri is None:
-                dest = DestinationProcess(opts.psp_profile, contig_cap=cap)
+                dest = DestinationProcess(opts.psp_profile, contig_cap=cap,
+                                          extra=tls_args(opts.tls))
                 uri = dest.uri
             ops0, t0 = guest_ops(vm.guest), time.monotonic()
             _run_for(vm, opts.warmup_s, should_cancel)
@@ -141,7 +152,7 @@ def migrate_local_or_remote(
             if should_cancel():
                 raise MigrationFailed("migration cancelled before it started")
             outcome = migrate_out(vm, uri, opts.params, observer, should_cancel,
-                                  io_timeout=opts.io_timeout_s)
+                                  io_timeout=opts.io_timeout_s, tls=opts.tls)
         except MigrationInDoubt as e:
             if e.hold is not None:
                 e.hold.release()  # this call owns the copy and ends here (see cli.migrate)
