@@ -18,6 +18,7 @@ import click
 from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
+from cvmig.pki import load_tls, tls_options
 from cvmig.psp.api import Batching, Policy
 from cvmig.wire.protocol import IO_TIMEOUT_S
 
@@ -168,6 +169,7 @@ def build_guest(o: dict[str, Any]) -> Any:
 @click.option("--io-timeout", type=click.FloatRange(1), default=IO_TIMEOUT_S, show_default=True,
               help="Seconds of silence from the destination while pages stream before the "
                    "migration fails (after the pause: 4 s).")
+@tls_options
 def migrate(**o: Any) -> None:
     """Live-migrate a confidential guest: boot it here, move it to a destination host.
 
@@ -188,10 +190,12 @@ def migrate(**o: Any) -> None:
         if o["uri"]:
             parse_uri(o["uri"])
         _check_profile(o["psp_profile"])
+        tls = load_tls(o["tls_creds"], o["tls_authz"], o["tls_hostname"])
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     opts = MigrateOptions(guest=guest, params=params, psp_profile=o["psp_profile"],
-                          policy=policy, warmup_s=o["warmup"], io_timeout_s=o["io_timeout"])
+                          policy=policy, warmup_s=o["warmup"], io_timeout_s=o["io_timeout"],
+                          tls=tls)
     # Ctrl-C (SIGINT, which a terminal sends to the whole foreground process group: our
     # children run in sessions of their own and do not get it) and SIGTERM cancel: the
     # migration rolls back, the guest runs on here until we exit, and we exit as shells do
@@ -273,10 +277,12 @@ def _check_profile(name: str) -> None:
 @click.option("--io-timeout", type=click.FloatRange(1), default=IO_TIMEOUT_S, show_default=True,
               help="Seconds of silence from the source while pages stream before the "
                    "incoming migration fails (once the source has paused: 4 s).")
+@tls_options
 @guest_options
 def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner: str | None,
        once: bool, announce: bool, run_after: float, qmp: str | None,
-       handshake_timeout: float, io_timeout: float, **guest: Any) -> None:
+       handshake_timeout: float, io_timeout: float, tls_creds: str | None,
+       tls_authz: str | None, tls_hostname: str | None, **guest: Any) -> None:
     """Run a VM host: a destination waiting for an incoming migration, or (with --qmp)
     a VM controlled through a QMP monitor. Guest options apply to a --qmp source only.
 
@@ -287,7 +293,7 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
     from cvmig.migration.listener import Listener
     from cvmig.migration.messages import clean
     from cvmig.psp.child import Parent
-    from cvmig.wire.channel import parse_uri
+    from cvmig.wire.channel import parse_uri, shutdown
 
     def say(obj: dict[str, Any]) -> None:
         if announce:
@@ -299,9 +305,15 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
         if not announce:  # a parent reading our events gets only those
             click.echo(msg, err=True)
 
+    try:
+        tls = load_tls(tls_creds, tls_authz, tls_hostname)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if qmp is not None:
+        tls_params = {"tls-creds": tls_creds or "", "tls-authz": tls_authz or "",
+                      "tls-hostname": tls_hostname or ""}
         _vm_with_monitor(qmp, incoming, psp_profile, max_contig_pages, psp_owner, guest, say,
-                         handshake_timeout)
+                         handshake_timeout, tls_params)
         return
     if incoming is None:
         raise click.UsageError("--incoming tcp:HOST:PORT or --qmp unix:PATH is required")
@@ -322,7 +334,7 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
         conn = current[0]
         if conn is not None:
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)  # the incoming migration fails at once
+                shutdown(conn, socket.SHUT_RDWR)  # the incoming migration fails at once
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: abort(signum))
@@ -337,7 +349,7 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
             srv = listen(addr, port)
         except OSError as e:
             raise click.ClickException(f"cannot listen on {incoming}: {e.strerror or e}") from None
-        with Listener(srv, handshake_timeout, note) as front:
+        with Listener(srv, handshake_timeout, note, tls=tls) as front:
             say({"event": "listening", "port": front.port})
             while not stop.is_set():
                 conn = front.take(timeout=0.2)
@@ -387,7 +399,8 @@ def _watch_lifeline(parent: Any, gone: Any) -> None:
 
 def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_cap: int,
                      psp_owner: str | None, guest: dict[str, Any], say: Any,
-                     handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+                     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                     tls_params: dict[str, str] | None = None) -> None:
     """`cvmig vm --qmp`: a source (boots the guest) or, with --incoming, a destination."""
     from cvmig.monitor.run import StartError, parse_qmp_address, run_vm
     from cvmig.wire.channel import parse_uri
@@ -402,6 +415,7 @@ def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_ca
         raise click.UsageError(str(e)) from None
     try:
         run_vm(path, psp_profile, say, guest=config, policy=policy, incoming=addr,
-               contig_cap=contig_cap, psp_owner=psp_owner, handshake_timeout=handshake_timeout)
+               contig_cap=contig_cap, psp_owner=psp_owner, handshake_timeout=handshake_timeout,
+               parameters=tls_params)
     except StartError as e:
         raise click.ClickException(str(e)) from None

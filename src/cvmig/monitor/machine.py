@@ -45,7 +45,8 @@ from cvmig.migration.source import (
 from cvmig.monitor.params import Settings
 from cvmig.monitor.protocol import QMPError
 from cvmig.psp.api import Batching
-from cvmig.wire.channel import parse_uri
+from cvmig.wire.channel import parse_uri, shutdown
+from cvmig.wire.tls import TlsCreds, TlsError, own_name
 
 Emit = Callable[[str, dict[str, Any] | None], None]
 
@@ -118,7 +119,7 @@ class Machine:
         Connections are vetted concurrently (`cvmig.migration.listener`): one that does
         not say HELLO as a source within ``handshake_timeout`` s is dropped, a second
         source while a guest comes in is refused as busy."""
-        srv = Listener(listen(addr, port), handshake_timeout)
+        srv = Listener(listen(addr, port), handshake_timeout, tls=self._tls_creds())
         self._listener = srv
         with self.lock:
             self.runstate = "inmigrate"
@@ -137,7 +138,7 @@ class Machine:
             self._listener.close()  # wakes a worker waiting for a source at once
         if self._conn is not None:
             with contextlib.suppress(OSError):
-                self._conn.shutdown(socket.SHUT_RDWR)  # wakes recv() at once
+                shutdown(self._conn, socket.SHUT_RDWR)  # wakes recv() at once
         if self._worker is not None:
             self._worker.join(timeout)  # not under the lock: the worker needs it to finish
         with self.lock:
@@ -175,9 +176,12 @@ class Machine:
             host, port = self._listener.srv.getsockname()[:2]
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        tls = self._tls_creds()
+        if tls is not None:  # to our own listener: our certificate names it
+            tls = TlsCreds(tls.directory, tls.authz, own_name(tls))
         try:
-            resolve_in_doubt(f"tcp:{host}:{port}", keep)
-        except (OSError, RuntimeError) as e:
+            resolve_in_doubt(f"tcp:{host}:{port}", keep, tls=tls)
+        except (OSError, RuntimeError, TlsError) as e:
             raise QMPError(f"the decision could not be delivered: {e}") from None
 
     def stop(self) -> None:
@@ -228,6 +232,7 @@ class Machine:
             except ValueError as e:
                 raise QMPError(str(e)) from None
             params = self.settings.params()
+            tls = self._tls_creds()
             if params.batching is Batching.CONTIG and params.cap > self.contig_cap:
                 raise QMPError(f"x-batch-cap {params.cap} is over this host's contig limit of "
                                f"{self.contig_cap} pages (cvmig vm --max-contig-pages)")
@@ -235,7 +240,8 @@ class Machine:
             self.job = job
             self._cancel.clear()
             self._status("setup")
-            self._worker = threading.Thread(target=self._outgoing, args=(job, self.vm, uri),
+            self._worker = threading.Thread(target=self._outgoing,
+                                            args=(job, self.vm, uri, tls),
                                             name="cvmig-migrate", daemon=True)
             self._worker.start()
 
@@ -267,7 +273,27 @@ class Machine:
             if self.job.outgoing_in_progress:
                 raise QMPError("Parameters cannot change while a migration is in progress "
                                "in cvmig; they apply from the next 'migrate'")
+            before = dict(self.settings.values)
             self.settings.set_parameters(args)
+            try:
+                tls = self._tls_creds()  # a bad directory is named now, not at 'migrate'
+            except QMPError:
+                self.settings.values = before  # all or nothing
+                raise
+            if self._listener is not None:
+                self._listener.tls = tls  # from the next connection on, as QEMU's authz
+
+    def _tls_creds(self) -> TlsCreds | None:
+        """tls-creds (a directory here, not QEMU's object id), tls-authz (a comma-separated
+        list of identities, not an authz object) and tls-hostname, checked."""
+        v = self.settings.values
+        if not v["tls-creds"]:
+            return None
+        authz = [a for a in v["tls-authz"].split(",") if a.strip()]
+        try:
+            return TlsCreds.load(v["tls-creds"], authz, v["tls-hostname"] or None)
+        except ValueError as e:
+            raise QMPError(str(e).replace("--tls-creds", "tls-creds")) from None
 
     def set_capabilities(self, items: list[Any]) -> None:
         with self.lock:
@@ -304,12 +330,12 @@ class Machine:
                 self._status(p.status)
             # "completed" waits for migrate_out: only then is the source guest released
 
-    def _outgoing(self, job: Job, vm: SourceVM, uri: str) -> None:
+    def _outgoing(self, job: Job, vm: SourceVM, uri: str, tls: TlsCreds | None = None) -> None:
         assert job.params is not None
         try:
             # in doubt, the retries are ours (below), so that x-in-doubt shows at once
             outcome = migrate_out(vm, uri, job.params, partial(self._observe, job),
-                                  self._cancel.is_set, resolve_window_s=0.0)
+                                  self._cancel.is_set, resolve_window_s=0.0, tls=tls)
         except MigrationInDoubt as e:
             if e.hold is None:  # nothing held here (cannot happen after a release)
                 with self.lock:

@@ -17,6 +17,7 @@ from cvmig.guest.vm import GuestConfig
 from cvmig.migration.host import Host
 from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S
 from cvmig.monitor.machine import Machine
+from cvmig.monitor.protocol import QMPError
 from cvmig.monitor.server import Server
 
 Say = Callable[[dict[str, Any]], None]
@@ -42,9 +43,12 @@ class StartError(Exception):
 
 def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | None = None,
            policy: int = 0, incoming: tuple[str, int] | None = None, contig_cap: int = 4,
-           psp_owner: str | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+           psp_owner: str | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+           parameters: dict[str, Any] | None = None) -> None:
     """Serve until quit. ``incoming``: a destination on (addr, port); else boot ``guest``.
-    ``handshake_timeout``: seconds an incoming connection has to say HELLO as a source."""
+    ``handshake_timeout``: seconds an incoming connection has to say HELLO as a source.
+    ``parameters``: migration parameters set before anything starts (the --tls-* options),
+    as if by migrate-set-parameters."""
     folder = os.path.dirname(os.path.abspath(qmp_path))
     if not os.path.isdir(folder):  # say so before a guest boots for nothing
         raise StartError(f"cannot serve QMP on unix:{qmp_path}: no folder {folder}")
@@ -52,6 +56,11 @@ def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | No
     with Host(role, psp_profile, contig_cap=contig_cap, psp_owner=psp_owner) as host:
         machine = Machine(host, contig_cap=contig_cap)
         try:
+            if parameters:
+                try:
+                    machine.set_parameters(parameters)
+                except QMPError as e:
+                    raise StartError(str(e)) from None
             port = None
             if incoming is not None:
                 try:
