@@ -20,8 +20,8 @@ before the server has judged the client's certificate.
 
 The handshake and the verdict are bounded as a whole by the socket's timeout (a peer that
 trickles bytes cannot stretch it). The server sends no session tickets: after the
-handshake nothing but application data flows, so one thread may read while another
-writes (the migration's sender and its ACK reader do).
+handshake nothing but application data flows. One thread may read while another writes
+(the migration's sender and its ACK reader do): `TlsSocket` serialises the TLS calls.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import ipaddress
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,18 +58,64 @@ class TlsError(Exception):
 
 
 class TlsSocket(ssl.SSLSocket):
-    """A server-side TLS socket that can be handed on with bytes already read put back
-    (`unread`): the destination's listener reads a source's HELLO to vet it (a TLS
-    stream cannot be peeked), and the migration then reads it again from here."""
+    """A TLS socket that one thread may read while another writes, and that can be handed
+    on with bytes already read put back.
+
+    OpenSSL does not allow one connection's SSL_read and SSL_write to run at the same
+    time, and the migration reads and writes each connection from two threads (pages
+    one way, acknowledgements the other). So every TLS operation here runs non-blocking,
+    one at a time under a lock, and the waiting for the socket happens outside the lock,
+    bounded by the timeout the caller set (``settimeout`` keeps the descriptor
+    non-blocking and only records it).
+
+    `unread`: the destination's listener reads a source's HELLO to vet it (a TLS stream
+    cannot be peeked), and the migration then reads it again from here."""
 
     _unread = b""
+    _timeout: float | None = None  # the caller's; the descriptor itself stays non-blocking
+    _lock: threading.Lock
 
-    def unread(self, data: bytes) -> None:
-        self._unread = bytes(data) + self._unread
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> TlsSocket:
+        self = super()._create(*args, **kwargs)  # type: ignore[misc]
+        self._lock = threading.Lock()
+        return self
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None and value < 0:
+            raise ValueError("Timeout value out of range")
+        self._timeout = value
+        super().settimeout(0.0)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def _io(self, op: Callable[[], T], what: str) -> T:
+        timeout = self._timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                try:
+                    return op()
+                except ssl.SSLWantReadError:
+                    if timeout == 0:
+                        raise
+                    rd = True
+                except ssl.SSLWantWriteError:
+                    if timeout == 0:
+                        raise
+                    rd = False
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"The {what} operation timed out")
+            select.select([self] if rd else [], [] if rd else [self], [], left)
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
         if not self._unread:
-            return super().recv_into(buffer, nbytes, flags)
+            return self._io(partial(super().recv_into, buffer, nbytes, flags), "read")
         view = memoryview(buffer).cast("B")
         n = min(nbytes or len(view), len(view), len(self._unread))
         view[:n] = self._unread[:n]
@@ -77,12 +124,28 @@ class TlsSocket(ssl.SSLSocket):
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         if not self._unread:
-            return super().recv(buflen, flags)
+            return self._io(partial(super().recv, buflen, flags), "read")
         data, self._unread = self._unread[:buflen], self._unread[buflen:]
         return data
 
+    def send(self, data: Any, flags: int = 0) -> int:
+        return self._io(partial(super().send, data, flags), "write")
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        with memoryview(data) as view, view.cast("B") as left:
+            while left:
+                n = self.send(left, flags)
+                left = left[n:]
+
+    def do_handshake(self, block: bool = False) -> None:
+        self._io(super().do_handshake, "handshake")
+
     def pending(self) -> int:
-        return len(self._unread) + super().pending()
+        with self._lock:
+            return len(self._unread) + super().pending()
+
+    def unread(self, data: bytes) -> None:
+        self._unread = bytes(data) + self._unread
 
 
 @dataclass(frozen=True)
@@ -121,7 +184,7 @@ class TlsCreds:
         ctx.verify_mode = ssl.CERT_REQUIRED  # mutual: the server asks for a client cert
         if server:
             ctx.num_tickets = 0  # no post-handshake messages: see module
-            ctx.sslsocket_class = TlsSocket
+        ctx.sslsocket_class = TlsSocket
         try:
             ctx.load_verify_locations(cafile=str(self.directory / CA_CERT))
         except (ssl.SSLError, OSError) as e:
