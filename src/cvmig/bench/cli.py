@@ -10,6 +10,7 @@ _BENCHES: dict[str, str] = {
     "psp": "cvmig.bench.psp:psp",
     "paper": "cvmig.bench.paper:paper",
     "qemu": "cvmig.bench.qemu:qemu",
+    "tls": "cvmig.bench.tls:tls",
 }
 
 
