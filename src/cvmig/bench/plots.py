@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-_MODES = ("page", "queue", "contig", "contig-fw", "contig64", "sg")
+_MODES = ("page", "queue", "contig", "contig-qemu", "contig64", "sg")
 _THROTTLES = ("none", "auto-converge", "precopy", "dirty-limit")
 
 

@@ -192,8 +192,9 @@ class World(Protocol):
         ...
 
     # Optional, looked up by name: ``stop_costs() -> StopCosts``, the fixed costs of the
-    # stop as measured on these hosts (none: nothing counted); ``pipeline_frames``, frames
-    # in flight at a switch (default PIPELINE_FRAMES).
+    # stop as measured on these hosts (none: nothing counted); ``frames_in_flight() ->
+    # int``, frames sent and not yet acknowledged by the destination (else
+    # ``pipeline_frames``, default PIPELINE_FRAMES).
 
 
 class MigrationCancelled(Exception):
@@ -284,6 +285,7 @@ class Driver:
         self._costs: list[tuple[int, int, float]] = []  # (commands, bytes, seconds) per send
         self._probes: list[tuple[int, int, float]] = []  # the bulk's small-command sends
         self._sent_at = 0.0  # when the last send returned
+        self._in_flight = 0.0  # seconds of sent frames not yet through, at the last sync
         get = getattr(world, "stop_costs", None)
         self.stop: StopCosts = get() if callable(get) else StopCosts()
         self.pipeline_frames = int(getattr(world, "pipeline_frames", PIPELINE_FRAMES))
@@ -330,6 +332,12 @@ class Driver:
                 fits = expected <= limit or (
                     self._fixed() >= (1 - UNKEEPABLE_SHARE) * limit
                     and expected - self._fixed() <= UNKEEPABLE_SHARE * limit)
+                if not fits and expected - self._in_flight <= limit:
+                    # only the frames in flight are in the way: let them land while the
+                    # guest still runs (what it writes meanwhile joins the last harvest)
+                    w.sleep(self._in_flight)
+                    expected -= self._in_flight
+                    fits = True
             else:
                 expected = remaining / bw
                 fits = remaining <= rnd.threshold_bytes
@@ -338,6 +346,8 @@ class Driver:
             if fits:
                 prog.switchover = "converged"
                 break
+            if self.should_cancel():  # a round with nothing to send checks nothing else
+                raise MigrationCancelled("migration cancelled")
             iterative = rnd.index  # rounds done after the bulk one
             if p.max_rounds and iterative >= p.max_rounds:
                 prog.switchover = "max-rounds"
@@ -434,10 +444,14 @@ class Driver:
                 raise MigrationCancelled("migration cancelled")
             p = self._take_updates()  # a new max-bandwidth paces the very next send
             probe = kind == "bulk" and sends in PROBE_SENDS and cap > 1
+            # a round's last sends are short too (commands and frames): a switch may
+            # follow at once, and what is then in flight lands in the downtime
+            end = not near_stop and len(pfns) - lo <= 4 * self._chunk
+            use = max(1, cap // 8) if probe else self._round_cap(*self._fit()) if end else cap
             chunk = pfns[lo : lo + (min(self._chunk, 16 * cap) if probe else self._chunk)]
             lo += len(chunk)
             t = w.now()
-            bounds = plan_batches(chunk, p.batching, max(1, cap // 8) if probe else cap)
+            bounds = plan_batches(chunk, p.batching, use)
             sent = w.send_private(chunk, bounds, p.queue)
             self._sent_at = w.now()
             dt = self._sent_at - t
@@ -446,9 +460,7 @@ class Driver:
             if probe:
                 self._probes.append(cost)
             else:
-                # a round's last sends are short too: a switch may follow at once
-                end = len(pfns) - lo < 4 * self._chunk
-                self._adapt_chunk(len(chunk), dt, cap, near_stop or end)
+                self._adapt_chunk(len(chunk), dt, use, near_stop or end)
                 self._costs = [*self._costs[-63:], cost]
             self._account(rnd, sent)
             prog.remaining_pages = max(0, prog.remaining_pages - sent.pages)
@@ -474,9 +486,13 @@ class Driver:
         cmds = len(plan_batches(dirty, self.params.batching, cap)) - 1
         cmds += math.ceil(extra / cap) if self.params.batching in SCATTERED else extra
         pages = a * cmds + b * n * PAGE_SIZE
-        # the frames still in flight drain while we decide: what is left of them
-        last_send = self._costs[-1][2] if self._costs else 0.0
-        in_flight = max(0.0, self.pipeline_frames * last_send - (self.world.now() - self._sent_at))
+        # the frames still in flight (as many as the world counts unacknowledged, each
+        # as long as it took to send) drain while we decide: what is left of them
+        count = getattr(self.world, "frames_in_flight", None)
+        n = int(count()) if callable(count) else self.pipeline_frames
+        last = sum(t for _, _, t in self._costs[-n:]) if n > 0 else 0.0
+        in_flight = max(0.0, last - (self.world.now() - self._sent_at))
+        self._in_flight = in_flight
         tail = min(pages, self._send_target(True))
         return self._fixed() + in_flight + pages + tail
 

@@ -292,6 +292,12 @@ class RealWorld:
         self.vm.guest.set_dirty_limit(pages_per_s)
 
     # -- end game -----------------------------------------------------------------------
+    def frames_in_flight(self) -> int:
+        """Frames handed to the sender that the destination has not acknowledged (its
+        acknowledgements are read as frames go out: an over-count, on the safe side)."""
+        s = self.sender
+        return s.frames_sent - s.frames_acked + s._pending
+
     def stop_costs(self) -> StopCosts:
         """What stopping costs here, as recent migrations measured it (the driver counts
         it); before any, defaults plus the cost profile's price of the commands."""

@@ -1,6 +1,7 @@
 """`cvmig model`: the same pre-copy driver on a simulated clock, for sizes and hardware this
 machine does not have. Costs come from a PSP cost profile (the calibrated `sev-2020`, or
-your own `fixed_us:doorbell_us:mb_per_s`, measured with `cvmig bench psp`)."""
+your own `fixed_us:doorbell_us:mb_per_s`, measured with `cvmig bench psp`), or from this
+host's calibration (``--calibration``, written by ``--validate``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import click
 
 from cvmig.migration.cli import SIZE
 from cvmig.migration.driver import (
+    CHUNK_TARGET_S,
     Driver,
     MigrationCancelled,
     MigrationParams,
@@ -20,39 +22,42 @@ from cvmig.migration.driver import (
     TimeoutAction,
 )
 from cvmig.migration.throttle import ThrottleKind
+from cvmig.model.costs import costs_from_calibration, costs_from_profile, load_calibration
 from cvmig.model.world import Costs, GuestModel, SimWorld
 from cvmig.psp.api import PAGE_SIZE, Batching
 
-
-def costs_from_profile(spec: str, link_gbit: float) -> Costs:
-    from cvmig.psp.cost import parse
-
-    prof = parse(spec)
-    if prof.is_free:
-        raise ValueError("the model needs a cost profile with costs: sev-2020, or "
-                         "fixed_us:doorbell_us:mb_per_s measured with `cvmig bench psp`")
-    return Costs(t_doorbell=prof.t_doorbell, t_cmd=prof.t_fixed,
-                 psp_bw=prof.bandwidth or float("inf"), link_bw=link_gbit * 1e9 / 8)
+__all__ = ["costs_from_profile", "model", "predict"]
 
 
-def predict(guest: GuestModel, costs: Costs, params: MigrationParams) -> dict[str, Any]:
+def predict(guest: GuestModel, costs: Costs, params: MigrationParams,
+            chunk_target_s: float = 1.0) -> dict[str, Any]:
+    """One migration, simulated. ``chunk_target_s``: seconds per send in the bulk round
+    (the engine's is CHUNK_TARGET_S; longer is faster to simulate, and near the stop the
+    driver sizes sends to the downtime-limit either way)."""
     world = SimWorld(guest, costs)
-    driver = Driver(world, params, chunk_target_s=60.0)  # no real-time checks to keep up
+    driver = Driver(world, params, chunk_target_s=chunk_target_s)
     try:
         p = driver.run()
     except MigrationCancelled as e:
         return {"status": "cancelled", "error": str(e), "rounds": len(driver.progress.rounds),
                 "elapsed_s": round(world.clock, 3)}
+    gap = world.resumed_at - (p.pause_time - costs.stop.pause) + costs.stop.slice
     return {
         "status": p.status,
         "switchover": p.switchover,
         "total_s": round(p.total_time, 3),
         "downtime_ms": round(p.downtime * 1000, 1),
+        "gap_ms": round(gap * 1000, 1),
+        "expected_downtime_ms": round(p.expected_downtime_ms, 1),
         "rounds": len(p.rounds),
         "transferred_gib": round(p.transferred / 2**30, 3),
         "psp_commands": p.psp_commands,
+        "stop_cap": p.stop_cap,
         "final_throttle": p.throttle_pct,
     }
+
+
+MODE_NAMES = ("page", "contig", "sg", "aead", "queue")
 
 
 @click.command()
@@ -60,7 +65,10 @@ def predict(guest: GuestModel, costs: Costs, params: MigrationParams) -> dict[st
 @click.option("--dirty-rate", type=click.FloatRange(0), default=350.0, show_default=True,
               help="Pages/s the guest writes (AMD saw 300-400+ on 4-8 GiB guests).")
 @click.option("--working-set", type=SIZE, default="1G", show_default=True,
-              help="Memory the writes fall on, uniformly.")
+              help="Memory the writes fall on, at random.")
+@click.option("--pattern", type=click.Choice(["uniform", "contiguous"]), default="uniform",
+              show_default=True, help="uniform: dirty pages scattered over the working set; "
+                                      "contiguous: one run (contig batching's best case).")
 @click.option("--vcpus", type=click.IntRange(1, 512), default=4, show_default=True)
 @click.option("--modes", default="page,contig,sg", show_default=True,
               help="Batching modes to compare (page, contig, sg, aead, queue).")
@@ -69,41 +77,69 @@ def predict(guest: GuestModel, costs: Costs, params: MigrationParams) -> dict[st
 @click.option("--downtime-limit", type=click.IntRange(0, 2_000_000), default=300,
               show_default=True, help="ms")
 @click.option("--switchover", type=click.Choice([s.value for s in Switchover]),
-              default="qemu", show_default=True)
+              default=MigrationParams().switchover.value, show_default=True)
 @click.option("--psp-profile", default="sev-2020", show_default=True)
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="This host's costs (JSON from --validate) instead of --psp-profile.")
 @click.option("--link", "link_gbit", type=click.FloatRange(0.001), default=10.0,
               show_default=True, help="Gbit/s.")
 @click.option("--timeout", type=click.FloatRange(1), default=86400.0, show_default=True,
               help="Simulated seconds before giving up (not converged).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def model(memory: int, dirty_rate: float, working_set: int, vcpus: int, modes: str,
-          throttle: str, downtime_limit: int, switchover: str, psp_profile: str,
-          link_gbit: float, timeout: float, json_path: Path | None) -> None:
+@click.option("--validate", is_flag=True,
+              help="Run real migrations next to the model on the same inputs and report the "
+                   "error per cell (JSON and a plot in --out).")
+@click.option("--quick", is_flag=True, help="With --validate: the small grid (a few minutes).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("docs/results"), show_default=True)
+def model(memory: int, dirty_rate: float, working_set: int, pattern: str, vcpus: int,
+          modes: str, throttle: str, downtime_limit: int, switchover: str, psp_profile: str,
+          calibration: Path | None, link_gbit: float, timeout: float, json_path: Path | None,
+          validate: bool, quick: bool, out: Path) -> None:
     """Predict migration time and downtime with the engine's own driver, simulated."""
+    if validate:
+        from cvmig.model.validate import FULL, QUICK, run
+
+        res = run(QUICK if quick else FULL, out, click.echo)
+        s = res["summary"]
+        click.echo(f"{s['cells']} cells; |error| median / max: total time "
+                   f"{s['err_total']['median_abs']:.1%} / {s['err_total']['max_abs']:.1%}, "
+                   f"downtime {s['err_downtime']['median_abs']:.1%} / "
+                   f"{s['err_downtime']['max_abs']:.1%}")
+        click.echo(f"wrote {out / 'model-validation.json'}, {out / 'model-validation.png'}, "
+                   f"{out / 'model-calibration.json'}")
+        return
+    names = [m.strip() for m in modes.split(",") if m.strip()]
     try:
-        costs = costs_from_profile(psp_profile, link_gbit)
-        names = [m.strip() for m in modes.split(",") if m.strip()]
         for m in names:
-            if m not in ("page", "contig", "sg", "aead", "queue"):
-                raise ValueError(f"unknown mode {m!r}; allowed: page, contig, sg, aead, queue")
+            if m not in MODE_NAMES:
+                raise ValueError(f"unknown mode {m!r}; allowed: {', '.join(MODE_NAMES)}")
         if working_set > memory:
             raise ValueError("working set is larger than memory")
+        cal = load_calibration(calibration) if calibration else None
+        base_costs = None if cal else costs_from_profile(psp_profile, link_gbit, vcpus)
+        per_mode = {m: base_costs or costs_from_calibration(
+            cal or {}, psp_profile, "page" if m == "queue" else m, vcpus) for m in names}
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     guest = GuestModel(npages=memory // PAGE_SIZE, dirty_rate=dirty_rate,
-                       working_set=working_set // PAGE_SIZE, vcpus=vcpus)
+                       working_set=working_set // PAGE_SIZE, vcpus=vcpus,
+                       contiguous=pattern == "contiguous")
     base = MigrationParams(downtime_limit_ms=downtime_limit, throttle=ThrottleKind(throttle),
                            switchover=Switchover(switchover), timeout_s=timeout,
                            timeout_action=TimeoutAction.CANCEL)
+    src = f"calibration {calibration}" if calibration else f"PSP profile {psp_profile}"
     click.echo(f"model: {memory / 2**30:g} GiB, {dirty_rate:g} pages/s over "
-               f"{working_set / 2**30:g} GiB, PSP profile {psp_profile}, link {link_gbit:g} "
+               f"{working_set / 2**30:g} GiB ({pattern}), {src}, link {link_gbit:g} "
                f"Gbit/s, downtime-limit {downtime_limit} ms, throttle {throttle}")
-    out = []
+    rows = []
+    # small guests: the engine's own send size, so the pipeline's tail is the engine's
+    target = CHUNK_TARGET_S if memory <= 1 << 30 else 1.0
     for m in names:
         params = replace(base, batching=Batching.PAGE if m == "queue" else Batching(m),
                          queue=m == "queue")
-        r = {"mode": m, **predict(guest, costs, params)}
-        out.append(r)
+        r = {"mode": m, **predict(guest, per_mode[m], params, target)}
+        rows.append(r)
         if r["status"] == "completed":
             click.echo(f"  {m:7} total {r['total_s']:10.1f} s  downtime {r['downtime_ms']:8.1f} ms"
                        f"  rounds {r['rounds']:4}  {r['switchover']}")
@@ -111,4 +147,4 @@ def model(memory: int, dirty_rate: float, working_set: int, vcpus: int, modes: s
             click.echo(f"  {m:7} does not converge within {timeout:g} s "
                        f"({r['rounds']} rounds)")
     if json_path:
-        json_path.write_text(json.dumps(out, indent=2) + "\n")
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")

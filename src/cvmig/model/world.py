@@ -1,14 +1,23 @@
 """The simulated world: the driver's interface on a virtual clock and a cost model.
 
 The same `Driver` that moves real guests runs here, so what the model predicts is what
-the engine does, at sizes and on hardware this machine does not have. Costs:
+the engine does, at sizes and on hardware this machine does not have. It mirrors the
+engine's data path (migration/source.py, sender.py, receiver.py, destination.py):
 
-- a firmware command costs ``t_cmd`` + bytes / ``psp_bw`` (one command at a time per host,
-  as on the real PSP), plus ``t_doorbell`` per mailbox round trip (shared by a queue);
-- the link carries ``link_bw`` bytes/s; firmware and link work are serial, as in the
-  engine (the PSP writes a chunk, then the socket sends it);
-- the guest writes ``dirty_rate`` pages/s uniformly over ``working_set`` pages while it
-  runs, slowed by the throttle (it runs 1 - p of the time) or its dirty limit.
+- the source's secure processor fills a transport slot (``slots`` of them) with a send's
+  packets: per command ``t_cmd`` + its bytes / ``psp_bw``, plus ``t_doorbell`` per mailbox
+  round trip (shared by a queue), plus ``t_send`` and ``t_page``, the engine's own work
+  per send and per page;
+- the frame goes on the link (``link_bw`` bytes/s, ``latency`` one way) once it is within
+  the destination's ``window`` of unacknowledged frames, and frees its slot;
+- the destination's secure processor imports it (``rx_t_cmd``, ``rx_psp_bw``), one frame
+  at a time, and acknowledges it. Each PSP serves one command at a time, as hardware does;
+  the three stages overlap, so a round costs its slowest stage;
+- the stop: the measured fixed costs (`cvmig.migration.stopcost.StopCosts`) at the points
+  where the engine pays them, the FINISH waiting behind every frame still in flight;
+- the guest writes ``dirty_rate`` pages/s at random over ``working_set`` pages while it
+  runs (``contiguous``: over its first pages in order), slowed by the throttle (it runs
+  1 - p of the time) or its dirty limit.
 """
 
 from __future__ import annotations
@@ -19,17 +28,35 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cvmig.migration.driver import Sent
+from cvmig.migration.stopcost import StopCosts
 from cvmig.psp.api import PACKET_HEADER_SIZE, PAGE_SIZE
+
+WINDOW = 3  # cvmig.wire.protocol.WINDOW (imported lazily would pull in the wire)
+SLOTS = 3  # cvmig.migration.source.SOURCE_SLOTS
 
 
 @dataclass
 class Costs:
     t_doorbell: float = 30e-6  # mailbox round trip, s
-    t_cmd: float = 10e-6  # fixed firmware work per command, s
-    psp_bw: float = 1.5e9  # firmware bytes/s
+    t_cmd: float = 10e-6  # fixed firmware work per command, s (source PSP)
+    psp_bw: float = 1.5e9  # firmware bytes/s (source PSP)
     link_bw: float = 1.2e9  # wire bytes/s
-    t_pause: float = 2e-3  # stopping the vCPUs
-    t_resume: float = 5e-3  # destination start-up after the last byte
+    rx_t_cmd: float | None = None  # destination PSP per command incl. its doorbell (None: same)
+    rx_psp_bw: float | None = None  # destination PSP bytes/s (None: same)
+    t_send: float = 0.0  # the engine's own work per send (plan, frame, hand-over), s
+    t_page: float = 0.0  # ... and per page (on a small machine: the CPU the stages share)
+    latency: float = 0.0  # one way, s
+    stop: StopCosts = field(default_factory=lambda: StopCosts(pause=2e-3, grant=5e-3))
+    window: int = WINDOW
+    slots: int = SLOTS
+
+    def src_psp(self, ncmds: int, doorbells: int, nbytes: int) -> float:
+        return doorbells * self.t_doorbell + ncmds * self.t_cmd + nbytes / self.psp_bw
+
+    def dst_psp(self, ncmds: int, nbytes: int) -> float:
+        t_cmd = self.t_doorbell + self.t_cmd if self.rx_t_cmd is None else self.rx_t_cmd
+        bw = self.psp_bw if self.rx_psp_bw is None else self.rx_psp_bw
+        return ncmds * t_cmd + nbytes / bw
 
 
 @dataclass
@@ -39,6 +66,8 @@ class GuestModel:
     working_set: int  # pages the writes fall on
     vcpus: int = 1
     shared_pages: int = 0
+    contiguous: bool = False  # True: the dirty pages are the working set's first, in order
+    seed: int = 1
 
 
 @dataclass
@@ -49,6 +78,7 @@ class SimWorld:
     throttle: float = 0.0
     dirty_limit: float | None = None  # pages/s per vCPU
     paused: bool = False
+    resumed_at: float = 0.0  # when the destination's vCPUs run (its clock = ours)
     _last_accrue: float = 0.0
     _writes: float = 0.0  # writes since the last harvest
     _carry: float = 0.0  # fractional page left over from the last harvest
@@ -56,14 +86,24 @@ class SimWorld:
     # page versions on each side: a write bumps the source's, a send copies it across
     src_version: np.ndarray = field(init=False)
     dst_version: np.ndarray = field(init=False)
+    # the pipeline: per frame, when it left the link and when the destination imported it
+    _wire_done: list[float] = field(default_factory=list)
+    _dst_done: list[float] = field(default_factory=list)
+    _link_free: float = 0.0
+    _dst_free: float = 0.0
 
     def __post_init__(self) -> None:
         self.src_version = np.zeros(self.guest.npages, dtype=np.int64)
         self.dst_version = np.full(self.guest.npages, -1, dtype=np.int64)
+        self._rng = np.random.default_rng(self.guest.seed)
 
     def destination_matches(self) -> bool:
         """Whether every page arrived in its latest version (the engine's digest check)."""
         return bool(np.array_equal(self.src_version, self.dst_version))
+
+    # -- what the driver counts -----------------------------------------------------------
+    def stop_costs(self) -> StopCosts:
+        return self.costs.stop
 
     # -- clock --------------------------------------------------------------------------
     def now(self) -> float:
@@ -101,28 +141,60 @@ class SimWorld:
         self._accrue()
         writes, self._writes = self._writes + self._carry, 0.0
         ws = self.guest.working_set
-        # distinct pages hit by uniform writes over the working set
-        unique = ws * (1.0 - math.exp(-writes / ws)) if ws else 0.0
-        n = int(unique)
-        self._carry = 0.0 if n else writes
         start = self.guest.npages - ws
-        pfns = np.arange(start, start + n, dtype=np.int64)
+        n_writes = int(writes)
+        self._carry = writes - n_writes
+        if not ws or not n_writes:
+            return np.zeros(0, dtype=np.int64)
+        if self.guest.contiguous:
+            # distinct pages hit by uniform writes, laid out as one run
+            n = int(ws * (1.0 - math.exp(-n_writes / ws)))
+            pfns = np.arange(start, start + n, dtype=np.int64)
+        elif n_writes >= 8 * ws:
+            pfns = np.arange(start, start + ws, dtype=np.int64)  # all but surely every page
+        else:
+            pfns = start + np.unique(self._rng.integers(0, ws, size=n_writes, dtype=np.int64))
         self.src_version[pfns] += 1
         return pfns
+
+    def _frame(self, src_cost: float, nbytes: int, dst_cost: float) -> float:
+        """Move one frame through the pipeline; return the seconds the source spent on it
+        (waiting for a free slot, then its secure processor)."""
+        c, k = self.costs, len(self._wire_done)
+        t0 = self.clock
+        start = max(self.clock, self._wire_done[k - c.slots] if k >= c.slots else 0.0)
+        self.clock = start + src_cost
+        acked = self._dst_done[k - c.window] + c.latency if k >= c.window else 0.0
+        wire = max(self.clock, self._link_free, acked) + nbytes / c.link_bw
+        self._link_free = wire
+        done = max(wire + c.latency, self._dst_free) + dst_cost
+        self._dst_free = done
+        self._wire_done.append(wire)
+        self._dst_done.append(done)
+        return self.clock - t0
+
+    def frames_in_flight(self) -> int:
+        """Frames the destination has not imported yet (the engine: not acknowledged)."""
+        n = 0
+        for done in reversed(self._dst_done):
+            if done <= self.clock:
+                break
+            n += 1
+        return n
 
     def send_private(self, pfns: np.ndarray, bounds: np.ndarray, queue: bool) -> Sent:
         c = self.costs
         ncmds = len(bounds) - 1
         nbytes = len(pfns) * PAGE_SIZE + ncmds * PACKET_HEADER_SIZE
         doorbells = 1 if queue else ncmds
-        psp = doorbells * c.t_doorbell + ncmds * c.t_cmd + nbytes / c.psp_bw
-        self.clock += psp + nbytes / c.link_bw
+        psp = c.src_psp(ncmds, doorbells, nbytes)
+        self._frame(psp + c.t_send + len(pfns) * c.t_page, nbytes, c.dst_psp(ncmds, nbytes))
         self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes, ncmds, doorbells, psp)
 
     def send_shared(self, pfns: np.ndarray) -> Sent:
         nbytes = len(pfns) * PAGE_SIZE
-        self.clock += nbytes / self.costs.link_bw
+        self._frame(self.costs.t_send, nbytes, 0.0)
         self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes)
 
@@ -139,21 +211,27 @@ class SimWorld:
 
     # -- end game -----------------------------------------------------------------------
     def pause_guest(self) -> None:
-        # writes up to now still land in the last harvest
-        self.clock += self.costs.t_pause
+        # writes up to the acknowledgement still land in the last harvest
+        self.clock += self.costs.stop.pause
         self._accrue()
         self.paused = True
         self.log.append((self.clock, "pause"))
 
     def send_vcpu_state(self) -> Sent:
-        c = self.costs
         n = self.guest.vcpus
-        psp = n * (c.t_doorbell + c.t_cmd)
+        self.clock += self.costs.stop.vcpu_state
         nbytes = n * (PAGE_SIZE + PACKET_HEADER_SIZE)
-        self.clock += psp + nbytes / c.link_bw
-        return Sent(n, nbytes, n, n, psp)
+        return Sent(n, nbytes, n, n, 0.0)
 
     def complete(self) -> float:
-        self.clock += self.costs.t_resume
+        """The trailer, then FINISH behind every frame in flight; the destination's
+        RECEIVE_FINISH and restore; CONFIRM back; our grant (the end of the downtime as
+        the source counts it); the destination's vCPUs run a grant's time after CONFIRM."""
+        c, s = self.costs, self.costs.stop
+        self.clock += s.trailer
+        arrive = max(self.clock, self._link_free) + c.latency
+        confirm = max(arrive, self._dst_free) + s.finish
+        self.resumed_at = confirm + s.grant
+        self.clock = confirm + c.latency
         self.log.append((self.clock, "complete"))
         return self.clock

@@ -1,0 +1,94 @@
+"""Where the model's costs come from: a named hardware profile, or this host, calibrated.
+
+A hardware profile (`cvmig.psp.cost`) gives the secure processor's per-command and per-byte
+cost; the stop's fixed parts are this machine's measured software costs (pause, restore,
+grant: `cvmig.migration.stopcost`) plus the profile's price of the firmware commands a stop
+issues (a VMSA per vCPU at each end, the trailer, RECEIVE_FINISH). That is an assumption,
+stated: on hardware the vCPUs are KVM's, whose restore is far cheaper than starting our
+vCPU processes, so these stop costs are pessimistic there.
+
+A host calibration (``cvmig model --validate`` writes one: docs/results/model-calibration.json)
+holds, per batching mode and cost profile: the PSP's cost per command and per page for
+SEND and RECEIVE, fitted to `cvmig bench psp` over batch sizes; the engine's own work per
+send, fitted to an idle migration's bulk round; the stop costs the engine measured; the
+link. It is what carries the model onto the engine it was calibrated on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from cvmig.migration.stopcost import StopCosts, default_costs
+from cvmig.model.world import Costs
+from cvmig.psp.api import PAGE_SIZE
+from cvmig.psp.cost import PROFILES, CostProfile, parse
+
+LOOPBACK_BW = 2.0e9  # bytes/s, Python over loopback here (shared/reference/platform.md §3)
+LOOPBACK_LATENCY = 50e-6  # s, one way (a 32 B ping-pong's median / 2, rounded up)
+
+# Newer hardware: no public PSP timing exists for any SEV generation (sev-protocol.md §3).
+# What AMD plans for SNP (and IBM built for SEV) is a migration helper in a mirror VM that
+# moves pages with its own software AES-GCM, bypassing the PSP's data path. Our `aead`
+# mode on this machine is exactly that path in software: a helper's per-page cost is at
+# most this host's measured aead cost. So "helper" = this host's calibrated aead costs.
+HELPER = "helper"
+
+
+def costs_from_profile(spec: str, link_gbit: float, vcpus: int = 2) -> Costs:
+    """Costs for a named profile (or fixed_us:doorbell_us:mb_per_s)."""
+    prof = parse(spec)
+    if prof.is_free:
+        raise ValueError("the model needs a cost profile with costs: sev-2020, "
+                         "fixed_us:doorbell_us:mb_per_s measured with `cvmig bench psp`, or "
+                         "--calibration FILE (this host, from `cvmig model --validate`)")
+    return Costs(t_doorbell=prof.t_doorbell, t_cmd=prof.t_fixed,
+                 psp_bw=prof.bandwidth or float("inf"), link_bw=link_gbit * 1e9 / 8,
+                 stop=hardware_stop(prof, vcpus))
+
+
+def hardware_stop(prof: CostProfile, vcpus: int) -> StopCosts:
+    """This machine's software stop costs plus the profile's firmware commands."""
+    return default_costs(vcpus, prof.duration(1, PAGE_SIZE))
+
+
+def load_calibration(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read calibration {path}: {e}") from None
+    if not isinstance(data, dict) or "cells" not in data:
+        raise ValueError(f"{path} is not a model calibration (from `cvmig model --validate`)")
+    return data
+
+
+def costs_from_calibration(cal: dict[str, Any], profile: str, mode: str,
+                           vcpus: int = 2) -> Costs:
+    """The host's calibrated costs for one cost profile and batching mode."""
+    key = f"{profile}/{mode}"
+    cell = cal["cells"].get(key)
+    if cell is None:
+        have = ", ".join(sorted(cal["cells"]))
+        raise ValueError(f"the calibration has no {key}; it has: {have}")
+    stop = StopCosts.from_ms(cell["stop_ms"])
+    stop.slice = StopCosts.from_ms({"slice": cell["stop_ms"].get("slice", 10.0)}).slice
+    c = Costs(t_doorbell=0.0, t_cmd=cell["send"]["t_cmd"], psp_bw=cell["send"]["bw"],
+              rx_t_cmd=cell["receive"]["t_cmd"], rx_psp_bw=cell["receive"]["bw"],
+              t_send=cell.get("t_send", 0.0), t_page=cell.get("t_page", 0.0), link_bw=cal.get("link_bw", LOOPBACK_BW),
+              latency=cal.get("latency", LOOPBACK_LATENCY), stop=stop)
+    if vcpus != cal.get("vcpus", vcpus):  # the stop's per-vCPU parts scale
+        k = vcpus / cal["vcpus"]
+        c.stop = replace(stop, vcpu_state=stop.vcpu_state * k, finish=stop.finish * k)
+    return c
+
+
+def costs_dict(c: Costs) -> dict[str, Any]:
+    d = asdict(c)
+    d["stop"] = c.stop.as_ms()
+    return d
+
+
+def profile_names() -> list[str]:
+    return [n for n in PROFILES if n != "none"]

@@ -1,0 +1,296 @@
+"""`cvmig model --validate`: real migrations next to the model, on the same inputs.
+
+First the host is calibrated, per cost profile and batching mode: `cvmig bench psp` gives
+each secure processor's cost per command and per page (SEND and RECEIVE, fitted over batch
+sizes); one idle migration gives the stop costs the engine measured and the engine's own
+work per send (the value that makes the model's bulk round last as long as the engine's).
+Those calibration runs are not part of the grid. Then each cell of the grid is migrated
+for real (`cvmig.bench.paper`'s runner: PSP processes, guest processes, TCP) and
+predicted by the model, with the same guest size, workload, batching, throttle, limit and
+timeout; the error is (model - engine) / engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvmig.migration.driver import Driver, MigrationParams, TimeoutAction
+from cvmig.migration.stopcost import StopCosts
+from cvmig.migration.throttle import ThrottleKind
+from cvmig.model.costs import LOOPBACK_BW, LOOPBACK_LATENCY, costs_from_calibration
+from cvmig.model.world import Costs, GuestModel, SimWorld
+from cvmig.psp.api import PAGE_SIZE, Batching
+from cvmig.psp.cost import parse
+
+MiB = 1 << 20
+VCPUS = 2
+
+
+@dataclass(frozen=True)
+class Grid:
+    memories: tuple[int, ...]  # MiB, emulator cost
+    hw_memories: tuple[int, ...]  # MiB, hardware profile (slow by design)
+    workloads: tuple[str, ...]  # idle | d0.5 | d1.5 (x the page baseline's rate) | sqlite
+    hw_workloads: tuple[str, ...]
+    modes: tuple[str, ...]
+    throttles: tuple[str, ...]
+    profiles: tuple[str, ...]
+    timeout_s: float
+    hw_timeout_s: float
+
+
+QUICK = Grid(memories=(32,), hw_memories=(16,), workloads=("idle", "d0.5", "d1.5"),
+             hw_workloads=("idle", "d0.5"), modes=("page", "sg"), throttles=("none", "precopy"),
+             profiles=("none", "sev-2020"), timeout_s=8.0, hw_timeout_s=30.0)
+FULL = Grid(memories=(16, 64, 128), hw_memories=(16,),
+            workloads=("idle", "d0.5", "d1.5", "sqlite"), hw_workloads=("idle", "d0.5", "d1.5"),
+            modes=("page", "contig", "sg"), throttles=("none", "precopy"),
+            profiles=("none", "sev-2020"), timeout_s=15.0, hw_timeout_s=40.0)
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+def _fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """y = a + b x by least squares, a, b >= 0."""
+    if len(set(x)) < 2:  # page mode: one size only, all of it per command
+        return max(float(np.median(y)), 0.0), 0.0
+    b, a = np.polyfit(np.array(x), np.array(y), 1)
+    return max(float(a), 0.0), max(float(b), 1e-12)
+
+
+def psp_costs(profile: str, modes: tuple[str, ...]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per mode and direction: t_cmd (s per command, doorbell included) and bw (bytes/s),
+    from `cvmig bench psp` over batch sizes."""
+    with tempfile.TemporaryDirectory(prefix="cvmig-validate-") as tmp:
+        out = Path(tmp) / "psp.json"
+        subprocess.run([sys.executable, "-m", "cvmig", "bench", "psp", "--modes",
+                        ",".join(modes), "--batches", "1,4,16,64,256", "--seconds", "0.1",
+                        "--psp-profile", profile, "--json", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        recs = json.loads(out.read_text())
+    res: dict[str, dict[str, dict[str, float]]] = {}
+    for m in modes:
+        for d in ("send", "receive"):
+            rows = [r for r in recs if r["mode"] == m and r["direction"] == d]
+            a, b = _fit_line([r["batch_pages"] for r in rows],
+                             [r["us_per_command"] * 1e-6 for r in rows])
+            res.setdefault(m, {})[d] = {"t_cmd": a, "bw": PAGE_SIZE / b if b else 1e15}
+    return res
+
+
+def _cap(mode: str) -> int:
+    return {"page": 1, "contig": 4}.get(mode, 256)
+
+
+def _model_bulk(costs: Costs, npages: int, mode: str) -> float:
+    """The model's bulk round for an idle guest (seconds)."""
+    w = SimWorld(GuestModel(npages=npages, dirty_rate=0, working_set=0, vcpus=VCPUS), costs)
+    d = Driver(w, MigrationParams(batching=Batching(mode)))
+    d.run()
+    return d.progress.rounds[0].duration
+
+
+def fit_t_page(costs: Costs, npages: int, mode: str, bulk_s: float) -> float:
+    """The engine's own work per page that makes the model's bulk last ``bulk_s``: on
+    this 2-core machine the PSPs, the engines and the guest share the CPUs, so the stages
+    overlap less than the pipeline allows; per page is how that cost grows."""
+    lo, hi = 0.0, 1e-3
+    if _model_bulk(replace(costs, t_page=0.0), npages, mode) >= bulk_s:
+        return 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if _model_bulk(replace(costs, t_page=mid), npages, mode) < bulk_s:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def calibrate(grid: Grid, echo: Callable[[str], None]) -> dict[str, Any]:
+    from cvmig.bench.paper import MODES, _run
+
+    cells: dict[str, Any] = {}
+    for profile in grid.profiles:
+        psp = psp_costs(profile, grid.modes)
+        hw = profile != "none"
+        mem = (grid.hw_memories if hw else grid.memories)[0] * MiB
+        for mode in grid.modes:
+            r = _run("idle", MODES[mode], "none", profile, mem, 0.0, 0)
+            rep = r["report"]
+            if rep is None:
+                raise RuntimeError(f"calibration migration failed: {r['row'].get('error')}")
+            bulk = rep["rounds"][0]
+            measured = rep["x-stop"]["costs-measured-ms"]
+            stop = StopCosts.from_ms(measured)
+            stop.slice = 0.010
+            base = Costs(t_doorbell=0.0, t_cmd=psp[mode]["send"]["t_cmd"],
+                         psp_bw=psp[mode]["send"]["bw"], rx_t_cmd=psp[mode]["receive"]["t_cmd"],
+                         rx_psp_bw=psp[mode]["receive"]["bw"], link_bw=LOOPBACK_BW,
+                         latency=LOOPBACK_LATENCY, stop=stop)
+            t_page = fit_t_page(base, bulk["pages"], mode, bulk["duration"])
+            cells[f"{profile}/{mode}"] = {
+                **psp[mode], "t_page": t_page, "stop_ms": {**measured, "slice": 10.0},
+                "bulk_pages_per_s": bulk["pages"] / bulk["duration"],
+                "calibration_run": {"memory_mib": mem // MiB, "total_ms": rep["total-time"],
+                                    "downtime_ms": rep["downtime"]},
+            }
+            echo(f"  calibrated {profile}/{mode}: send {psp[mode]['send']['t_cmd'] * 1e6:.0f} µs"
+                 f"/cmd + {PAGE_SIZE / psp[mode]['send']['bw'] * 1e6:.1f} µs/page, engine "
+                 f"{t_page * 1e6:.1f} µs/page, stop {stop.total() * 1000:.0f} ms")
+    return {"cells": cells, "vcpus": VCPUS, "link_bw": LOOPBACK_BW, "latency": LOOPBACK_LATENCY}
+
+
+# -- the grid ------------------------------------------------------------------------------
+
+def _workload(name: str, rate: float) -> str:
+    if name == "idle":
+        return "idle"
+    if name == "sqlite":
+        return "sqlite:accounts=200"
+    frac = float(name[1:])
+    return f"dirtier:rate={max(1, round(frac * rate))},pattern=uniform"
+
+
+def _guest(workload: str, memory: int, rep: dict[str, Any] | None) -> GuestModel:
+    npages = memory // PAGE_SIZE - VCPUS  # the VMSA pages move apart
+    rate = 0.0
+    if workload.startswith("dirtier"):
+        rate = float(workload.split("rate=")[1].split(",")[0])
+    elif workload.startswith("sqlite") and rep is not None:
+        # no rate knob: the model takes the rate the engine's first sync saw
+        rounds = rep["rounds"]
+        if len(rounds) > 1:
+            rate = rounds[1]["dirty_pages"] / max(rounds[0]["duration"], 1e-3)
+    return GuestModel(npages=npages, dirty_rate=rate, working_set=npages if rate else 0,
+                      vcpus=VCPUS)
+
+
+def predict_cell(cal: dict[str, Any], profile: str, mode: str, throttle: str,
+                 guest: GuestModel, timeout_s: float) -> dict[str, Any]:
+    costs = costs_from_calibration(cal, profile, mode, VCPUS)
+    world = SimWorld(guest, costs)
+    params = MigrationParams(batching=Batching(mode), throttle=ThrottleKind(throttle),
+                             timeout_s=timeout_s, timeout_action=TimeoutAction.FORCE)
+    d = Driver(world, params)
+    p = d.run()
+    gap = world.resumed_at - (p.pause_time - costs.stop.pause) + costs.stop.slice
+    return {"total_ms": p.total_time * 1000, "downtime_ms": p.downtime * 1000,
+            "gap_ms": gap * 1000, "rounds": len(p.rounds), "switchover": p.switchover}
+
+
+def _err(model: float, engine: float) -> float:
+    return round((model - engine) / max(engine, 1e-9), 4)
+
+
+def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
+        calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    from cvmig.bench.machine import machine_info
+    from cvmig.bench.paper import MODES, _run
+
+    t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
+    if calibration is None:
+        echo("calibrating this host (bench psp, one idle migration per mode and profile)")
+        calibration = calibrate(grid, echo)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model-calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
+    rows: list[dict[str, Any]] = []
+    for profile in grid.profiles:
+        hw = profile != "none"
+        rate = calibration["cells"][f"{profile}/page"]["bulk_pages_per_s"]
+        for mem_mib in grid.hw_memories if hw else grid.memories:
+            for wname in grid.hw_workloads if hw else grid.workloads:
+                wl = _workload(wname, rate)
+                for mode in grid.modes:
+                    for thr in grid.throttles:
+                        if thr != "none" and wname == "idle":
+                            continue  # nothing to throttle
+                        timeout = grid.hw_timeout_s if hw else grid.timeout_s
+                        r = _run(wl, MODES[mode], thr, profile, mem_mib * MiB, timeout, 0)
+                        row = r["row"]
+                        if r["report"] is None:
+                            echo(f"  {profile} {mem_mib} MiB {wname} {mode} {thr}: engine failed "
+                                 f"({row.get('error')})")
+                            continue
+                        guest = _guest(wl, mem_mib * MiB, r["report"])
+                        m = predict_cell(calibration, profile, mode, thr, guest, timeout)
+                        cell = {
+                            "profile": profile, "memory_mib": mem_mib, "workload": wname,
+                            "workload_spec": wl, "mode": mode, "throttle": thr,
+                            "engine": {"total_ms": row["total_ms"], "downtime_ms": row["downtime_ms"],
+                                       "gap_ms": row["gap_ms"], "rounds": row["rounds"],
+                                       "switchover": row["switchover"]},
+                            "model": {k: round(v, 1) if isinstance(v, float) else v
+                                      for k, v in m.items()},
+                            "err_total": _err(m["total_ms"], row["total_ms"]),
+                            "err_downtime": _err(m["downtime_ms"], row["downtime_ms"]),
+                            "err_gap": _err(m["gap_ms"], row["gap_ms"]),
+                        }
+                        rows.append(cell)
+                        echo(f"  {profile:8} {mem_mib:4} MiB {wname:6} {mode:6} {thr:8} "
+                             f"total {row['total_ms']:7.0f} / {m['total_ms']:7.0f} ms "
+                             f"({cell['err_total']:+.0%})  downtime {row['downtime_ms']:5.0f} / "
+                             f"{m['downtime_ms']:5.0f} ms ({cell['err_downtime']:+.0%})")
+    summary = summarize(rows)
+    result = {"summary": summary, "cells": rows, "grid": grid.__dict__,
+              "machine": machine_info(), "load": {"start": load0, "end": os.getloadavg()[0]},
+              "seconds": round(time.monotonic() - t0, 1)}
+    (out / "model-validation.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(rows, out / "model-validation.png")
+    return result
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"cells": len(rows)}
+    for k in ("err_total", "err_downtime", "err_gap"):
+        xs = [abs(r[k]) for r in rows]
+        if xs:
+            out[k] = {"median_abs": round(statistics.median(xs), 4), "max_abs": round(max(xs), 4)}
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, key, title in ((axes[0], "total_ms", "migration time (ms)"),
+                           (axes[1], "downtime_ms", "downtime (ms)")):
+        for profile, marker in (("none", "o"), ("sev-2020", "s")):
+            pts = [(r["engine"][key], r["model"][key]) for r in rows if r["profile"] == profile]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.scatter(xs, ys, marker=marker, label=profile, alpha=0.75)
+        lo = min([min(r["engine"][key], r["model"][key]) for r in rows] or [1])
+        hi = max([max(r["engine"][key], r["model"][key]) for r in rows] or [10])
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.plot([lo, hi], [lo * 1.1, hi * 1.1], "k:", lw=0.6)
+        ax.plot([lo, hi], [lo * 0.9, hi * 0.9], "k:", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"engine, measured: {title}")
+        ax.set_ylabel(f"model, predicted: {title}")
+        ax.legend()
+    fig.suptitle("cvmig model vs engine (dotted: ±10 %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_profiles(names: tuple[str, ...]) -> None:
+    for n in names:
+        parse(n)
