@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cvmig.migration.driver import MigrationParams
@@ -44,3 +45,45 @@ def test_model_needs_costs() -> None:
     r = CliRunner().invoke(model, ["--psp-profile", "none"])
     assert r.exit_code == 2
     assert "needs a cost profile" in r.output
+
+
+def test_the_model_overlaps_the_two_secure_processors_as_the_engine_does() -> None:
+    from cvmig.migration.driver import Driver
+    from cvmig.model.world import Costs, SimWorld
+
+    # each PSP takes 100 µs a page; the link is fast: a round costs its slowest stage,
+    # not the sum of the two, plus the last frame through the destination
+    c = Costs(t_doorbell=0.0, t_cmd=100e-6, psp_bw=1e15, link_bw=1e12)
+    w = SimWorld(GuestModel(npages=8192, dirty_rate=0, working_set=0), c)
+    d = Driver(w, MigrationParams(batching=Batching.PAGE))
+    d.run()
+    bulk = d.progress.rounds[0].duration
+    assert 8192 * 100e-6 <= bulk < 8192 * 100e-6 * 1.1
+    assert w.destination_matches()
+
+
+def test_hardware_profiles_carry_stop_costs() -> None:
+    from cvmig.migration.stopcost import default_costs
+
+    hw = costs_from_profile("sev-2020", 10.0, vcpus=2).stop
+    # the stop's firmware commands at 2020 prices: 2 VMSAs at each end, trailer, finish
+    assert hw.total() - default_costs(2).total() == pytest.approx(6 * 2.5e-3, rel=0.01)
+
+
+def test_model_runs_on_a_host_calibration(tmp_path: Path) -> None:
+    cell = {"send": {"t_cmd": 1e-4, "bw": 4e8}, "receive": {"t_cmd": 1e-4, "bw": 4e8},
+            "t_page": 2e-5, "stop_ms": {"pause": 1, "vcpu_state": 2, "trailer": 1,
+                                        "finish": 60, "grant": 3}}
+    cal = {"cells": {"none/page": cell, "none/sg": cell}, "vcpus": 2}
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal))
+    out = tmp_path / "m.json"
+    r = CliRunner().invoke(model, ["--calibration", str(path), "--psp-profile", "none",
+                                   "--modes", "page,sg", "--memory", "64M", "--working-set",
+                                   "16M", "--vcpus", "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    assert all(x["status"] == "completed" for x in rows)
+    assert all(x["gap_ms"] >= 67 for x in rows)  # the calibrated stop is counted
+    r = CliRunner().invoke(model, ["--calibration", str(path), "--modes", "contig"])
+    assert r.exit_code == 2 and "has no sev-2020/contig" in r.output
