@@ -380,3 +380,16 @@ def test_stop_costs_are_remembered_per_host_and_a_fault_does_not_poison_them(
     monkeypatch.setenv(stopcost.ENV, "none")
     record("none", 2, StopCosts(finish=1.0))  # nothing kept
     assert estimate("none", 2)[1] == 0
+
+
+def test_a_send_of_small_scattered_commands_still_fits_its_transport_slot() -> None:
+    from cvmig.migration.driver import MAX_CHUNK_PAGES
+    from cvmig.psp.api import packet_size
+
+    for mode in (Batching.SG, Batching.AEAD):
+        w = SimWorld(GuestModel(npages=16, dirty_rate=0, working_set=0))
+        d = Driver(w, MigrationParams(batching=mode))
+        for cap in (1, 2, 7, 64, 256):
+            pages = d._frame_pages(cap)
+            assert (pages // cap) * packet_size(mode, cap) <= packet_size(mode, MAX_CHUNK_PAGES)
+            assert pages >= cap

@@ -35,7 +35,7 @@ from cvmig.migration.throttle import (
     ThrottlePolicy,
     make_policy,
 )
-from cvmig.psp.api import PAGE_SIZE, Batching
+from cvmig.psp.api import PAGE_SIZE, Batching, packet_size
 
 # Pages handed to the world per send: sized so one send takes about CHUNK_TARGET_S at the
 # rate measured so far, so that cancel, rate-limit and flow-control checks stay frequent
@@ -282,8 +282,9 @@ class Driver:
         self._window_start = 0.0
         self._window_bytes = 0
         self._chunk = 256
-        self._costs: list[tuple[int, int, float]] = []  # (commands, bytes, seconds) per send
-        self._probes: list[tuple[int, int, float]] = []  # the bulk's small-command sends
+        # per send: (commands, bytes, seconds it took, seconds in the source's firmware)
+        self._costs: list[tuple[int, int, float, float]] = []
+        self._probes: list[tuple[int, int, float, float]] = []  # the bulk's small commands
         self._sent_at = 0.0  # when the last send returned
         self._in_flight = 0.0  # seconds of sent frames not yet through, at the last sync
         get = getattr(world, "stop_costs", None)
@@ -448,7 +449,8 @@ class Driver:
             # follow at once, and what is then in flight lands in the downtime
             end = not near_stop and len(pfns) - lo <= 4 * self._chunk
             use = max(1, cap // 8) if probe else self._round_cap(*self._fit()) if end else cap
-            chunk = pfns[lo : lo + (min(self._chunk, 16 * cap) if probe else self._chunk)]
+            size = min(self._chunk, 16 * cap) if probe else self._chunk
+            chunk = pfns[lo : lo + min(size, self._frame_pages(use))]
             lo += len(chunk)
             t = w.now()
             bounds = plan_batches(chunk, p.batching, use)
@@ -456,7 +458,7 @@ class Driver:
             self._sent_at = w.now()
             dt = self._sent_at - t
             sends += 1
-            cost = (len(bounds) - 1, sent.bytes, dt)
+            cost = (len(bounds) - 1, sent.bytes, dt, sent.psp_seconds)
             if probe:
                 self._probes.append(cost)
             else:
@@ -485,12 +487,12 @@ class Driver:
         cap = self._stop_cap(n, a, b)
         cmds = len(plan_batches(dirty, self.params.batching, cap)) - 1
         cmds += math.ceil(extra / cap) if self.params.batching in SCATTERED else extra
-        pages = a * cmds + b * n * PAGE_SIZE
+        pages = self._slowdown() * (a * cmds + b * n * PAGE_SIZE)
         # the frames still in flight (as many as the world counts unacknowledged, each
         # as long as it took to send) drain while we decide: what is left of them
         count = getattr(self.world, "frames_in_flight", None)
         n = int(count()) if callable(count) else self.pipeline_frames
-        last = sum(t for _, _, t in self._costs[-n:]) if n > 0 else 0.0
+        last = sum(c[2] for c in self._costs[-n:]) if n > 0 else 0.0
         in_flight = max(0.0, last - (self.world.now() - self._sent_at))
         self._in_flight = in_flight
         tail = min(pages, self._send_target(True))
@@ -500,14 +502,34 @@ class Driver:
         p = self.params
         return p.switchover_fixed_ms / 1000 if p.switchover_fixed_ms >= 0 else self.stop.total()
 
+    def _slowdown(self) -> float:
+        """How much longer the recent sends took than their firmware time: the pipeline's
+        other stages (the destination's PSP, the link, a shared CPU), 1 when the source's
+        PSP is the bottleneck."""
+        psp = sum(c[3] for c in self._costs)
+        if psp <= 0:
+            return 1.0  # a world that times no firmware: the fit is on wall time already
+        return min(max(sum(c[2] for c in self._costs) / psp, 1.0), 4.0)
+
+    def _frame_pages(self, cap: int) -> int:
+        """Pages one send may carry in commands of ``cap``: scattered packets of few pages
+        carry more header per page, and a frame must fit its transport slot."""
+        mode = self.params.batching
+        if mode not in SCATTERED or cap >= MAX_CHUNK_PAGES:
+            return MAX_CHUNK_PAGES
+        fit = packet_size(mode, MAX_CHUNK_PAGES) // packet_size(mode, cap)
+        return max(cap, fit * cap)
+
     def _fit(self) -> tuple[float, float]:
         """Seconds per command and per byte, t = a x commands + b x bytes, fitted by least
-        squares (a, b >= 0) to the recent sends and the bulk's probes."""
+        squares (a, b >= 0) to the firmware time of the recent sends and the bulk's probes
+        (their wall time where the world times no firmware)."""
         data = self._probes + self._costs
         if not data:
             return 0.0, 0.0
-        x = np.array([(c, b) for c, b, _ in data], dtype=float)
-        y = np.array([t for _, _, t in data], dtype=float)
+        col = 3 if sum(c[3] for c in data) > 0 else 2
+        x = np.array([(c[0], c[1]) for c in data], dtype=float)
+        y = np.array([c[col] for c in data], dtype=float)
         per_cmd = float(y.sum() / max(x[:, 0].sum(), 1.0))
         ratio = x[:, 1] / np.maximum(x[:, 0], 1.0)
         if ratio.max() < 1.2 * ratio.min():
