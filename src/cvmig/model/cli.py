@@ -90,13 +90,28 @@ MODE_NAMES = ("page", "contig", "sg", "aead", "queue")
               help="Run real migrations next to the model on the same inputs and report the "
                    "error per cell (JSON and a plot in --out).")
 @click.option("--quick", is_flag=True, help="With --validate: the small grid (a few minutes).")
+@click.option("--scale", is_flag=True,
+              help="Predict 1-64 GiB guests under sev-2020 and the helper profile (this "
+                   "host's calibration, --calibration); JSON in --out.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("docs/results"), show_default=True)
 def model(memory: int, dirty_rate: float, working_set: int, pattern: str, vcpus: int,
           modes: str, throttle: str, downtime_limit: int, switchover: str, psp_profile: str,
           calibration: Path | None, link_gbit: float, timeout: float, json_path: Path | None,
-          validate: bool, quick: bool, out: Path) -> None:
+          validate: bool, quick: bool, scale: bool, out: Path) -> None:
     """Predict migration time and downtime with the engine's own driver, simulated."""
+    if scale:
+        from cvmig.model.validate import scale as run_scale
+
+        try:
+            cal = load_calibration(calibration) if calibration else None
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        rows = run_scale(cal, click.echo, link_gbit)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model-scale.json").write_text(json.dumps(rows, indent=1) + "\n")
+        click.echo(f"wrote {out / 'model-scale.json'}")
+        return
     if validate:
         from cvmig.model.validate import FULL, QUICK, run
 

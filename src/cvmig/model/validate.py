@@ -294,3 +294,43 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def check_profiles(names: tuple[str, ...]) -> None:
     for n in names:
         parse(n)
+
+
+# -- predictions at scale --------------------------------------------------------------------
+
+SCALE_GIB = (1, 4, 16, 64)
+SCALE_RATE = 350.0  # pages/s: AMD's observation for 4-8 GiB guests (sev-protocol.md §3.1)
+
+
+def scale(cal: dict[str, Any] | None, echo: Callable[[str], None] = print,
+          link_gbit: float = 10.0) -> list[dict[str, Any]]:
+    """1-64 GiB guests dirtying SCALE_RATE pages/s at random over a quarter of their
+    memory (at most 1 GiB), under sev-2020 and under the helper profile (this host's
+    calibrated software path, `cvmig.model.costs.HELPER`), each mode and throttle."""
+    from cvmig.model.cli import predict
+    from cvmig.model.costs import HELPER, costs_from_profile
+
+    rows: list[dict[str, Any]] = []
+    for gib in SCALE_GIB:
+        npages = gib << 30 >> 12
+        guest = GuestModel(npages=npages, dirty_rate=SCALE_RATE,
+                           working_set=min(npages // 4, 1 << 18), vcpus=4)
+        for profile, modes in (("sev-2020", ("page", "contig", "sg")), (HELPER, ("page", "sg"))):
+            if profile == HELPER and cal is None:
+                continue
+            for mode in modes:
+                if profile == HELPER:
+                    costs = costs_from_calibration(cal or {}, "none", mode, guest.vcpus)
+                    costs = replace(costs, link_bw=link_gbit * 1e9 / 8)
+                else:
+                    costs = costs_from_profile(profile, link_gbit, guest.vcpus)
+                for thr in ("none", "precopy"):
+                    params = MigrationParams(batching=Batching(mode),
+                                             throttle=ThrottleKind(thr), timeout_s=86400.0)
+                    r = predict(guest, costs, params)
+                    rows.append({"gib": gib, "profile": profile, "mode": mode, "throttle": thr,
+                                 **r})
+                    echo(f"  {gib:3} GiB {profile:9} {mode:6} {thr:8} "
+                         + (f"total {r['total_s']:9.1f} s  downtime {r['downtime_ms']:7.1f} ms"
+                            if r["status"] == "completed" else "does not converge in a day"))
+    return rows
