@@ -22,6 +22,13 @@ t_fixed = 1.7 ms, and the remaining 0.5 ms per 4 KiB page gives 8.2 MB/s for the
 path. Then contig batching of 4 pages costs 0.3 + 1.7 + 2.0 = 4.0 ms (1.0 ms per page,
 2.5x the page rate) - a prediction to be checked against the IPSJ report's figures.
 Other profiles can be given as ``"fixed_us:doorbell_us:mb_per_s"``, e.g. ``"1700:300:8.2"``.
+
+Stop costs (what a switch-over costs besides the pages: `cvmig.migration.stopcost`) on a
+profile are an assumption, stated: this machine's measured software parts (pause, vCPU
+restore, the lease grant) plus the profile's price of the firmware commands a stop issues
+(SEND/RECEIVE_UPDATE_VMSA per vCPU, the trailer, RECEIVE_FINISH): 6 x 2.5 ms = 15 ms more
+for two vCPUs at ``sev-2020``. No public figure times these commands; on hardware, KVM's
+vCPU restore is far cheaper than starting our vCPU processes, so this errs long.
 """
 
 from __future__ import annotations
