@@ -71,7 +71,8 @@ def test_qemu_qmp_drives_a_whole_migration(pair: tuple[VmProcess, VmProcess]) ->
         await src.connect(src_proc.qmp_path)
         await dst.connect(dst_proc.qmp_path)
         assert await dst.execute("query-status") == {"running": False, "status": "inmigrate"}
-        assert await dst.execute("query-migrate") == {"status": "setup"}
+        assert await dst.execute("query-migrate") == {"status": "setup", "socket-address": [
+            {"port": str(dst_proc.port), "ipv4": True, "host": "127.0.0.1", "type": "inet"}]}
         events = [{"capability": "events", "state": True}]
         await dst.execute("migrate-set-capabilities", {"capabilities": events})
         await src.execute("migrate-set-capabilities", {"capabilities": events + [
@@ -91,15 +92,33 @@ def test_qemu_qmp_drives_a_whole_migration(pair: tuple[VmProcess, VmProcess]) ->
             assert info["status"] == "completed", info
             seen = await _events_until(src_ev, "MIGRATION", "completed")
             dst_seen = await _events_until(dst_ev, "MIGRATION", "completed")
-            resume = await dst_ev.get()
 
         statuses = [e["data"]["status"] for e in seen if e["event"] == "MIGRATION"]
         assert statuses == ["setup", "active", "device", "completed"]
         passes = [e["data"]["pass"] for e in seen if e["event"] == "MIGRATION_PASS"]
         assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 2
-        names = [e["event"] for e in seen]
-        assert names.index("STOP") > statuses.index("device")  # downtime starts at device
+        # QEMU's order: the vCPUs stop, then the migration enters device
+        names = [(e["event"], e.get("data", {}).get("status")) for e in seen]
+        assert names.index(("STOP", None)) + 1 == names.index(("MIGRATION", "device"))
         assert set(seen[0]["timestamp"]) == {"seconds", "microseconds"}
+
+        # the figures agree with the events: total-time is the setup -> completed interval,
+        # downtime the source's STOP -> the destination's RESUME (one clock: one machine)
+        def at(ev: Any) -> float:
+            return float(ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6)
+
+        setup_ev, done_ev = seen[0], seen[-1]
+        stop_ev = next(e for e in seen if e["event"] == "STOP")
+        resume_ev = next(e for e in dst_seen if e["event"] == "RESUME")
+        assert abs(info["total-time"] - (at(done_ev) - at(setup_ev)) * 1000) < 50, info
+        gap_ms = (at(resume_ev) - at(stop_ev)) * 1000
+        assert gap_ms > 0 and abs(info["downtime"] - gap_ms) < 50, (info["downtime"], gap_ms)
+        # the guest's own view of the pause comes from the destination's check, shortly after
+        later = await _poll(src, "query-migrate", lambda i: "x-guest-gap" in i)
+        assert later["x-guest-gap"] >= 0
+        assert later["total-time"] == info["total-time"]  # fixed at completed
+        print(f"downtime {info['downtime']} ms, STOP->RESUME {gap_ms:.1f} ms, "
+              f"guest gap {later['x-guest-gap']} ms, total {info['total-time']} ms")
 
         assert info["downtime"] <= info["total-time"] and "expected-downtime" not in info
         assert info["setup-time"] >= 0
@@ -115,9 +134,9 @@ def test_qemu_qmp_drives_a_whole_migration(pair: tuple[VmProcess, VmProcess]) ->
                                                      "status": "postmigrate"}
         assert "migrated away" in await _error_desc(src, "cont")
         assert "no guest" in await _error_desc(src, "migrate", {"uri": "tcp:127.0.0.1:1"})
-        assert [e["data"]["status"] for e in dst_seen if e["event"] == "MIGRATION"] == \
-            ["active", "completed"]
-        assert resume["event"] == "RESUME"
+        # QEMU's order at the destination: active, RESUME (the vCPUs run), completed
+        assert [(e["event"], e.get("data", {}).get("status")) for e in dst_seen] == \
+            [("MIGRATION", "active"), ("RESUME", None), ("MIGRATION", "completed")]
         assert await dst.execute("query-status") == {"running": True, "status": "running"}
         assert await dst.execute("query-migrate") == {"status": "completed"}
         await src.disconnect()
@@ -232,3 +251,37 @@ def test_sigterm_shuts_down_cleanly(pair: tuple[VmProcess, VmProcess]) -> None:
         assert q.wait_event("SHUTDOWN")["data"] == {"guest": False, "reason": "host-signal"}
     assert src_proc.wait(DEADLINE_S) == 0
     assert not Path(src_proc.qmp_path).exists()
+
+
+def test_parameters_change_live_and_take_effect(pair: tuple[VmProcess, VmProcess]) -> None:
+    """virsh migrate-setspeed and migrate-setmaxdowntime, as QEMU takes them: during the
+    migration, from its next send."""
+    src_proc, dst_proc = pair
+    with RawQMP(src_proc.qmp_path) as q:
+        q.ok("migrate-set-capabilities", {"capabilities": [{"capability": "events",
+                                                            "state": True}]})
+        # 4 MiB/s: the 32 MiB bulk pass alone would take 8 s
+        q.ok("migrate-set-parameters", {"max-bandwidth": 4 << 20})
+        q.ok("migrate", {"uri": f"tcp:127.0.0.1:{dst_proc.port}"})
+        q.wait_event("MIGRATION", lambda d: d["status"] == "active")
+        info = q.poll("query-migrate", lambda i: i["ram"]["transferred"] > 1 << 20)
+        # QEMU's conventions in the first pass: the sync that started dirty logging
+        # counts, and the expected downtime is the limit until there is an estimate
+        assert info["ram"]["dirty-sync-count"] == 1
+        assert info["expected-downtime"] == 300
+        assert info["ram"]["mbps"] < 60  # 4 MiB/s is 33.6 Mbit/s
+        assert q.ok("migrate-set-parameters", {"downtime-limit": 1234}) == {}
+        assert q.ok("query-migrate-parameters")["downtime-limit"] == 1234
+        assert q.ok("query-migrate")["expected-downtime"] == 1234
+        # the others were agreed with the destination: refused, nothing changed
+        r = q.cmd("migrate-set-parameters", {"downtime-limit": 50, "x-batching": "page"})
+        assert "x_batching' cannot change while a migration" in r["error"]["desc"]
+        assert q.ok("query-migrate-parameters")["downtime-limit"] == 1234
+        assert q.ok("migrate-set-parameters", {"x-batching": "aead"}) == {}  # no change
+        assert q.ok("migrate-set-parameters", {"max-bandwidth": 0}) == {}  # unlimited now
+        q.wait_event("MIGRATION", lambda d: d["status"] == "completed", timeout=DEADLINE_S)
+        info = q.ok("query-migrate")
+        assert info["status"] == "completed", info
+        assert info["total-time"] < 6000, info  # the cap was lifted, mid-pass
+        assert info["ram"]["dirty-sync-count"] >= 2
+

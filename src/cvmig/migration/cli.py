@@ -15,31 +15,37 @@ from typing import Any
 
 import click
 
-from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
+from cvmig.migration.driver import MigrationParams
 from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S
-from cvmig.migration.throttle import ThrottleKind, ThrottleParams
+from cvmig.migration.parameters import (
+    CLI_DEFAULTS,
+    INT_KINDS,
+    PARAMS,
+    TABLE,
+    Param,
+    ParamError,
+    build,
+)
 from cvmig.pki import load_tls, tls_options
-from cvmig.psp.api import Batching, Policy
+from cvmig.psp.api import Policy
+from cvmig.units import parse_size
 from cvmig.wire.protocol import IO_TIMEOUT_S
 
 DEFAULT_WORKLOAD = "dirtier:rate=5000,pattern=hotcold"
-# The report's optimizations are the default; `--batching page --throttle none --timeout 0`
-# is the baseline.
-DEFAULT_BATCHING = Batching.AEAD.value
-DEFAULT_THROTTLE = ThrottleKind.AUTO_CONVERGE.value
-DEFAULT_TIMEOUT_S = 120.0
+# The report's optimizations are the default (the parameter table's); `--batching page
+# --throttle none --timeout 0` is the baseline.
 
 
 class SizeParam(click.ParamType):
+    """A byte count in QEMU's size grammar (`cvmig.units`)."""
+
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        from cvmig.migration.config import parse_size
-
         if isinstance(value, int):
             return value
         try:
-            return parse_size(str(value), param.name if param and param.name else "size")
+            return parse_size(str(value))
         except ValueError as e:
             self.fail(str(e), param, ctx)
 
@@ -89,60 +95,66 @@ def psp_option(f: Any) -> Any:
                              "(see `cvmig bench psp --help`).")(f)
 
 
+class _InRange(click.ParamType):
+    """One table parameter (`cvmig.migration.parameters`): its type, then its range."""
+
+    def __init__(self, p: Param) -> None:
+        self.p = p
+        self.name = {"uint8": "integer", "uint32": "integer", "uint64": "integer",
+                     "int": "integer", "number": "number", "size": "size", "str": "text"}.get(
+            p.kind, p.kind)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        p = self.p
+        try:
+            if p.kind == "size":
+                v: Any = SIZE.convert(value, param, ctx)
+            elif p.kind == "number":
+                v = float(value)
+            elif p.kind in INT_KINDS:
+                v = int(value)
+            else:
+                v = value
+            return p.check(v)
+        except ValueError as e:
+            self.fail(e.rule if isinstance(e, ParamError) else f"{value!r} is not a {self.name}",
+                      param, ctx)
+
+
+def _option(p: Param) -> Any:
+    """The `cvmig migrate` option for table parameter ``p``: --NAME (x- dropped), an
+    alias where an older name exists, its default and help from the table."""
+    key = p.name.removeprefix("x-").replace("-", "_")
+    names = list(p.cli)
+    unit = f" [{p.unit}]" if p.unit and p.unit != "%" else (" [%]" if p.unit else "")
+    if p.kind == "bool":
+        longs = [n for n in names if n.startswith("--")]
+        flags = "/".join(f"{n}/--no-{n[2:]}" for n in longs)
+        return click.option(flags, key, default=p.default_cli, show_default=True,
+                            help=p.help)
+    kind: Any = (click.Choice(list(p.cli_choices or p.choices)) if p.kind == "enum"
+                 else _InRange(p))
+    return click.option(*names, key, type=kind, default=p.default_cli, show_default=True,
+                        help=p.help + unit)
+
+
 def migration_options(f: Any) -> Any:
-    for opt in reversed([
-        click.option("--batching", "-b", type=click.Choice([m.value for m in Batching]),
-                     default=DEFAULT_BATCHING, show_default=True,
-                     help="page: one page per firmware command (baseline); contig: runs of "
-                          "contiguous pages; sg: scatter-gather, a MAC per page; aead: "
-                          "scatter-gather, an AES-GCM tag per page (fastest)."),
-        click.option("--cap", type=click.IntRange(0, 4096), default=0,
-                     help="Pages per command (contig default 4 = 16 KiB, the SEV limit; "
-                          "sg and aead default 256)."),
-        click.option("--queue/--no-queue", default=False,
-                     help="Many commands behind one mailbox doorbell (CSV ring style)."),
-        click.option("--throttle", type=click.Choice([k.value for k in ThrottleKind]),
-                     default=DEFAULT_THROTTLE, show_default=True,
-                     help="auto-converge throttles only a guest that dirties faster than "
-                          "the link carries; none reproduces the baseline."),
-        click.option("--throttle-pct", type=click.IntRange(0, 99), default=None,
-                     help="precopy policy: a fixed throttle instead of an adaptive one."),
-        click.option("--downtime-limit", type=click.IntRange(0, 2_000_000), default=300,
-                     show_default=True, help="ms"),
-        click.option("--max-bandwidth", type=SIZE, default="0",
-                     help="Bytes/s (K/M/G suffixes); 0 = unlimited."),
-        click.option("--max-rounds", type=click.IntRange(0), default=0,
-                     help="Stop-and-copy after this many iterative rounds (0 = no cap)."),
-        click.option("--timeout", type=click.FloatRange(0), default=DEFAULT_TIMEOUT_S,
-                     show_default=True,
-                     help="Seconds of pre-copy before --timeout-action; 0 = none."),
-        click.option("--timeout-action", type=click.Choice(["cancel", "force"]),
-                     default="cancel", show_default=True),
-        click.option("--switchover", type=click.Choice(["qemu", "firmware"]), default="qemu",
-                     show_default=True,
-                     help="Downtime estimate for the switch: qemu = remaining bytes / last "
-                          "round's bandwidth; firmware = the commands the dirty set needs x "
-                          "measured cost per command and per byte."),
-    ]):
-        f = opt(f)
+    for p in reversed([p for p in TABLE if p.cli]):
+        f = _option(p)(f)
     return f
 
 
 def build_params(o: dict[str, Any]) -> MigrationParams:
-    tp = ThrottleParams(precopy_throttle=o["throttle_pct"])
-    return MigrationParams(
-        downtime_limit_ms=o["downtime_limit"],
-        max_bandwidth=o["max_bandwidth"],
-        batching=Batching(o["batching"]),
-        batch_cap=o["cap"],
-        queue=o["queue"],
-        throttle=ThrottleKind(o["throttle"]),
-        throttle_params=tp,
-        max_rounds=o["max_rounds"],
-        timeout_s=o["timeout"],
-        timeout_action=TimeoutAction(o["timeout_action"]),
-        switchover=Switchover(o["switchover"]),
-    )
+    """MigrationParams from the options (ValueError, in one line, if they do not fit)."""
+    values = dict(CLI_DEFAULTS)
+    for p in TABLE:
+        key = p.name.removeprefix("x-").replace("-", "_")
+        if p.cli and key in o:
+            values[p.name] = o[key]
+    try:
+        return build(values)
+    except ParamError as e:  # name the option, not the QMP parameter
+        raise ValueError(f"{PARAMS[e.name].cli[0]} {e.rule}") from None
 
 
 def build_guest(o: dict[str, Any]) -> Any:
@@ -253,8 +265,10 @@ def _check_profile(name: str) -> None:
 
 
 @click.command()
-@click.option("--incoming", metavar="tcp:HOST:PORT", default=None,
-              help="Wait for a migration on this address (port 0: any free port).")
+@click.option("--incoming", metavar="tcp:HOST:PORT|defer", default=None,
+              help="Wait for a migration on this address (port 0: any free port); with "
+                   "--qmp, 'defer' waits for the address from migrate-incoming, as QEMU's "
+                   "-incoming defer.")
 @psp_option
 @click.option("--max-contig-pages", type=click.IntRange(1, 4096), default=4, show_default=True,
               help="Largest contig command this host's PSP accepts (4 = 16 KiB, the SEV "
@@ -317,6 +331,9 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
         return
     if incoming is None:
         raise click.UsageError("--incoming tcp:HOST:PORT or --qmp unix:PATH is required")
+    if incoming == "defer":
+        raise click.UsageError("--incoming defer needs --qmp unix:PATH: the address then "
+                               "comes with the migrate-incoming command")
     try:
         addr, port = parse_uri(incoming)
         _check_profile(psp_profile)
@@ -407,8 +424,9 @@ def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_ca
 
     try:
         path = parse_qmp_address(qmp)
-        addr = parse_uri(incoming) if incoming is not None else None
-        config = None if addr is not None else build_guest(guest)
+        defer = incoming == "defer"  # QEMU's -incoming defer: migrate-incoming says where
+        addr = parse_uri(incoming) if incoming is not None and not defer else None
+        config = None if addr is not None or defer else build_guest(guest)
         policy = parse_policy(guest["policy"])
         _check_profile(psp_profile)
     except ValueError as e:
@@ -416,6 +434,6 @@ def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_ca
     try:
         run_vm(path, psp_profile, say, guest=config, policy=policy, incoming=addr,
                contig_cap=contig_cap, psp_owner=psp_owner, handshake_timeout=handshake_timeout,
-               parameters=tls_params)
+               parameters=tls_params, defer=defer)
     except StartError as e:
         raise click.ClickException(str(e)) from None

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cvmig.monitor.introspect import schema
 from cvmig.monitor.machine import Machine
 from cvmig.monitor.protocol import QEMU_VERSION, QMPError
 from cvmig.monitor.schema import Schema
@@ -42,6 +43,16 @@ def _migrate(m: Machine, a: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _migrate_incoming(m: Machine, a: dict[str, Any]) -> dict[str, Any]:
+    if "channels" in a:
+        raise QMPError("cvmig takes the address as 'uri' (tcp:HOST:PORT), not 'channels'")
+    if "uri" not in a:
+        raise QMPError("need either 'uri' or 'channels' argument")  # QEMU's words
+    # 'exit-on-error': cvmig never exits on a failed incoming migration; it listens on
+    m.migrate_incoming(a["uri"])
+    return {}
+
+
 def _resolve(m: Machine, a: dict[str, Any]) -> dict[str, Any]:
     if a["decision"] not in ("keep", "discard"):
         raise QMPError("Parameter 'decision' must be 'keep' (run the guest here) or "
@@ -68,8 +79,12 @@ COMMANDS: dict[str, Command] = {
     "stop": Command(_returns_nothing(Machine.stop), {}),
     "cont": Command(_returns_nothing(Machine.cont), {}),
     "quit": Command(lambda m, a: {}, {}),  # the monitor shuts down after the reply
+    "query-qmp-schema": Command(lambda m, a: schema(), {}),
     "migrate": Command(_migrate, {"uri": ("str", False), "channels": ("array", False),
                                   "detach": ("bool", False), "resume": ("bool", False)}),
+    "migrate-incoming": Command(_migrate_incoming, {"uri": ("str", False),
+                                                    "channels": ("array", False),
+                                                    "exit-on-error": ("bool", False)}),
     "migrate_cancel": Command(_returns_nothing(Machine.migrate_cancel), {}),
     "query-migrate": Command(lambda m, a: m.query_migrate(), {}),
     "migrate-set-parameters": Command(_set_parameters, None),

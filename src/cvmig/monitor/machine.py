@@ -10,10 +10,15 @@ from QEMU it is stricter, because its guest cannot do what QEMU's could:
 - ``migrate`` needs a running guest, for the same reason.
 - after a completed migration the guest is released (its PSP context is SENT): ``cont``
   is refused instead of starting a second copy.
-- migration parameters are fixed once ``migrate`` starts (QEMU changes some live).
+- once ``migrate`` starts, only the live parameters may change (downtime-limit,
+  max-bandwidth, the throttle's, most ``x-`` ones: `cvmig.migration.parameters`); they
+  apply from the driver's next send. The others were agreed with the destination.
 
 Events go through ``emit`` (name, data); the monitor sends them to its clients. MIGRATION
 and MIGRATION_PASS need the ``events`` capability, as in QEMU; STOP and RESUME do not.
+They go out at the moments they name, in QEMU's order: the source's STOP when its vCPUs
+have stopped, then MIGRATION device; its MIGRATION completed when the destination owns
+the guest; the destination's RESUME when its vCPUs run, then MIGRATION completed.
 """
 
 from __future__ import annotations
@@ -24,16 +29,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from cvmig.guest.vm import GuestConfig
-from cvmig.migration.destination import listen, migrate_in
-from cvmig.migration.driver import MigrationParams, Progress
+from cvmig.migration.destination import VERIFY_WAIT_S, listen, migrate_in
+from cvmig.migration.driver import MigrationParams, ParamsFeed, Progress
 from cvmig.migration.host import Host
 from cvmig.migration.listener import HANDSHAKE_TIMEOUT_S, Listener
-from cvmig.migration.live import IN_PROGRESS, RateMeter, migration_info
+from cvmig.migration.live import IN_PROGRESS, Clock, RateMeter, migration_info, sync_count
 from cvmig.migration.messages import clean
 from cvmig.migration.source import (
     MigrationFailed,
@@ -68,6 +73,9 @@ class Job:
     passes: int = 0  # MIGRATION_PASS events sent
     in_doubt: str = ""  # why the guest is held paused, in doubt (migration README)
     hold: SourceHold | None = None  # outgoing, in doubt: the paused copy kept here
+    clock: Clock = field(default_factory=Clock)  # when its MIGRATION events went out
+    feed: ParamsFeed | None = None  # outgoing: where live parameter changes go
+    guest_gap_s: float | None = None  # the longest pause the guest itself saw
 
     @property
     def outgoing_in_progress(self) -> bool:
@@ -92,11 +100,14 @@ class Machine:
         self._closing = threading.Event()
         self._listener: Listener | None = None
         self._conn: socket.socket | None = None
+        self._deferred: float | None = None  # --incoming defer: the handshake timeout
 
     # -- state changes (caller holds the lock) ------------------------------------------
     def _status(self, status: str) -> None:
         if status != self.job.status:
             self.job.status = status
+            if status in ("setup", "active", "completed"):  # the figures' time marks
+                setattr(self.job.clock, status, time.monotonic())
             if self.settings.caps["events"]:
                 self.emit("MIGRATION", {"status": status})
 
@@ -129,6 +140,40 @@ class Machine:
                                         name="cvmig-incoming", daemon=True)
         self._worker.start()
         return srv.port
+
+    def defer(self, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+        """A destination whose address comes later, with migrate-incoming (QEMU's
+        ``-incoming defer``): parameters such as TLS can be set before it listens."""
+        with self.lock:
+            self.runstate = "inmigrate"
+            self.job = Job(incoming=True)
+            self._deferred = handshake_timeout
+
+    def migrate_incoming(self, uri: str) -> None:
+        with self.lock:
+            if self._listener is not None:
+                raise QMPError("The incoming migration has already been started")  # QEMU's
+            if self._deferred is None:
+                raise QMPError("'-incoming' was not specified on the command line")  # QEMU's
+            if self._closing.is_set():
+                raise QMPError("The VM is shutting down")
+            try:
+                addr, port = parse_uri(uri)
+            except ValueError as e:
+                raise QMPError(str(e)) from None
+            try:
+                self.listen(addr, port, self._deferred)
+            except OSError as e:
+                raise QMPError(f"Failed to bind socket: {e.strerror or e}") from None
+
+    def socket_address(self) -> list[dict[str, Any]]:
+        """query-migrate's socket-address on a destination: where it listens."""
+        srv = self._listener
+        if srv is None:
+            return []
+        host, port = srv.srv.getsockname()[:2]
+        family = "ipv6" if srv.srv.family == socket.AF_INET6 else "ipv4"
+        return [{"port": str(port), family: True, "host": host, "type": "inet"}]
 
     def close(self, timeout: float = 120.0) -> None:
         """Quit: cancel what runs, wait for it to roll back, shut the guest down."""
@@ -184,7 +229,17 @@ class Machine:
         except (OSError, RuntimeError, TlsError) as e:
             raise QMPError(f"the decision could not be delivered: {e}") from None
 
+    def _await_arrival(self) -> None:
+        """An incoming guest runs (RESUME went out) before its arrival check ends and it
+        is handed to this machine; a command that needs the guest waits for that."""
+        with self.lock:
+            arriving = self.job.incoming and self.vm is None and self.runstate == "running"
+            worker = self._worker
+        if arriving and worker is not None and worker is not threading.current_thread():
+            worker.join(VERIFY_WAIT_S + 5.0)  # the check's own bound, and some
+
     def stop(self) -> None:
+        self._await_arrival()
         with self.lock:
             if self.job.outgoing_in_progress:
                 raise QMPError(f"Cannot stop the guest while a migration is in progress "
@@ -216,6 +271,7 @@ class Machine:
 
     # -- migration ----------------------------------------------------------------------
     def migrate(self, uri: str) -> None:
+        self._await_arrival()
         with self.lock:
             if self.job.outgoing_in_progress:
                 raise QMPError("There's a migration process in progress")  # QEMU's words
@@ -236,12 +292,13 @@ class Machine:
             if params.batching is Batching.CONTIG and params.cap > self.contig_cap:
                 raise QMPError(f"x-batch-cap {params.cap} is over this host's contig limit of "
                                f"{self.contig_cap} pages (cvmig vm --max-contig-pages)")
-            job = Job(params=params)
+            feed = ParamsFeed()  # migrate-set-parameters reaches the running driver here
+            job = Job(params=replace(params, updates=feed), feed=feed)
             self.job = job
             self._cancel.clear()
             self._status("setup")
             self._worker = threading.Thread(target=self._outgoing,
-                                            args=(job, self.vm, uri, tls),
+                                            args=(job, job.params, self.vm, uri, tls),
                                             name="cvmig-migrate", daemon=True)
             self._worker.start()
 
@@ -256,25 +313,27 @@ class Machine:
     def query_migrate(self) -> dict[str, Any]:
         with self.lock:
             job = self.job
-        if job.incoming:  # QEMU's destination reports its status only
+        if job.incoming:  # QEMU's destination: its status, and where it listens
             info: dict[str, Any] = {} if job.status == "none" else {"status": job.status}
             if job.status == "failed" and job.error:
                 info["error-desc"] = job.error
+            if job.status != "completed" and (where := self.socket_address()):
+                info["socket-address"] = where
             if job.in_doubt:
                 info["x-in-doubt"] = job.in_doubt
             return info
-        out = migration_info(job.status, job.progress, job.params, job.meter, error=job.error)
+        out = migration_info(job.status, job.progress, job.params, job.meter, error=job.error,
+                             clock=job.clock, guest_gap_s=job.guest_gap_s)
         if job.in_doubt:  # released, not yet heard taken: our copy is held, paused
             out["x-in-doubt"] = job.in_doubt
         return out
 
     def set_parameters(self, args: dict[str, Any]) -> None:
         with self.lock:
-            if self.job.outgoing_in_progress:
-                raise QMPError("Parameters cannot change while a migration is in progress "
-                               "in cvmig; they apply from the next 'migrate'")
+            job = self.job
+            migrating = job.outgoing_in_progress
             before = dict(self.settings.values)
-            self.settings.set_parameters(args)
+            params = self.settings.set_parameters(args, migrating=migrating)
             try:
                 tls = self._tls_creds()  # a bad directory is named now, not at 'migrate'
             except QMPError:
@@ -282,6 +341,10 @@ class Machine:
                 raise
             if self._listener is not None:
                 self._listener.tls = tls  # from the next connection on, as QEMU's authz
+            if migrating and job.feed is not None:
+                # as QEMU: from the next round (here: the next send) of this migration
+                job.params = replace(params, updates=job.feed)
+                job.feed.put(job.params)
 
     def _tls_creds(self) -> TlsCreds | None:
         """tls-creds (a directory here, not QEMU's object id), tls-authz (a comma-separated
@@ -317,24 +380,25 @@ class Machine:
         with self.lock:
             if job is not self.job:
                 return
-            while job.passes < p.dirty_sync_count:
+            while job.passes < sync_count(p):
                 job.passes += 1  # QEMU: one MIGRATION_PASS per bitmap sync, from 1
                 if self.settings.caps["events"]:
                     self.emit("MIGRATION_PASS", {"pass": job.passes})
-            if event != "status":
-                return
-            if p.status == "device":  # stop-and-copy: the guest is being paused
-                self._status("device")
+            if event == "paused":  # the vCPUs have stopped: STOP, then device (QEMU's order)
                 self._runstate("finish-migrate", "STOP")
-            elif p.status in ("setup", "active") and job.status != "cancelling":
+                self._status("device")
+            elif event == "handed-off":  # the destination owns the guest: completed
+                self._runstate("postmigrate")
+                self._status("completed")
+            elif event == "status" and p.status in ("setup", "active") and \
+                    job.status != "cancelling":
                 self._status(p.status)
-            # "completed" waits for migrate_out: only then is the source guest released
 
-    def _outgoing(self, job: Job, vm: SourceVM, uri: str, tls: TlsCreds | None = None) -> None:
-        assert job.params is not None
+    def _outgoing(self, job: Job, params: MigrationParams, vm: SourceVM, uri: str,
+                  tls: TlsCreds | None = None) -> None:
         try:
             # in doubt, the retries are ours (below), so that x-in-doubt shows at once
-            outcome = migrate_out(vm, uri, job.params, partial(self._observe, job),
+            outcome = migrate_out(vm, uri, params, partial(self._observe, job),
                                   self._cancel.is_set, resolve_window_s=0.0, tls=tls)
         except MigrationInDoubt as e:
             if e.hold is None:  # nothing held here (cannot happen after a release)
@@ -367,9 +431,12 @@ class Machine:
             return
         with self.lock:
             job.progress = outcome.progress
+            gap = outcome.verified.get("observed_gap")
+            if isinstance(gap, int | float):
+                job.guest_gap_s = float(gap)
             self.vm = None  # SEND_FINISH done; the guest runs at the destination now
             self._runstate("postmigrate")
-            self._status("completed")
+            self._status("completed")  # if "handed-off" did not say so already
 
     def _held_decided(self, job: Job, hold: SourceHold) -> None:
         """An outgoing guest held in doubt was decided: show where it runs."""
@@ -402,13 +469,17 @@ class Machine:
                     self._status("active")
                 try:
                     ivm = migrate_in(self.host, conn, decisions=srv.take_decision,
-                                     on_in_doubt=functools.partial(self._in_doubt, job))
+                                     on_in_doubt=functools.partial(self._in_doubt, job),
+                                     on_event=functools.partial(self._incoming_event, job))
                 except BaseException as e:  # noqa: BLE001 - keep listening for another try
                     with self.lock:
                         self._conn = None
                         job.error = clean(e)
                         job.in_doubt = ""
                         self._status("failed")
+                        if self.runstate == "running":  # it ran here, then was discarded
+                            self._runstate("inmigrate", "STOP")
+                        self.runstate = "inmigrate"
                     srv.idle()
                     continue
                 with self.lock:
@@ -420,8 +491,23 @@ class Machine:
                     # the received guest is a source-to-be: it may migrate on from here
                     self.vm = SourceVM(self.host, ivm.guest.config, ivm.guest, ivm.handle,
                                        ivm.memory)
-                    self._status("completed")
-                    self._runstate("running", "RESUME")
+                    self._status("completed")  # if "owned" did not say so already
+                    if self.runstate != "running":
+                        self._runstate("running", "RESUME")
                 return
         finally:
             srv.close()
+
+    def _incoming_event(self, job: Job, event: str) -> None:
+        """migrate_in's moments, as they happen: RESUME when the vCPUs run here (QEMU's
+        order: before MIGRATION completed), STOP when held in doubt, MIGRATION completed
+        once the source has released the guest to us."""
+        with self.lock:
+            if job is not self.job:
+                return
+            if event == "resumed":
+                self._runstate("running", "RESUME")
+            elif event == "paused":
+                self._runstate("paused", "STOP")
+            elif event == "owned":
+                self._status("completed")

@@ -14,8 +14,8 @@ from typing import Any
 
 from cvmig import __version__ as _cvmig_version
 
-# The QAPI schema we follow (qapi/migration.json of QEMU 9.1); clients key features on it.
-QEMU_VERSION = {"qemu": {"major": 9, "minor": 1, "micro": 0}, "package": f"cvmig {_cvmig_version}"}
+# The QAPI schema we follow (QEMU 10.0's, as query-qmp-schema shows); clients key features on it.
+QEMU_VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": f"cvmig {_cvmig_version}"}
 MAX_MESSAGE = 1 << 20  # bytes of one message; QEMU's limit is larger, ours needs no more
 MAX_DEPTH = 1024  # QEMU's MAX_NESTING
 

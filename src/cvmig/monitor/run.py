@@ -44,15 +44,16 @@ class StartError(Exception):
 def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | None = None,
            policy: int = 0, incoming: tuple[str, int] | None = None, contig_cap: int = 4,
            psp_owner: str | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-           parameters: dict[str, Any] | None = None) -> None:
-    """Serve until quit. ``incoming``: a destination on (addr, port); else boot ``guest``.
+           parameters: dict[str, Any] | None = None, defer: bool = False) -> None:
+    """Serve until quit. ``incoming``: a destination on (addr, port); ``defer``: a
+    destination that listens once told where (migrate-incoming); else boot ``guest``.
     ``handshake_timeout``: seconds an incoming connection has to say HELLO as a source.
     ``parameters``: migration parameters set before anything starts (the --tls-* options),
     as if by migrate-set-parameters."""
     folder = os.path.dirname(os.path.abspath(qmp_path))
     if not os.path.isdir(folder):  # say so before a guest boots for nothing
         raise StartError(f"cannot serve QMP on unix:{qmp_path}: no folder {folder}")
-    role = "destination" if incoming else "source"
+    role = "destination" if incoming or defer else "source"
     with Host(role, psp_profile, contig_cap=contig_cap, psp_owner=psp_owner) as host:
         machine = Machine(host, contig_cap=contig_cap)
         try:
@@ -62,7 +63,9 @@ def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | No
                 except QMPError as e:
                     raise StartError(str(e)) from None
             port = None
-            if incoming is not None:
+            if defer:
+                machine.defer(handshake_timeout)
+            elif incoming is not None:
                 try:
                     port = machine.listen(*incoming, handshake_timeout=handshake_timeout)
                 except OSError as e:
@@ -71,12 +74,13 @@ def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | No
             else:
                 assert guest is not None
                 machine.boot(guest, policy)
-            asyncio.run(_serve(machine, qmp_path, say, port))
+            asyncio.run(_serve(machine, qmp_path, say, port, defer))
         finally:
             machine.close()
 
 
-async def _serve(machine: Machine, path: str, say: Say, port: int | None) -> None:
+async def _serve(machine: Machine, path: str, say: Say, port: int | None,
+                 defer: bool = False) -> None:
     server = Server(machine)
     try:
         await server.start(path)
@@ -85,7 +89,9 @@ async def _serve(machine: Machine, path: str, say: Say, port: int | None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_quit, "host-signal")
-    if port is None:
+    if defer:  # the port comes with migrate-incoming (query-migrate's socket-address)
+        say({"event": "deferred", "qmp": path})
+    elif port is None:
         say({"event": "running", "qmp": path})
     else:
         say({"event": "listening", "port": port, "qmp": path})
