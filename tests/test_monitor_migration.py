@@ -112,7 +112,8 @@ def test_qemu_qmp_drives_a_whole_migration(pair: tuple[VmProcess, VmProcess]) ->
         resume_ev = next(e for e in dst_seen if e["event"] == "RESUME")
         assert abs(info["total-time"] - (at(done_ev) - at(setup_ev)) * 1000) < 50, info
         gap_ms = (at(resume_ev) - at(stop_ev)) * 1000
-        assert gap_ms > 0 and abs(info["downtime"] - gap_ms) < 50, (info["downtime"], gap_ms)
+        # (the RESUME comes after the grant's trip and the vCPUs' resume: ~15 ms here)
+        assert gap_ms > 0 and abs(info["downtime"] - gap_ms) < 100, (info["downtime"], gap_ms)
         # the guest's own view of the pause comes from the destination's check, shortly after
         later = await _poll(src, "query-migrate", lambda i: "x-guest-gap" in i)
         assert later["x-guest-gap"] >= 0

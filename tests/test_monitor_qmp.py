@@ -354,6 +354,7 @@ def test_quit_replies_then_shuts_down(fresh_vm: VmProcess) -> None:
     (["--qmp", "unix:/tmp/cvmig-x.sock", "--incoming", "udp:1:2"], "tcp:HOST:PORT"),
     (["--qmp", "unix:/tmp/cvmig-x.sock", "--memory", "12345"], "multiple of 4096"),
     ([], "--qmp unix:PATH"),
+    (["--incoming", "defer"], "--incoming defer needs --qmp"),
 ])
 def test_cli_refuses_bad_options_before_starting(args: list[str], needle: str) -> None:
     r = subprocess.run([sys.executable, "-m", "cvmig", "vm", *args], capture_output=True,
