@@ -114,11 +114,15 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 
 def summarize(plain: list[dict[str, Any]], tls: list[dict[str, Any]],
               keys: tuple[str, ...]) -> dict[str, Any]:
+    """Medians and their ratio, and the median of the per-rep ratios (each TLS run against
+    the plain run just before it: steadier when the machine's load drifts)."""
     out: dict[str, Any] = {}
     for k in keys:
         p, t = _median(plain, k), _median(tls, k)
+        pairs = [b[k] / a[k] for a, b in zip(plain, tls, strict=True) if a[k]]
         out[k] = {"plain": round(p, 3), "tls": round(t, 3),
-                  "ratio": round(t / p, 3) if p else None}
+                  "ratio": round(t / p, 3) if p else None,
+                  "paired_ratio": round(statistics.median(pairs), 3) if pairs else None}
     return out
 
 
@@ -180,13 +184,16 @@ def tls(memory: str, workload: str, reps: int, channel_mib: int, json_path: Path
     channel = summarize(chan["plain"], chan["tls"], ("mbytes_per_s",))
     migration = summarize(migr["plain"], migr["tls"], ("total_ms", "downtime_ms", "mbps"))
     say("")
-    say(f"median of {reps}          plain        TLS   TLS/plain")
+    say(f"median of {reps}          plain        TLS   TLS/plain  paired")
     c = channel["mbytes_per_s"]
-    say(f"channel MB/s     {c['plain']:10.0f} {c['tls']:10.0f}   {c['ratio']:.2f}")
+    say(f"channel MB/s     {c['plain']:10.0f} {c['tls']:10.0f}   {c['ratio']:9.2f}  "
+        f"{c['paired_ratio']:6.2f}")
     for key, label in (("mbps", "migration Mbit/s"), ("total_ms", "total time ms"),
                        ("downtime_ms", "downtime ms")):
         m = migration[key]
-        say(f"{label:16} {m['plain']:10.1f} {m['tls']:10.1f}   {m['ratio']:.2f}")
+        say(f"{label:16} {m['plain']:10.1f} {m['tls']:10.1f}   {m['ratio']:9.2f}  "
+            f"{m['paired_ratio']:6.2f}")
+    say("paired: the median of each rep's TLS/plain ratio")
     record = {"machine": machine_info(), "memory": mem, "workload": workload, "reps": reps,
               "channel_mib": channel_mib, "channel": channel, "migration": migration,
               "runs": {"channel": chan, "migration": migr},
