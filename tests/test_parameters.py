@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from cvmig.migration.cli import build_params, migrate
+from cvmig.migration.driver import Driver, MigrationParams, ParamsFeed, Progress, Switchover
 from cvmig.migration.parameters import (
     CLI_DEFAULTS,
     DEFAULTS,
@@ -22,7 +24,8 @@ from cvmig.migration.parameters import (
     build,
     merge,
 )
-from cvmig.migration.throttle import ThrottleKind
+from cvmig.migration.throttle import ThrottleKind, ThrottleParams
+from cvmig.model.world import Costs, GuestModel, SimWorld
 from cvmig.monitor.params import Settings
 from cvmig.monitor.protocol import QMPError
 from cvmig.psp.api import Batching
@@ -153,3 +156,51 @@ def test_side_by_side_with_qemu() -> None:
         with pytest.raises(QMPError) as e:
             s.set_parameters(args)  # the path migrate-set-parameters takes
         assert e.value.desc == reply["error"]["desc"], args
+
+
+# -- the driver takes live changes (simulated world: deterministic, no processes) -------
+
+def _live_run(params: MigrationParams, change: dict[str, Any], when: str, nth: int,
+              guest: GuestModel) -> tuple[SimWorld, Driver]:
+    feed = ParamsFeed()
+    params = replace(params, updates=feed)
+    seen = {"n": 0}
+
+    def observe(event: str, p: Progress) -> None:
+        if event == when:
+            seen["n"] += 1
+            if seen["n"] == nth:
+                feed.put(replace(params, **change))
+
+    w = SimWorld(guest, Costs())
+    d = Driver(w, params, observe)
+    d.run()
+    assert w.destination_matches()
+    return w, d
+
+
+def test_a_new_downtime_limit_counts_at_the_next_sync() -> None:
+    hot = GuestModel(npages=16384, dirty_rate=60000, working_set=16384)
+    base = MigrationParams(downtime_limit_ms=1, switchover=Switchover.QEMU, max_rounds=50)
+    _, d = _live_run(base, {"downtime_limit_ms": 2_000_000}, "sync", 3, hot)
+    assert d.progress.switchover == "converged"  # never, at 1 ms
+    assert d.params.downtime_limit_ms == 2_000_000 and d.params.updates is not None
+    # put as sync 3 was reported (after its decision): sync 4 converges
+    assert len([r for r in d.progress.rounds if r.kind == "iterative"]) == 3
+
+
+def test_a_lifted_bandwidth_cap_paces_the_very_next_send() -> None:
+    idle = GuestModel(npages=16384, dirty_rate=0, working_set=0)  # 64 MiB
+    capped = MigrationParams(max_bandwidth=1 << 20, switchover=Switchover.QEMU)
+    w, d = _live_run(capped, {"max_bandwidth": 0}, "chunk", 1, idle)
+    assert d.progress.total_time < 10  # at 1 MiB/s the bulk alone is 64 s
+
+
+def test_a_lower_max_cpu_throttle_clamps_at_once() -> None:
+    hot = GuestModel(npages=16384, dirty_rate=60000, working_set=16384)
+    tp = ThrottleParams(cpu_throttle_initial=60, max_cpu_throttle=99)
+    base = MigrationParams(throttle=ThrottleKind.PRECOPY, throttle_params=tp, max_rounds=6,
+                           switchover=Switchover.QEMU, downtime_limit_ms=1)
+    _, d = _live_run(base, {"throttle_params": replace(tp, cpu_throttle_initial=20,
+                                                       max_cpu_throttle=30)}, "sync", 2, hot)
+    assert max(r.throttle_pct for r in d.progress.rounds[3:]) <= 30
