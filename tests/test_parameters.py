@@ -18,6 +18,7 @@ from cvmig.migration.driver import Driver, MigrationParams, ParamsFeed, Progress
 from cvmig.migration.parameters import (
     CLI_DEFAULTS,
     DEFAULTS,
+    KINDS,
     PARAMS,
     TABLE,
     ParamError,
@@ -48,8 +49,7 @@ def test_qemus_size_grammar() -> None:
 def test_every_parameter_is_declared_once_with_what_a_user_needs() -> None:
     assert len(PARAMS) == len(TABLE)
     for p in TABLE:
-        assert p.help and p.kind in ("int", "uint8", "uint32", "uint64", "size", "number",
-                                     "bool", "str", "enum"), p.name
+        assert p.help and p.kind in KINDS, p.name
         if p.kind == "enum":
             assert p.default in p.choices and p.default_cli in (p.cli_choices or p.choices)
         p.check(p.default)

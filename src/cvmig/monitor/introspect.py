@@ -28,6 +28,7 @@ BUILTINS = {"str": "string", "int": "int", "number": "number", "bool": "boolean"
 @dataclass(frozen=True)
 class Enum:
     values: tuple[str, ...]
+    features: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (value, its features)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ MIGRATION_INFO = obj(
                      req("time-ms", "number"))),
     opt("x-throttle", "str"), opt("x-guest-gap", "int"), opt("x-in-doubt", "str"),
 )
-CAPABILITY = Enum(P.CAPABILITY_NAMES)
+CAPABILITY = Enum(P.CAPABILITY_NAMES,
+                  tuple((c.name, c.features) for c in P.CAPABILITIES if c.features))
 CAPABILITY_STATUS = obj(req("capability", CAPABILITY), req("state", "bool"))
 
 
@@ -195,7 +197,9 @@ class _Namer:
         info: dict[str, Any] = {"name": n}
         self.out.append(info)  # listed before its parts, as QEMU lists them
         if isinstance(t, Enum):
-            info["members"] = [_features({"name": v}, v) for v in t.values]
+            marked = dict(t.features)
+            info["members"] = [{"name": v, "features": list(marked[v])} if v in marked
+                               else _features({"name": v}, v) for v in t.values]
             info["meta-type"] = "enum"
             info["values"] = list(t.values)
         elif isinstance(t, Alternate):
