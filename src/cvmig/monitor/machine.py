@@ -510,4 +510,5 @@ class Machine:
             elif event == "paused":
                 self._runstate("paused", "STOP")
             elif event == "owned":
+                job.in_doubt = ""  # the source's decision (or an operator's) reached us
                 self._status("completed")
