@@ -395,3 +395,61 @@ def test_the_listener_hands_on_the_hello_it_read(pkidir: Path) -> None:
         assert f.type is FrameType.PAGE_STATE and f.meta == b"x" * 100_000
         theirs.close()
         ch.close()
+
+
+def test_qmp_migrates_over_tls_and_a_wrong_identity_fails(pkidir: Path, tmp_path: Path) -> None:
+    """Both sides' tls-* set through QMP: a source the destination's tls-authz does not
+    name fails with the reason in query-migrate and keeps running; named, it migrates."""
+    from cvmig.monitor.testing import RawQMP, VmProcess
+
+    dst = VmProcess(str(tmp_path / "d.sock"), ["--incoming", "tcp:127.0.0.1:0",
+                                               "--tls-creds", str(pkidir / "ca" / "hostb"),
+                                               "--tls-authz", "hostc"])
+    try:
+        src = VmProcess(str(tmp_path / "s.sock"), ["--memory", "16M", "--vcpus", "1",
+                                                   "--workload", "dirtier:rate=1000"])
+    except BaseException:
+        dst.close()
+        raise
+    try:
+        with RawQMP(src.qmp_path) as s, RawQMP(dst.qmp_path) as d:
+            assert d.ok("query-migrate-parameters")["tls-authz"] == "hostc"
+            s.ok("migrate-set-parameters", {"tls-creds": str(pkidir / "ca" / "localhost"),
+                                            "tls-hostname": "hostb"})
+            uri = f"tcp:127.0.0.1:{dst.port}"
+            s.ok("migrate", {"uri": uri})
+            info = s.poll("query-migrate", lambda i: i.get("status") in ("completed", "failed"),
+                          timeout=60)
+            assert info["status"] == "failed", info
+            _one_line(info["error-desc"])
+            assert "tls-authz" in info["error-desc"], info
+            assert s.ok("query-status")["running"]
+            d.ok("migrate-set-parameters", {"tls-authz": "hostc,localhost"})
+            s.ok("migrate", {"uri": uri})
+            info = s.poll("query-migrate", lambda i: i.get("status") in ("completed", "failed"),
+                          timeout=60)
+            assert info["status"] == "completed", info
+            d.poll("query-status", lambda st: st["running"], timeout=30)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_second_tls_source_is_told_the_destination_is_busy(pkidir: Path) -> None:
+    """The busy refusal goes out over TLS, to a source that passed the TLS checks."""
+    front, _ = _tls_listener(TlsCreds.load(pkidir / "ca" / "hostb"))
+    client = TlsCreds.load(pkidir / "ca" / "localhost")
+    with front:
+        first = Channel(client_wrap(socket.create_connection(("127.0.0.1", front.port),
+                                                             timeout=5), client, "hostb"))
+        first.send_json(FrameType.HELLO, HELLO)
+        taken = front.take(timeout=5)
+        assert taken is not None
+        second = Channel(client_wrap(socket.create_connection(("127.0.0.1", front.port),
+                                                              timeout=5), client, "hostb"))
+        second.send_json(FrameType.HELLO, HELLO)
+        with pytest.raises(RemoteError, match="busy"):
+            second.expect(FrameType.HELLO)
+        second.close()
+        taken.close()
+        first.close()
