@@ -118,38 +118,50 @@ def fit_t_page(costs: Costs, npages: int, mode: str, bulk_s: float) -> float:
     return (lo + hi) / 2
 
 
-def calibrate(grid: Grid, echo: Callable[[str], None]) -> dict[str, Any]:
+def calibrate_mode(profile: str, mode: str, memory: int,
+                   psp: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """One idle migration: the stop costs the engine measured, and its own work per page
+    (what makes the model's bulk round last as long as the engine's)."""
     from cvmig.bench.paper import MODES, _run
 
+    r = _run("idle", MODES[mode], "none", profile, memory, 0.0, 0)
+    rep = r["report"]
+    if rep is None:
+        raise RuntimeError(f"calibration migration failed: {r['row'].get('error')}")
+    bulk = rep["rounds"][0]
+    measured = rep["x-stop"]["costs-measured-ms"]
+    stop = StopCosts.from_ms(measured)
+    stop.slice = 0.010
+    base = Costs(t_doorbell=0.0, t_cmd=psp[mode]["send"]["t_cmd"],
+                 psp_bw=psp[mode]["send"]["bw"], rx_t_cmd=psp[mode]["receive"]["t_cmd"],
+                 rx_psp_bw=psp[mode]["receive"]["bw"], link_bw=LOOPBACK_BW,
+                 latency=LOOPBACK_LATENCY, stop=stop)
+    t_page = fit_t_page(base, bulk["pages"], mode, bulk["duration"])
+    return {**psp[mode], "t_page": t_page, "stop_ms": {**measured, "slice": 10.0},
+            "bulk_pages_per_s": bulk["pages"] / bulk["duration"],
+            "calibration_run": {"memory_mib": memory // MiB, "total_ms": rep["total-time"],
+                                "downtime_ms": rep["downtime"], "load": os.getloadavg()[0]}}
+
+
+def _describe(key: str, cell: dict[str, Any]) -> str:
+    s = cell["send"]
+    stop = sum(v for k, v in cell["stop_ms"].items() if k != "slice")
+    return (f"  calibrated {key}: send {s['t_cmd'] * 1e6:.0f} µs/cmd + "
+            f"{PAGE_SIZE / s['bw'] * 1e6:.1f} µs/page, engine {cell['t_page'] * 1e6:.1f} "
+            f"µs/page, stop {stop:.0f} ms")
+
+
+def calibrate(grid: Grid, echo: Callable[[str], None]) -> dict[str, Any]:
     cells: dict[str, Any] = {}
+    psps: dict[str, Any] = {}
     for profile in grid.profiles:
-        psp = psp_costs(profile, grid.modes)
-        hw = profile != "none"
-        mem = (grid.hw_memories if hw else grid.memories)[0] * MiB
+        psp = psps[profile] = psp_costs(profile, grid.modes)
+        mem = (grid.hw_memories if profile != "none" else grid.memories)[0] * MiB
         for mode in grid.modes:
-            r = _run("idle", MODES[mode], "none", profile, mem, 0.0, 0)
-            rep = r["report"]
-            if rep is None:
-                raise RuntimeError(f"calibration migration failed: {r['row'].get('error')}")
-            bulk = rep["rounds"][0]
-            measured = rep["x-stop"]["costs-measured-ms"]
-            stop = StopCosts.from_ms(measured)
-            stop.slice = 0.010
-            base = Costs(t_doorbell=0.0, t_cmd=psp[mode]["send"]["t_cmd"],
-                         psp_bw=psp[mode]["send"]["bw"], rx_t_cmd=psp[mode]["receive"]["t_cmd"],
-                         rx_psp_bw=psp[mode]["receive"]["bw"], link_bw=LOOPBACK_BW,
-                         latency=LOOPBACK_LATENCY, stop=stop)
-            t_page = fit_t_page(base, bulk["pages"], mode, bulk["duration"])
-            cells[f"{profile}/{mode}"] = {
-                **psp[mode], "t_page": t_page, "stop_ms": {**measured, "slice": 10.0},
-                "bulk_pages_per_s": bulk["pages"] / bulk["duration"],
-                "calibration_run": {"memory_mib": mem // MiB, "total_ms": rep["total-time"],
-                                    "downtime_ms": rep["downtime"]},
-            }
-            echo(f"  calibrated {profile}/{mode}: send {psp[mode]['send']['t_cmd'] * 1e6:.0f} µs"
-                 f"/cmd + {PAGE_SIZE / psp[mode]['send']['bw'] * 1e6:.1f} µs/page, engine "
-                 f"{t_page * 1e6:.1f} µs/page, stop {stop.total() * 1000:.0f} ms")
-    return {"cells": cells, "vcpus": VCPUS, "link_bw": LOOPBACK_BW, "latency": LOOPBACK_LATENCY}
+            cells[f"{profile}/{mode}"] = calibrate_mode(profile, mode, mem, psp)
+            echo(_describe(f"{profile}/{mode}", cells[f"{profile}/{mode}"]))
+    return {"cells": cells, "psp": psps, "vcpus": VCPUS, "link_bw": LOOPBACK_BW,
+            "latency": LOOPBACK_LATENCY}
 
 
 # -- the grid ------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ def _err(model: float, engine: float) -> float:
 
 
 def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
-        calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+        calibration: dict[str, Any] | None = None, recalibrate: bool = True) -> dict[str, Any]:
     from cvmig.bench.machine import machine_info
     from cvmig.bench.paper import MODES, _run
 
@@ -217,6 +229,14 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
         for mem_mib in grid.hw_memories if hw else grid.memories:
             for wname in grid.hw_workloads if hw else grid.workloads:
                 wl = _workload(wname, rate)
+                if recalibrate and "psp" in calibration:
+                    # this shared machine's pace drifts by minutes: the engine's own costs
+                    # are measured again (an idle run, not a cell) before each block
+                    for mode in grid.modes:
+                        key = f"{profile}/{mode}"
+                        calibration["cells"][key] = calibrate_mode(
+                            profile, mode, mem_mib * MiB, calibration["psp"][profile])
+                        echo(_describe(key, calibration["cells"][key]))
                 for mode in grid.modes:
                     for thr in grid.throttles:
                         if thr != "none" and wname == "idle":
@@ -247,6 +267,7 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
                              f"total {row['total_ms']:7.0f} / {m['total_ms']:7.0f} ms "
                              f"({cell['err_total']:+.0%})  downtime {row['downtime_ms']:5.0f} / "
                              f"{m['downtime_ms']:5.0f} ms ({cell['err_downtime']:+.0%})")
+    (out / "model-calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
     summary = summarize(rows)
     result = {"summary": summary, "cells": rows, "grid": grid.__dict__,
               "machine": machine_info(), "load": {"start": load0, "end": os.getloadavg()[0]},
