@@ -339,7 +339,7 @@ def scale(cal: dict[str, Any] | None, echo: Callable[[str], None] = print,
     for gib in SCALE_GIB:
         npages = gib << 30 >> 12
         guest = GuestModel(npages=npages, dirty_rate=SCALE_RATE,
-                           working_set=min(npages // 4, 1 << 18), vcpus=4)
+                           working_set=min(npages // 4, 1 << 18), vcpus=VCPUS)
         for profile, modes in (("sev-2020", ("page", "contig", "sg")), (HELPER, ("page", "sg"))):
             if profile == HELPER and cal is None:
                 continue
