@@ -453,3 +453,18 @@ def test_a_second_tls_source_is_told_the_destination_is_busy(pkidir: Path) -> No
         second.close()
         taken.close()
         first.close()
+
+
+def test_a_tls_source_to_a_plaintext_destination_is_told_in_one_line(pkidir: Path) -> None:
+    notes: list[str] = []
+    with Listener(listen("127.0.0.1", 0), 5.0, notes.append) as front:
+        raw = socket.create_connection(("127.0.0.1", front.port), timeout=5)
+        with pytest.raises(TlsError) as e:
+            client_wrap(raw, TlsCreds.load(pkidir / "ca" / "localhost"), "localhost")
+        _one_line(str(e.value))
+        assert "does the destination use --tls-creds" in str(e.value), e.value
+        deadline = time.monotonic() + 5
+        while not notes:
+            assert time.monotonic() < deadline, "the destination said nothing"
+            time.sleep(0.01)  # the vetting thread notes it as it ends
+        assert "a TLS client, but this destination has no --tls-creds" in notes[0], notes

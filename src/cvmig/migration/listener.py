@@ -264,6 +264,8 @@ def _await_source_hello(conn: socket.socket, deadline: float, timeout: float,
             if header is None:
                 header = _hello_header(data)
                 if header is None:
+                    if is_tls_hello(data):
+                        return "a TLS client, but this destination has no --tls-creds"
                     return "not a cvmig stream"
                 need = HEADER_SIZE + header.meta_len
                 seen = -1

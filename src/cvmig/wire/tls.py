@@ -291,8 +291,11 @@ def server_wrap(sock: socket.socket, creds: TlsCreds | None) -> socket.socket:
     return tls
 
 
-def peer_identities(tls: ssl.SSLSocket) -> list[str]:
-    """The names the peer's (verified) certificate carries: CN, DNS and IP SANs."""
+def peer_identities(tls: socket.socket) -> list[str]:
+    """The names the peer's (verified) certificate carries: CN, DNS and IP SANs; none
+    for a plain socket."""
+    if not isinstance(tls, ssl.SSLSocket):
+        return []
     cert: dict[str, Any] = dict(tls.getpeercert() or {})
     names: list[str] = []
     for rdn in cert.get("subject", ()):
