@@ -203,6 +203,9 @@ def migrate(**o: Any) -> None:
             parse_uri(o["uri"])
         _check_profile(o["psp_profile"])
         tls = load_tls(o["tls_creds"], o["tls_authz"], o["tls_hostname"])
+        if o["uri"] and o["tls_authz"]:  # the remote destination decides whom it admits
+            raise ValueError("--tls-authz is the destination's: give it to `cvmig vm "
+                             "--incoming` (with --to, this side checks --tls-hostname)")
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     opts = MigrateOptions(guest=guest, params=params, psp_profile=o["psp_profile"],
