@@ -27,6 +27,7 @@ handshake nothing but application data flows. One thread may read while another 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import select
 import socket
@@ -111,7 +112,10 @@ class TlsSocket(ssl.SSLSocket):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"The {what} operation timed out")
-            select.select([self] if rd else [], [] if rd else [self], [], left)
+            fd = self.fileno()
+            if fd < 0:  # closed by another thread while we waited: as a plain socket says
+                raise OSError(errno.EBADF, "the TLS connection is closed")
+            select.select([fd] if rd else [], [] if rd else [fd], [], left)
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
         if not self._unread:
