@@ -333,12 +333,13 @@ class Driver:
                 fits = expected <= limit or (
                     self._fixed() >= (1 - UNKEEPABLE_SHARE) * limit
                     and expected - self._fixed() <= UNKEEPABLE_SHARE * limit)
-                if not fits and expected - self._in_flight <= limit:
-                    # only the frames in flight are in the way: let them land while the
-                    # guest still runs (what it writes meanwhile joins the last harvest)
-                    w.sleep(self._in_flight)
-                    expected -= self._in_flight
-                    fits = True
+                # only the frames in flight in the way? let them land while the guest
+                # still runs; what it writes meanwhile joins the last harvest
+                wait = self._in_flight
+                later = expected - wait + prog.dirty_pages_rate * wait * self._page_cost()
+                if not fits and later <= limit:
+                    w.sleep(wait)
+                    expected, fits = later, True
             else:
                 expected = remaining / bw
                 fits = remaining <= rnd.threshold_bytes
@@ -497,6 +498,13 @@ class Driver:
         self._in_flight = in_flight
         tail = min(pages, self._send_target(True))
         return self._fixed() + in_flight + pages + tail
+
+    def _page_cost(self) -> float:
+        """Seconds one more scattered page adds to the stop (a command of its own unless
+        the mode batches scattered pages)."""
+        a, b = self._fit()
+        per_cmd = self.params.cap if self.params.batching in SCATTERED else 1
+        return self._slowdown() * (a / per_cmd + b * PAGE_SIZE)
 
     def _fixed(self) -> float:
         p = self.params
