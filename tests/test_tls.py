@@ -468,3 +468,49 @@ def test_a_tls_source_to_a_plaintext_destination_is_told_in_one_line(pkidir: Pat
             assert time.monotonic() < deadline, "the destination said nothing"
             time.sleep(0.01)  # the vetting thread notes it as it ends
         assert "a TLS client, but this destination has no --tls-creds" in notes[0], notes
+
+
+@pytest.mark.parametrize("stage", ["handshake", "hello"])
+def test_a_cancel_ends_a_tls_wait_within_a_second(pkidir: Path, host: Host, stage: str) -> None:
+    """A destination that stops answering in the middle of the TLS handshake, or after it
+    (no HELLO): a cancel ends the wait within a second, through the TLS socket too, and
+    the guest runs on at the source."""
+    server_creds = TlsCreds.load(pkidir / "ca" / "hostb")
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    vm = _boot(host)
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate_out(vm, f"tcp:127.0.0.1:{port}", MigrationParams(), None, cancel.is_set,
+                        tls=TlsCreds.load(pkidir / "ca" / "localhost", hostname="hostb"))
+        except BaseException as e:  # noqa: BLE001 - examined below
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    conn: socket.socket | None = None
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        if stage == "hello":  # the handshake completes; then nothing more comes
+            conn = server_wrap(conn, server_creds)
+        else:  # the ClientHello is read and never answered
+            assert conn.recv(1, socket.MSG_PEEK)
+        t0 = time.monotonic()
+        cancel.set()
+        t.join(5)
+        assert not t.is_alive()
+        assert time.monotonic() - t0 < 1.5, f"the cancel took {time.monotonic() - t0:.1f} s"
+        assert errors and isinstance(errors[0], MigrationFailed), errors
+        assert "cancel" in str(errors[0])
+        _still_running(vm)
+    finally:
+        cancel.set()
+        t.join(20)
+        if conn is not None:
+            conn.close()
+        srv.close()
+        vm.shutdown()

@@ -578,14 +578,18 @@ def _connect(host: str, port: int, timeout: float,
 
 @contextlib.contextmanager
 def _shut_on_cancel(sock: socket.socket, should_cancel: Callable[[], bool]) -> Iterator[None]:
-    """While the body waits on ``sock``, a cancel shuts it down, which ends the wait."""
+    """While the body waits on ``sock`` (or on the TLS socket wrapping it: wrapping
+    detaches ``sock`` but keeps its descriptor), a cancel shuts the connection down,
+    which ends the wait."""
     done = threading.Event()
+    fd = sock.fileno()
 
     def watch() -> None:
         while not done.wait(CANCEL_POLL_S):
             if should_cancel():
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                # through a duplicate: the TLS socket's own shutdown would drop its state
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
+                    dup.shutdown(socket.SHUT_RDWR)
                 return
 
     t = threading.Thread(target=watch, name="cvmig-cancel-watch", daemon=True)
@@ -649,8 +653,8 @@ def _deliver(uri: str, mig_id: str, decision: str, window_s: float, why: str,
     last = why
     while True:
         try:
-            with socket.create_connection((host, port), timeout=ENDGAME_TIMEOUT_S) as raw:
-                sock = client_wrap(raw, tls, host)
+            with socket.create_connection((host, port), timeout=ENDGAME_TIMEOUT_S) as raw, \
+                    client_wrap(raw, tls, host) as sock:
                 sock.settimeout(ENDGAME_TIMEOUT_S)
                 ch = Channel(sock)
                 ch.send_json(FrameType.HELLO, {"version": VERSION, "role": "source",
