@@ -79,8 +79,10 @@ def test_idle_guest_converges_after_bulk_round_with_small_downtime() -> None:
 
 
 def test_switchover_happens_only_when_remaining_fits_bandwidth_times_downtime() -> None:
+    from cvmig.migration.driver import Switchover
+
     w, d = run(GuestModel(npages=32768, dirty_rate=6000, working_set=8192),
-               downtime_limit_ms=50)
+               downtime_limit_ms=50, switchover=Switchover.QEMU)
     p = d.progress
     last_iter = p.rounds[-2]
     final = p.rounds[-1]

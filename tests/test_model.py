@@ -17,7 +17,7 @@ from cvmig.psp.api import Batching
 def test_model_at_sev_2020_costs_ranks_batching_as_the_report_does(tmp_path: Path) -> None:
     out = tmp_path / "m.json"
     r = CliRunner().invoke(model, ["--memory", "2G", "--working-set", "256M", "--dirty-rate",
-                                   "300", "--json", str(out)])
+                                   "300", "--vcpus", "2", "--json", str(out)])
     assert r.exit_code == 0, r.output
     rows = {x["mode"]: x for x in json.loads(out.read_text())}
     assert all(x["status"] == "completed" for x in rows.values())
@@ -26,7 +26,9 @@ def test_model_at_sev_2020_costs_ranks_batching_as_the_report_does(tmp_path: Pat
     assert rows["sg"]["total_s"] <= rows["contig"]["total_s"]
     # a uniform writer's dirty set is scattered: contig's stop is page's again, no worse
     assert rows["contig"]["downtime_ms"] <= rows["page"]["downtime_ms"]
-    assert rows["sg"]["downtime_ms"] <= rows["page"]["downtime_ms"]
+    # sg's short rounds buy a shorter stop (extra rounds once the stop fits)
+    assert rows["sg"]["downtime_ms"] < 0.8 * rows["page"]["downtime_ms"]
+    assert all(x["downtime_ms"] <= 300 for x in rows.values())
 
 
 def test_a_dirty_rate_above_the_page_rate_never_converges_at_300_ms() -> None:
