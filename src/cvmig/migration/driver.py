@@ -456,7 +456,7 @@ class Driver:
             # follow at once, and what is then in flight lands in the downtime
             end = not near_stop and len(pfns) - lo <= 4 * self._chunk
             use = max(1, cap // 8) if probe else self._round_cap(*self._fit()) if end else cap
-            size = min(self._chunk, 16 * cap) if probe else self._chunk
+            size = min(self._chunk, 4 * cap) if probe else self._chunk  # a few commands
             chunk = pfns[lo : lo + min(size, self._frame_pages(use))]
             lo += len(chunk)
             t = w.now()
