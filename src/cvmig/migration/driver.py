@@ -330,17 +330,13 @@ class Driver:
             rnd.threshold_bytes = bw * p.downtime_limit_ms / 1000
             if p.switchover is Switchover.FIRMWARE:
                 expected = self.expected_downtime(dirty)
-                limit = p.downtime_limit_ms / 1000
-                # where stopping alone costs (nearly) the whole limit, it cannot be kept:
-                # stop once the rest is a small share, rather than never
-                fits = expected <= limit or (
-                    self._fixed() >= (1 - UNKEEPABLE_SHARE) * limit
-                    and expected - self._fixed() <= UNKEEPABLE_SHARE * limit)
+                fits = self._fits(expected)
                 # only the frames in flight in the way? let them land while the guest
-                # still runs; what it writes meanwhile joins the last harvest
+                # still runs (no empty rounds spinning); what it writes meanwhile joins
+                # the last harvest
                 wait = self._in_flight
                 later = expected - wait + prog.dirty_pages_rate * wait * self._page_cost()
-                if not fits and later <= limit:
+                if not fits and wait > 0 and self._fits(later):
                     w.sleep(wait)
                     expected, fits = later, True
             else:
@@ -504,6 +500,14 @@ class Driver:
         self._in_flight = in_flight
         tail = min(pages, self._send_target(True))
         return self._fixed() + in_flight + pages + tail
+
+    def _fits(self, expected: float) -> bool:
+        """Whether a stop predicted to take ``expected`` seconds may start. Where stopping
+        alone costs (nearly) the whole limit, the limit cannot be kept: stop once the
+        rest is a small share of it, rather than never."""
+        limit, fixed = self.params.downtime_limit_ms / 1000, self._fixed()
+        return expected <= limit or (fixed >= (1 - UNKEEPABLE_SHARE) * limit
+                                     and expected - fixed <= UNKEEPABLE_SHARE * limit + 1e-9)
 
     def _one_more(self, dirty: np.ndarray, expected: float) -> bool:
         """Whether one more round, cheap and short, should come before a stop that fits:
