@@ -173,8 +173,8 @@ TABLE: tuple[Param, ...] = (
           cli=("--timeout-action",), engine="timeout_action", to_engine=TimeoutAction),
     Param("x-switchover", "enum", MigrationParams().switchover.value,
           "Downtime estimate for the switch: qemu = remaining bytes / last round's "
-          "bandwidth; firmware = the commands the dirty set needs x measured cost per "
-          "command and per byte.", choices=tuple(s.value for s in Switchover), live=True,
+          "bandwidth; firmware = the measured cost of stopping, the frames in flight and "
+          "the commands the dirty set needs x measured cost per command and per byte.", choices=tuple(s.value for s in Switchover), live=True,
           cli=("--switchover",), engine="switchover", to_engine=Switchover),
 )
 PARAMS: dict[str, Param] = {p.name: p for p in TABLE}
