@@ -331,12 +331,13 @@ class Driver:
             if p.switchover is Switchover.FIRMWARE:
                 expected = self.expected_downtime(dirty)
                 fits = self._fits(expected)
-                # only the frames in flight in the way? let them land while the guest
-                # still runs (no empty rounds spinning); what it writes meanwhile joins
-                # the last harvest
+                # frames in flight in the way, or a good share of the stop? let them land
+                # while the guest still runs (no empty rounds spinning); what it writes
+                # meanwhile joins the last harvest
                 wait = self._in_flight
                 later = expected - wait + prog.dirty_pages_rate * wait * self._page_cost()
-                if not fits and wait > 0 and self._fits(later):
+                shorter = later < expected - STOP_SEND_SHARE * p.downtime_limit_ms / 1000
+                if wait > 0 and self._fits(later) and (not fits or shorter):
                     w.sleep(wait)
                     expected, fits = later, True
             else:
