@@ -550,6 +550,10 @@ def _vcpu_main(spec: VcpuSpec, conn: Connection, parent: int) -> None:
         except BaseException as e:
             conn.send(("error", f"vCPU {spec.index} failed to attach: {type(e).__name__}: {e}"))
             return
+        # what "go" runs imports these: import them now, not in the downtime (~50 ms here)
+        import cvmig.psp.mailbox  # noqa: F401
+        if spec.tracker == "uffd":
+            import cvmig.guest.uffd  # noqa: F401
         conn.send(("standby", None))
         # our page tables fill on a thread while pages arrive (seconds for a large guest):
         # neither the first page nor "go" waits for it; it runs on until done
