@@ -164,7 +164,7 @@ def test_table_shows_each_mode_and_its_ratio() -> None:
 
 @pytest.mark.parametrize(("args", "msg"), [
     (["--modes", "page,fast"], "unknown batching mode 'fast'"),
-    (["--memory", "12X"], "is not a size"),
+    (["--memory", "12X"], "size expects"),
     (["--memory", "128M"], "at least 256 MiB"),
     (["--memory", "1G", "--fill", "1G"], "at most 864 MiB"),
     (["--reps", "0"], "--reps"),
