@@ -68,9 +68,10 @@ def default_costs(vcpus: int, command_s: float = 0.0) -> StopCosts:
         pause=0.002 + 0.0005 * vcpus,
         vcpu_state=(0.002 + 2 * command_s) * vcpus,
         trailer=0.002 + command_s,
-        # restore: each vCPU process takes up its state; 50-170 ms for two on this loaded
-        # 2-core machine: the default errs long (it costs pre-copy time, not the promise)
-        finish=0.040 + 0.040 * vcpus + command_s,
+        # RECEIVE_FINISH and the restore: the standby vCPU processes take up their state
+        # (~4 ms for two here, quiet; more when the machine is loaded, as a process must
+        # be woken per vCPU): the default errs long (it costs pre-copy time, not the promise)
+        finish=0.015 + 0.005 * vcpus + command_s,
         grant=0.004,
         slice=SLICE,
     )
