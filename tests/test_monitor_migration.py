@@ -21,9 +21,9 @@ GUEST = ["--memory", "32M", "--vcpus", "2", "--workload", "dirtier:rate=2000,pat
 DEADLINE_S = 60.0
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[VmProcess, VmProcess]]:
-    dst = VmProcess(str(tmp_path / "dst.sock"), ["--incoming", "tcp:127.0.0.1:0"])
+def vm_pair(tmp_path: Path, incoming: str) -> Iterator[tuple[VmProcess, VmProcess]]:
+    """A source `cvmig vm` with GUEST and a destination `--incoming incoming`, both QMP."""
+    dst = VmProcess(str(tmp_path / "dst.sock"), ["--incoming", incoming])
     try:
         src = VmProcess(str(tmp_path / "src.sock"), GUEST)
     except BaseException:
@@ -32,6 +32,11 @@ def pair(tmp_path: Path) -> Iterator[tuple[VmProcess, VmProcess]]:
     yield src, dst
     src.close()
     dst.close()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[VmProcess, VmProcess]]:
+    yield from vm_pair(tmp_path, "tcp:127.0.0.1:0")
 
 
 async def _poll(qmp: QMPClient, cmd: str, pred: Any, timeout: float = DEADLINE_S) -> Any:

@@ -24,8 +24,8 @@ from cvmig.migration.parameters import TABLE
 from cvmig.monitor.commands import COMMANDS
 from cvmig.monitor.introspect import schema, validate
 from cvmig.monitor.testing import RawQMP, VmProcess
+from tests.test_monitor_migration import vm_pair
 
-GUEST = ["--memory", "32M", "--vcpus", "2", "--workload", "dirtier:rate=2000,pattern=hotcold"]
 QEMU = shutil.which("qemu-system-x86_64")
 
 
@@ -173,15 +173,7 @@ class CheckedQMP(RawQMP):
 
 @pytest.fixture
 def deferred(tmp_path: Path) -> Iterator[tuple[VmProcess, VmProcess]]:
-    dst = VmProcess(str(tmp_path / "dst.sock"), ["--incoming", "defer"])
-    try:
-        src = VmProcess(str(tmp_path / "src.sock"), GUEST)
-    except BaseException:
-        dst.close()
-        raise
-    yield src, dst
-    src.close()
-    dst.close()
+    yield from vm_pair(tmp_path, "defer")
 
 
 def test_deferred_incoming_and_every_reply_in_the_schema(
