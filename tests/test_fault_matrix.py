@@ -56,7 +56,7 @@ from cvmig.migration.source import (
     SourceVM,
     migrate_out,
 )
-from cvmig.psp.api import Batching, GuestState, Policy, PspError
+from cvmig.psp.api import Batching, GuestState, Policy
 from cvmig.wire.channel import parse_uri
 from cvmig.wire.frames import MAX_META, FrameType
 from tests.netfault import (
@@ -326,22 +326,10 @@ def assert_runs_intact(vm: SourceVM) -> None:
     assert_still_running_intact(vm)
 
 
-def _psp_state_of(vm: SourceVM) -> GuestState | None:
-    assert vm.host.psp is not None
-    try:
-        return vm.host.psp.guest_status(vm.handle)[0]
-    except PspError:
-        return None
-
-
 def assert_released(vm: SourceVM) -> None:
     assert not vm.alive, "migration completed but the source guest was not shut down"
-    assert vm.host.psp is not None
-    try:
-        state = vm.host.psp.guest_status(vm.handle)[0]
-    except PspError:
-        return  # decommissioned
-    assert state is not GuestState.RUNNING, "the source's PSP context still RUNNING"
+    # None: decommissioned
+    assert vm.psp_state() is not GuestState.RUNNING, "the source's PSP context still RUNNING"
 
 
 # -- the cases -------------------------------------------------------------------------------
@@ -618,7 +606,7 @@ def check_api(run: Run) -> None:
         hold = run.hold
         assert hold is not None and vm.alive, "the source gave up its copy while in doubt"
         assert vm.guest.paused, "the source resumed its copy on its own while in doubt"
-        assert _psp_state_of(vm) is GuestState.SUPDATE, "the source's copy was finished"
+        assert vm.psp_state() is GuestState.SUPDATE, "the source's copy was finished"
         holds = code is None and dest.said("in-doubt")
         runs = last is not None and last[1]["event"] == "migrated" and \
             last[1].get("report", {}).get("check", {}).get("ok") is True

@@ -161,6 +161,14 @@ class SourceVM:
             raise
         return cls(host, config, guest, handle, mem)
 
+    def psp_state(self) -> GuestState | None:
+        """The guest's state in its PSP; None once it is decommissioned."""
+        assert self.host.psp is not None
+        try:
+            return self.host.psp.guest_status(self.handle)[0]
+        except PspError:
+            return None
+
     def shutdown(self) -> None:
         if not self.alive:
             return
@@ -417,14 +425,6 @@ class RealWorld:
             self.chan.sock.settimeout(left)
             if self._take_frame(FrameType.OWNED) is not None:
                 return
-
-
-def _psp_state(vm: SourceVM) -> GuestState | None:
-    assert vm.host.psp is not None
-    try:
-        return vm.host.psp.guest_status(vm.handle)[0]
-    except PspError:
-        return None
 
 
 def migrate_out(
@@ -717,7 +717,7 @@ def _send_cancel(chan: Channel | None, reason: str) -> None:
 
 def _roll_back(vm: SourceVM, driver: Driver | None, reason: str) -> None:
     """Leave the guest running on the source as if nothing had happened."""
-    if _psp_state(vm) is GuestState.SUPDATE:
+    if vm.psp_state() is GuestState.SUPDATE:
         assert vm.host.psp is not None
         vm.host.psp.send_cancel(vm.handle)
     g = vm.guest
