@@ -202,6 +202,19 @@ class TlsCreds:
         return ctx
 
 
+def _begin(sock: socket.socket, creds: TlsCreds,
+           server: bool) -> tuple[ssl.SSLContext, float | None, float]:
+    """A handshake's context, ``sock``'s timeout (restored after it) and the deadline
+    that bounds the handshake as a whole."""
+    timeout = sock.gettimeout()
+    deadline = time.monotonic() + (timeout or DEFAULT_TIMEOUT_S)
+    try:
+        ctx = creds._context(server=server)
+    except ValueError as e:
+        raise TlsError(str(e)) from None
+    return ctx, timeout, deadline
+
+
 def client_wrap(sock: socket.socket, creds: TlsCreds | None,
                 server_hostname: str) -> socket.socket:
     """``sock`` itself without creds; else a mutually authenticated TLS 1.3 client socket,
@@ -209,12 +222,7 @@ def client_wrap(sock: socket.socket, creds: TlsCreds | None,
     if creds is None:
         return sock
     name = creds.hostname or server_hostname
-    timeout = sock.gettimeout()
-    deadline = time.monotonic() + (timeout or DEFAULT_TIMEOUT_S)
-    try:
-        ctx = creds._context(server=False)
-    except ValueError as e:
-        raise TlsError(str(e)) from None
+    ctx, timeout, deadline = _begin(sock, creds, server=False)
     ctx.check_hostname = True
     tls = ctx.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
     try:
@@ -255,12 +263,7 @@ def server_wrap(sock: socket.socket, creds: TlsCreds | None) -> socket.socket:
     timeout. A refused client is told why before TlsError is raised here."""
     if creds is None:
         return sock
-    timeout = sock.gettimeout()
-    deadline = time.monotonic() + (timeout or DEFAULT_TIMEOUT_S)
-    try:
-        ctx = creds._context(server=True)
-    except ValueError as e:
-        raise TlsError(str(e)) from None
+    ctx, timeout, deadline = _begin(sock, creds, server=True)
     tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     try:
         _bounded(tls, tls.do_handshake, deadline)
