@@ -42,7 +42,6 @@ HANDSHAKE_S = 5.0  # a connection must say who it is within this
 POLL_S = 0.5
 
 
-
 class IncomingFailed(Exception):
     """The incoming migration did not complete; nothing of it is kept."""
 
@@ -186,9 +185,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
                                          on_in_doubt)
             if decision != "released":
                 raise IncomingFailed("in doubt, resolved: the source kept the guest") from None
-            guest.resume()
-            resumed_at = time.monotonic()
-            tell("resumed")
+            resumed_at = lease.resume()
             tell("owned")
         if not in_doubt:
             chan.send_json(FrameType.OWNED, {})
@@ -298,6 +295,13 @@ class Lease:
         self.next_n = 0
         self.until = 0.0  # the guest may run here until then (monotonic); 0: not granted
 
+    def resume(self) -> float:
+        """Run the guest here; the moment it runs."""
+        self.guest.resume()
+        at = time.monotonic()
+        self.on_resume()
+        return at
+
     def requested(self, n: int) -> None:
         self.stamps[n] = time.monotonic()
         self.next_n = n + 1
@@ -331,16 +335,10 @@ class Lease:
                     raise ProtocolError(f"a grant for lease request {n!r}, never asked")
                 self.until = max(self.until, stamp + self.lease_s)
                 if not resumed_at and time.monotonic() < self.until:
-                    self.guest.resume()  # the go-ahead: the downtime ends here
-                    resumed_at = time.monotonic()
-                    self.on_resume()
+                    resumed_at = self.resume()  # the go-ahead: the downtime ends here
                 continue
             if f.type is FrameType.RELEASED:
-                if not resumed_at:
-                    self.guest.resume()
-                    resumed_at = time.monotonic()
-                    self.on_resume()
-                return resumed_at
+                return resumed_at or self.resume()
             if f.type in (FrameType.CANCEL, FrameType.ERROR):
                 raise RemoteError(f.type, str(f.json().get("message", "no reason given")))
             raise ProtocolError(f"unexpected {f.type.name} while the source decides")

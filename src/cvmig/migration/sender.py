@@ -72,6 +72,11 @@ class Sender:
         self._thread.start()
 
     # -- the engine's side ----------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Frames submitted that the destination has not acknowledged (queued or sent)."""
+        return self.frames_sent - self.frames_acked + self._pending
+
     def offset(self, slot: int) -> int:
         return slot * self.slot_bytes
 

@@ -303,8 +303,7 @@ class RealWorld:
     def frames_in_flight(self) -> int:
         """Frames handed to the sender that the destination has not acknowledged (its
         acknowledgements are read as frames go out: an over-count, on the safe side)."""
-        s = self.sender
-        return s.frames_sent - s.frames_acked + s._pending
+        return self.sender.in_flight
 
     def stop_costs(self) -> StopCosts:
         """What stopping costs here, as recent migrations measured it (the driver counts

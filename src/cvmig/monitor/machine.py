@@ -24,7 +24,6 @@ the guest; the destination's RESUME when its vCPUs run, then MIGRATION completed
 from __future__ import annotations
 
 import contextlib
-import functools
 import socket
 import threading
 import time
@@ -469,8 +468,8 @@ class Machine:
                     self._status("active")
                 try:
                     ivm = migrate_in(self.host, conn, decisions=srv.take_decision,
-                                     on_in_doubt=functools.partial(self._in_doubt, job),
-                                     on_event=functools.partial(self._incoming_event, job))
+                                     on_in_doubt=partial(self._in_doubt, job),
+                                     on_event=partial(self._incoming_event, job))
                 except BaseException as e:  # noqa: BLE001 - keep listening for another try
                     with self.lock:
                         self._conn = None
