@@ -142,7 +142,16 @@ def _workloads(grid: Grid, rate: float) -> list[str]:
     return out
 
 
-def run_grid(grid: Grid, out: Path, echo: Any = click.echo) -> list[dict[str, Any]]:
+def _write_runs(out: Path, grid: Grid, quick: bool, results: list[dict[str, Any]]) -> None:
+    meta = {"machine": machine_info(), "grid": {**grid.__dict__}, "quick": quick}
+    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1) + "\n")
+    _write_csv(out / "runs.csv", (r["row"] for r in results))
+
+
+def run_grid(grid: Grid, out: Path, echo: Any = click.echo,
+             quick: bool = False) -> list[dict[str, Any]]:
+    """Every cell of ``grid``; runs.json and runs.csv are rewritten after each run, so an
+    hour-long grid that is interrupted keeps what it measured."""
     results: list[dict[str, Any]] = []
     started = time.monotonic()
     for profile in grid.profiles:
@@ -170,6 +179,7 @@ def run_grid(grid: Grid, out: Path, echo: Any = click.echo) -> list[dict[str, An
                         r["row"]["dirty_fraction"] = _fraction(workload, rate)
                         r["row"]["baseline_pages_per_s"] = round(rate, 1)
                         results.append(r)
+                        _write_runs(out, grid, quick, results)
                         row = r["row"]
                         echo(f"  {profile:8} {workload:38} {mode:8} {throttle:13} "
                              f"total {row.get('total_ms', '-'):>6} ms  downtime "
@@ -253,11 +263,8 @@ def paper(quick: bool, out: Path, reps: int | None, profiles: str | None) -> Non
         grid = replace(grid, profiles=names)
     out.mkdir(parents=True, exist_ok=True)
     click.echo(machine_line())
-    results = run_grid(grid, out)
+    results = run_grid(grid, out, quick=quick)
     summary = summarize(results)
-    meta = {"machine": machine_info(), "grid": {**grid.__dict__}, "quick": quick}
-    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1) + "\n")
-    _write_csv(out / "runs.csv", (r["row"] for r in results))
     _write_csv(out / "summary.csv", summary)
     for p in plot_all(results, summary, out):
         click.echo(f"wrote {p}")
