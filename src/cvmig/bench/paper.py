@@ -117,6 +117,7 @@ def _run(workload: str, mode: Mode, throttle: str, profile: str, memory: int,
         final_throttle=rep_.get("cpu-throttle-percentage", 0),
         ops_before=g["ops-per-s-before"], ops_during=g["ops-per-s-during"],
         ops_after=g["ops-per-s-after"], gap_ms=g["observed-gap-ms"],
+        guest_cpu_before=g.get("cpu-cores-before"), guest_cpu_during=g.get("cpu-cores-during"),
         verified=rep_["verify"]["memory"] == "match" and
         bool(rep_["verify"]["workload"].get("ok")),
     )

@@ -18,6 +18,7 @@ import mmap
 import os
 import secrets
 import threading
+import time
 
 import numpy as np
 
@@ -87,10 +88,12 @@ class Populator:
         self._size = size
         self._stop = threading.Event()
         self.done = threading.Event()
+        self.cpu_s = 0.0  # CPU the faulting took (this thread's, the kernel's work included)
         self._thread = threading.Thread(target=self._run, name="cvmig-populate", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        t0 = time.thread_time()
         try:
             for off in range(0, self._size, self.STEP):
                 if self._stop.is_set():
@@ -100,6 +103,7 @@ class Populator:
                 if _libc.madvise(self._base + off, n, _MADV_POPULATE_WRITE) != 0:
                     return  # an old kernel: pages fault in where they are first written
         finally:
+            self.cpu_s = time.thread_time() - t0
             self.done.set()
 
     def stop(self, timeout: float = 5.0) -> None:

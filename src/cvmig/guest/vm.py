@@ -46,6 +46,9 @@ def _idle() -> WorkloadSpec:
     return parse_workload("idle")
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True)
 class GuestConfig:
     memory: int  # bytes
@@ -486,6 +489,18 @@ class Guest:
                 )
             )
         return out
+
+    def cpu_seconds(self) -> float:
+        """CPU time the vCPU processes have used so far (the kernel's count): what the
+        guest takes from the host's cores, which a small host shares with the migration."""
+        total = 0
+        for p in self._procs:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{p.pid}/stat", "rb") as f:
+                    # after the command name's closing parenthesis: utime is field 14
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / _CLK_TCK
 
     def heartbeats(self, vcpu: int) -> np.ndarray:
         """The last (up to ctl.RING) heartbeat times of one vCPU, oldest first."""

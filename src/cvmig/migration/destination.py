@@ -153,6 +153,8 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
             rx.stop()
         finish_in = time.monotonic()  # the stop's part here begins (migration/stopcost.py)
         populator.stop()  # whatever it has not reached was faulted in by the import
+        # what readying this host cost while the pages streamed in (the model's contention)
+        start_cpu_s = guest.cpu_seconds() + populator.cpu_s
         mig_id = str(finish.get("id", ""))
         # never stale: our PSP refuses a stream whose pages differ from those sent (any
         # mode), and the shared pages and page states must be the source's, before we run
@@ -193,6 +195,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
             vm.report = _verify(guest, resumed_at)
             vm.report["stop_costs"] = {"finish": round((confirmed_at - finish_in) * 1000, 3),
                                        "grant": round((resumed_at - confirmed_at) * 1000, 3)}
+            vm.report["start_cpu_s"] = round(start_cpu_s, 3)
             with contextlib.suppress(PeerGone, OSError):
                 chan.send_json(FrameType.CONFIRM, vm.report)
         else:

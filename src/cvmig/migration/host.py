@@ -14,6 +14,20 @@ from cvmig.migration.leftovers import sweep
 from cvmig.psp.api import PAGE_SIZE
 from cvmig.psp.mailbox import MailboxClient, PspProcess
 
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds this machine's cores have been busy since boot (/proc/stat; 0 where it
+    cannot be read). Over a span, divided by its length: how many cores were kept busy,
+    which on a small host is what the guest and the migration share."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    # user nice system idle iowait irq softirq steal ...: not idle, iowait, steal
+    return (sum(v[:3]) + sum(v[5:7])) / os.sysconf("SC_CLK_TCK")
+
+
 TRANSPORT_SIZE = 24 << 20  # the receive ring (cvmig.wire.protocol: WINDOW slots) fits
 
 

@@ -102,6 +102,8 @@ def print_summary(rep: dict[str, Any], console: Console | None = None) -> None:
                      f"{rep.get('cpu-throttle-percentage', 0)} %"),
         ("guest ops/s", f"before {guest.get('ops-per-s-before')}, during "
                         f"{guest.get('ops-per-s-during')}, after {guest.get('ops-per-s-after')}"),
+        ("guest CPU (cores)", f"before {guest.get('cpu-cores-before')}, during "
+                              f"{guest.get('cpu-cores-during')}"),
         ("guest-observed gap", f"{guest.get('observed-gap-ms')} ms"),
         ("memory verified", verify.get("memory")),
         ("workload check", verify.get("workload", {}).get("ok")),

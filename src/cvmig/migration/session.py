@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from cvmig.guest.vm import GuestConfig
 from cvmig.migration.driver import MigrationParams, Observer
-from cvmig.migration.host import Host
+from cvmig.migration.host import Host, busy_cpu_seconds
 from cvmig.migration.messages import clean
 from cvmig.migration.report import full_report
 from cvmig.migration.source import (
@@ -146,9 +146,10 @@ def migrate_local_or_remote(
                 dest = DestinationProcess(opts.psp_profile, contig_cap=cap,
                                           extra=tls_args(opts.tls))
                 uri = dest.uri
-            ops0, t0 = guest_ops(vm.guest), time.monotonic()
+            ops0, t0, cpu0 = guest_ops(vm.guest), time.monotonic(), vm.guest.cpu_seconds()
             _run_for(vm, opts.warmup_s, should_cancel)
-            ops1, t1 = guest_ops(vm.guest), time.monotonic()
+            ops1, t1, cpu1 = guest_ops(vm.guest), time.monotonic(), vm.guest.cpu_seconds()
+            busy1 = busy_cpu_seconds()
             if should_cancel():
                 raise MigrationFailed("migration cancelled before it started")
             outcome = migrate_out(vm, uri, opts.params, observer, should_cancel,
@@ -170,7 +171,8 @@ def migrate_local_or_remote(
                     dest_result = {}
                 dest.close()
         tracker = vm.guest.tracker_kind
-    return _report(opts, outcome, tracker, (ops0, t0, ops1, t1), dest_result, machine_info())
+    return _report(opts, outcome, tracker, (ops0, t0, ops1, t1), (cpu0, cpu1, busy1),
+                   dest_result, machine_info())
 
 
 def _run_for(vm: SourceVM, seconds: float,
@@ -182,8 +184,8 @@ def _run_for(vm: SourceVM, seconds: float,
 
 
 def _report(opts: MigrateOptions, out: Outcome, tracker: str,
-            before: tuple[float, float, float, float], dest: dict[str, Any],
-            machine: dict[str, Any]) -> dict[str, Any]:
+            before: tuple[float, float, float, float], cpu: tuple[float, float, float],
+            dest: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
     ops0, t0, ops1, t1 = before
     p = out.progress
     verified: dict[str, Any] = dict(out.verified or dest.get("report", {}))
@@ -197,6 +199,10 @@ def _report(opts: MigrateOptions, out: Outcome, tracker: str,
         "ops-per-s-after": round(float(verified.get("ops_after", 0)) / after_s, 1)
         if after_s else 0.0,
         "observed-gap-ms": round(gap * 1000, 3),
+        # host cores the vCPUs kept busy: a small host's migration shares them
+        "cpu-cores-before": round((cpu[1] - cpu[0]) / max(t1 - t0, 1e-9), 3),
+        "cpu-cores-during": round((out.cpu_at_pause - cpu[1]) / during_s, 3)
+        if during_s else 0.0,
         # (seconds since migration start, guest operations so far), one point per chunk sent
         "timeline": [[round(t - p.start, 4), o - ops1] for t, o in out.timeline],
         "workload": str(opts.guest.workload),
@@ -211,5 +217,15 @@ def _report(opts: MigrateOptions, out: Outcome, tracker: str,
         "destination-digest": dest_digest,
         "workload": verified.get("check", {}),
     }
-    return full_report(p, opts.params, psp_profile=opts.psp_profile, tracker=tracker,
-                       guest=guest, verify=verify, machine=machine)
+    rep = full_report(p, opts.params, psp_profile=opts.psp_profile, tracker=tracker,
+                      guest=guest, verify=verify, machine=machine)
+    # what the migration took from this host's cores (the model's contention, on a host
+    # whose guest and migration share them): busy cores from the start to the pause, and
+    # what the destination spent meanwhile starting its vCPUs and faulting its memory in
+    rep["x-host-cpu"] = {
+        "cores": os.cpu_count() or 1,
+        "busy-cores-precopy": round((out.busy_at_pause - cpu[2]) / during_s, 3)
+        if during_s and out.busy_at_pause else None,
+        "destination-start-cpu-s": verified.get("start_cpu_s"),
+    }
+    return rep

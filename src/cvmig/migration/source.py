@@ -38,7 +38,7 @@ from cvmig.migration.driver import (
     Progress,
     Sent,
 )
-from cvmig.migration.host import Host
+from cvmig.migration.host import Host, busy_cpu_seconds
 from cvmig.migration.sender import Sender
 from cvmig.migration.stopcost import StopCosts, estimate, record
 from cvmig.psp.api import PAGE_SIZE, Batching, GuestState, PlatformCerts, PspError
@@ -192,6 +192,8 @@ class Outcome:
     verified: dict[str, object] = field(default_factory=dict)
     source_digest: str = ""
     ops_at_pause: float = 0.0
+    cpu_at_pause: float = 0.0  # the vCPUs' CPU seconds (Guest.cpu_seconds)
+    busy_at_pause: float = 0.0  # the host's busy CPU seconds (host.busy_cpu_seconds)
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (time, guest ops)
 
 
@@ -328,6 +330,8 @@ class RealWorld:
         self.measured.pause = time.monotonic() - t0
         if self.outcome is not None:
             self.outcome.ops_at_pause = guest_ops(self.vm.guest)
+            self.outcome.cpu_at_pause = self.vm.guest.cpu_seconds()
+            self.outcome.busy_at_pause = busy_cpu_seconds()
 
     def send_vcpu_state(self) -> Sent:
         t_start = time.monotonic()

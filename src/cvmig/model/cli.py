@@ -60,6 +60,43 @@ def predict(guest: GuestModel, costs: Costs, params: MigrationParams,
 MODE_NAMES = ("page", "contig", "sg", "aead", "queue")
 
 
+def _validate(quick: bool, reps: int | None, from_bench: Path | None,
+              calibration: Path | None, out: Path) -> None:
+    from cvmig.model import validate as V
+
+    if from_bench is not None:
+        runs = from_bench / "runs.json" if from_bench.is_dir() else from_bench
+        if not runs.is_file():
+            raise click.UsageError(f"--from-bench: no runs.json at {runs} (give the folder "
+                                   "`cvmig bench paper --out` wrote, or its runs.json)")
+        if reps or quick:
+            raise click.UsageError("--from-bench takes the grid and its repetitions from the "
+                                   "bench: --quick and --reps do not apply")
+        try:
+            psp = load_calibration(calibration).get("psp") if calibration else None
+            res = V.from_bench(runs, out, click.echo, psp)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        name = "model-validation-bench"
+    else:
+        grid = V.QUICK if quick else V.FULL
+        res = V.run(replace(grid, reps=reps) if reps else grid, out, click.echo)
+        name = "model-validation"
+    s = res["summary"]
+    if not s["cells"]:
+        raise click.ClickException("no cell could be compared (every engine run failed?)")
+    click.echo(f"{s['cells']} cells; |error| median / max: total time "
+               f"{s['err_total']['median_abs']:.1%} / {s['err_total']['max_abs']:.1%}, "
+               f"downtime {s['err_downtime']['median_abs']:.1%} / "
+               f"{s['err_downtime']['max_abs']:.1%}")
+    click.echo(f"the engine's own spread (half the range of a cell's runs), median / max: "
+               f"total time {s['spread_total']['median_abs']:.1%} / "
+               f"{s['spread_total']['max_abs']:.1%}, downtime "
+               f"{s['spread_downtime']['median_abs']:.1%} / "
+               f"{s['spread_downtime']['max_abs']:.1%}")
+    click.echo(f"wrote {out / (name + '.json')}, {out / (name + '.png')}")
+
+
 @click.command()
 @click.option("--memory", "-m", type=SIZE, default="8G", show_default=True)
 @click.option("--dirty-rate", type=click.FloatRange(0), default=350.0, show_default=True,
@@ -90,6 +127,12 @@ MODE_NAMES = ("page", "contig", "sg", "aead", "queue")
               help="Run real migrations next to the model on the same inputs and report the "
                    "error per cell (JSON and a plot in --out).")
 @click.option("--quick", is_flag=True, help="With --validate: the small grid (a few minutes).")
+@click.option("--reps", type=click.IntRange(1, 20), default=None,
+              help="With --validate: real migrations per cell, the model held to their "
+                   "median (default: 2 quick, 3 full).")
+@click.option("--from-bench", "from_bench", type=click.Path(path_type=Path), default=None,
+              help="With --validate: instead of migrating, hold the model to a `cvmig bench "
+                   "paper` grid already run (its --out folder or runs.json).")
 @click.option("--scale", is_flag=True,
               help="Predict 1-64 GiB guests under sev-2020 and the helper profile (this "
                    "host's calibration, --calibration); JSON in --out.")
@@ -98,7 +141,8 @@ MODE_NAMES = ("page", "contig", "sg", "aead", "queue")
 def model(memory: int, dirty_rate: float, working_set: int, pattern: str, vcpus: int,
           modes: str, throttle: str, downtime_limit: int, switchover: str, psp_profile: str,
           calibration: Path | None, link_gbit: float, timeout: float, json_path: Path | None,
-          validate: bool, quick: bool, scale: bool, out: Path) -> None:
+          validate: bool, quick: bool, reps: int | None, from_bench: Path | None, scale: bool,
+          out: Path) -> None:
     """Predict migration time and downtime with the engine's own driver, simulated."""
     if scale:
         from cvmig.model.validate import scale as run_scale
@@ -112,17 +156,10 @@ def model(memory: int, dirty_rate: float, working_set: int, pattern: str, vcpus:
         (out / "model-scale.json").write_text(json.dumps(rows, indent=1) + "\n")
         click.echo(f"wrote {out / 'model-scale.json'}")
         return
+    if (reps or from_bench) and not validate:
+        raise click.UsageError("--reps and --from-bench go with --validate")
     if validate:
-        from cvmig.model.validate import FULL, QUICK, run
-
-        res = run(QUICK if quick else FULL, out, click.echo)
-        s = res["summary"]
-        click.echo(f"{s['cells']} cells; |error| median / max: total time "
-                   f"{s['err_total']['median_abs']:.1%} / {s['err_total']['max_abs']:.1%}, "
-                   f"downtime {s['err_downtime']['median_abs']:.1%} / "
-                   f"{s['err_downtime']['max_abs']:.1%}")
-        click.echo(f"wrote {out / 'model-validation.json'}, {out / 'model-validation.png'}, "
-                   f"{out / 'model-calibration.json'}")
+        _validate(quick, reps, from_bench, calibration, out)
         return
     names = [m.strip() for m in modes.split(",") if m.strip()]
     try:

@@ -72,16 +72,25 @@ def costs_from_calibration(cal: dict[str, Any], profile: str, mode: str,
     if cell is None:
         have = ", ".join(sorted(cal["cells"]))
         raise ValueError(f"the calibration has no {key}; it has: {have}")
-    stop = StopCosts.from_ms(cell["stop_ms"])
-    stop.slice = StopCosts.from_ms({"slice": cell["stop_ms"].get("slice", 10.0)}).slice
-    c = Costs(t_doorbell=0.0, t_cmd=cell["send"]["t_cmd"], psp_bw=cell["send"]["bw"],
-              rx_t_cmd=cell["receive"]["t_cmd"], rx_psp_bw=cell["receive"]["bw"],
-              t_send=cell.get("t_send", 0.0), t_page=cell.get("t_page", 0.0), link_bw=cal.get("link_bw", LOOPBACK_BW),
-              latency=cal.get("latency", LOOPBACK_LATENCY), stop=stop)
+    c = costs_from_cell(cell, cal.get("link_bw", LOOPBACK_BW),
+                        cal.get("latency", LOOPBACK_LATENCY))
     if vcpus != cal.get("vcpus", vcpus):  # the stop's per-vCPU parts scale
         k = vcpus / cal["vcpus"]
-        c.stop = replace(stop, vcpu_state=stop.vcpu_state * k, finish=stop.finish * k)
+        c.stop = replace(c.stop, vcpu_state=c.stop.vcpu_state * k, finish=c.stop.finish * k)
     return c
+
+
+def costs_from_cell(cell: dict[str, Any], link_bw: float, latency: float) -> Costs:
+    """One calibrated mode: each secure processor's cost per doorbell, command and byte
+    (a queue's doorbell apart from its commands), the engine's own work, the stop."""
+    stop = StopCosts.from_ms(cell["stop_ms"])
+    stop.slice = cell["stop_ms"].get("slice", 10.0) / 1000
+    send, recv = cell["send"], cell["receive"]
+    return Costs(t_doorbell=send.get("t_doorbell", 0.0), t_cmd=send["t_cmd"],
+                 psp_bw=send["bw"], rx_t_cmd=recv["t_cmd"],
+                 rx_t_doorbell=recv.get("t_doorbell", 0.0), rx_psp_bw=recv["bw"],
+                 t_send=cell.get("t_send", 0.0), t_page=cell.get("t_page", 0.0),
+                 link_bw=link_bw, latency=latency, stop=stop)
 
 
 def costs_dict(c: Costs) -> dict[str, Any]:

@@ -26,10 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from cvmig.bench.paper import MODES, Mode
 from cvmig.migration.driver import Driver, MigrationParams, TimeoutAction
-from cvmig.migration.stopcost import StopCosts
 from cvmig.migration.throttle import ThrottleKind
-from cvmig.model.costs import LOOPBACK_BW, LOOPBACK_LATENCY, costs_from_calibration
+from cvmig.model.costs import (
+    LOOPBACK_BW,
+    LOOPBACK_LATENCY,
+    costs_from_calibration,
+    costs_from_cell,
+)
 from cvmig.model.world import Costs, GuestModel, SimWorld
 from cvmig.psp.api import PAGE_SIZE, Batching
 from cvmig.psp.cost import parse
@@ -49,11 +54,12 @@ class Grid:
     profiles: tuple[str, ...]
     timeout_s: float
     hw_timeout_s: float
+    reps: int = 3  # real migrations per cell: the model is held to their median
 
 
 QUICK = Grid(memories=(32,), hw_memories=(16,), workloads=("idle", "d0.5", "d1.5"),
              hw_workloads=("idle", "d0.5"), modes=("page", "sg"), throttles=("none", "precopy"),
-             profiles=("none", "sev-2020"), timeout_s=8.0, hw_timeout_s=30.0)
+             profiles=("none", "sev-2020"), timeout_s=8.0, hw_timeout_s=30.0, reps=2)
 FULL = Grid(memories=(16, 64, 128), hw_memories=(16,),
             workloads=("idle", "d0.5", "d1.5", "sqlite"), hw_workloads=("idle", "d0.5", "d1.5"),
             modes=("page", "contig", "sg"), throttles=("none", "precopy"),
@@ -84,25 +90,32 @@ def psp_costs(profile: str, modes: tuple[str, ...]) -> dict[str, dict[str, dict[
     for m in modes:
         for d in ("send", "receive"):
             rows = [r for r in recs if r["mode"] == m and r["direction"] == d]
+            if m == "queue":
+                # a doorbell of N one-page commands costs t_doorbell + N t_cmd
+                a, b = _fit_line([r["batch_pages"] for r in rows],
+                                 [r["us_per_command"] * r["batch_pages"] * 1e-6 for r in rows])
+                res.setdefault(m, {})[d] = {"t_doorbell": a, "t_cmd": b, "bw": 1e15}
+                continue
             a, b = _fit_line([r["batch_pages"] for r in rows],
                              [r["us_per_command"] * 1e-6 for r in rows])
             res.setdefault(m, {})[d] = {"t_cmd": a, "bw": PAGE_SIZE / b if b else 1e15}
     return res
 
 
-def _cap(mode: str) -> int:
-    return {"page": 1, "contig": 4}.get(mode, 256)
+def psp_key(mode: Mode) -> str:
+    """Which `cvmig bench psp` mode prices a configuration's firmware commands."""
+    return "queue" if mode.queue else mode.batching.value
 
 
-def _model_bulk(costs: Costs, npages: int, mode: str) -> float:
+def _model_bulk(costs: Costs, npages: int, mode: Mode) -> float:
     """The model's bulk round for an idle guest (seconds)."""
     w = SimWorld(GuestModel(npages=npages, dirty_rate=0, working_set=0, vcpus=VCPUS), costs)
-    d = Driver(w, MigrationParams(batching=Batching(mode)))
+    d = Driver(w, mode.params(MigrationParams()))
     d.run()
     return d.progress.rounds[0].duration
 
 
-def fit_t_page(costs: Costs, npages: int, mode: str, bulk_s: float) -> float:
+def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float) -> float:
     """The engine's own work per page that makes the model's bulk last ``bulk_s``: on
     this 2-core machine the PSPs, the engines and the guest share the CPUs, so the stages
     overlap less than the pipeline allows; per page is how that cost grows."""
@@ -118,29 +131,34 @@ def fit_t_page(costs: Costs, npages: int, mode: str, bulk_s: float) -> float:
     return (lo + hi) / 2
 
 
+def calibration_cell(rep: dict[str, Any], mode: Mode,
+                     psp: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """From an idle migration's report: the stop costs the engine measured, and its own
+    work per page (what makes the model's bulk round last as long as the engine's)."""
+    bulk = rep["rounds"][0]
+    measured = rep["x-stop"]["costs-measured-ms"]
+    cell: dict[str, Any] = {**psp[psp_key(mode)], "t_page": 0.0,
+                            "stop_ms": {**measured, "slice": 10.0}}
+    base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
+    cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"])
+    cell["bulk_pages_per_s"] = bulk["pages"] / bulk["duration"]
+    cell["calibration_run"] = {"memory_mib": rep["ram"]["total"] // MiB + 1,
+                               "total_ms": rep["total-time"], "downtime_ms": rep["downtime"]}
+    return cell
+
+
 def calibrate_mode(profile: str, mode: str, memory: int,
                    psp: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """One idle migration: the stop costs the engine measured, and its own work per page
-    (what makes the model's bulk round last as long as the engine's)."""
-    from cvmig.bench.paper import MODES, _run
+    """One idle migration calibrates ``mode`` (a `cvmig bench paper` mode) here."""
+    from cvmig.bench.paper import _run
 
     r = _run("idle", MODES[mode], "none", profile, memory, 0.0, 0)
     rep = r["report"]
     if rep is None:
         raise RuntimeError(f"calibration migration failed: {r['row'].get('error')}")
-    bulk = rep["rounds"][0]
-    measured = rep["x-stop"]["costs-measured-ms"]
-    stop = StopCosts.from_ms(measured)
-    stop.slice = 0.010
-    base = Costs(t_doorbell=0.0, t_cmd=psp[mode]["send"]["t_cmd"],
-                 psp_bw=psp[mode]["send"]["bw"], rx_t_cmd=psp[mode]["receive"]["t_cmd"],
-                 rx_psp_bw=psp[mode]["receive"]["bw"], link_bw=LOOPBACK_BW,
-                 latency=LOOPBACK_LATENCY, stop=stop)
-    t_page = fit_t_page(base, bulk["pages"], mode, bulk["duration"])
-    return {**psp[mode], "t_page": t_page, "stop_ms": {**measured, "slice": 10.0},
-            "bulk_pages_per_s": bulk["pages"] / bulk["duration"],
-            "calibration_run": {"memory_mib": memory // MiB, "total_ms": rep["total-time"],
-                                "downtime_ms": rep["downtime"], "load": os.getloadavg()[0]}}
+    cell = calibration_cell(rep, MODES[mode], psp)
+    cell["calibration_run"]["load"] = os.getloadavg()[0]
+    return cell
 
 
 def _describe(key: str, cell: dict[str, Any]) -> str:
@@ -151,11 +169,15 @@ def _describe(key: str, cell: dict[str, Any]) -> str:
             f"µs/page, stop {stop:.0f} ms")
 
 
+def psp_modes(modes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sorted({psp_key(MODES[m]) for m in modes}))
+
+
 def calibrate(grid: Grid, echo: Callable[[str], None]) -> dict[str, Any]:
     cells: dict[str, Any] = {}
     psps: dict[str, Any] = {}
     for profile in grid.profiles:
-        psp = psps[profile] = psp_costs(profile, grid.modes)
+        psp = psps[profile] = psp_costs(profile, psp_modes(grid.modes))
         mem = (grid.hw_memories if profile != "none" else grid.memories)[0] * MiB
         for mode in grid.modes:
             cells[f"{profile}/{mode}"] = calibrate_mode(profile, mode, mem, psp)
@@ -175,20 +197,23 @@ def _workload(name: str, rate: float) -> str:
     return f"dirtier:rate={max(1, round(frac * rate))},pattern=uniform"
 
 
-def _guest(workload: str, memory: int, rep: dict[str, Any] | None) -> GuestModel:
+def _guest(workload: str, memory: int, reports: list[dict[str, Any]]) -> GuestModel:
+    """The guest the engine's runs of a cell saw (their medians)."""
     npages = memory // PAGE_SIZE - VCPUS  # the VMSA pages move apart
     rate = 0.0
     if workload.startswith("dirtier"):
         rate = float(workload.split("rate=")[1].split(",")[0])
-        if rep is not None and rep["guest"]["ops-per-s-before"] > 0:
+        before = [float(r["guest"]["ops-per-s-before"]) for r in reports
+                  if r["guest"]["ops-per-s-before"] > 0]
+        if before:
             # what the guest wrote before the migration began (its vCPUs share two cores
             # with everything else here, and may fall short of the rate asked for)
-            rate = min(rate, float(rep["guest"]["ops-per-s-before"]))
-    elif workload.startswith("sqlite") and rep is not None:
+            rate = min(rate, statistics.median(before))
+    elif workload.startswith("sqlite"):
         # no rate knob: the model takes the rate the engine's first sync saw
-        rounds = rep["rounds"]
-        if len(rounds) > 1:
-            rate = rounds[1]["dirty_pages"] / max(rounds[0]["duration"], 1e-3)
+        seen = [r["rounds"][1]["dirty_pages"] / max(r["rounds"][0]["duration"], 1e-3)
+                for r in reports if len(r["rounds"]) > 1]
+        rate = statistics.median(seen) if seen else 0.0
     return GuestModel(npages=npages, dirty_rate=rate, working_set=npages if rate else 0,
                       vcpus=VCPUS)
 
@@ -197,8 +222,8 @@ def predict_cell(cal: dict[str, Any], profile: str, mode: str, throttle: str,
                  guest: GuestModel, timeout_s: float) -> dict[str, Any]:
     costs = costs_from_calibration(cal, profile, mode, VCPUS)
     world = SimWorld(guest, costs)
-    params = MigrationParams(batching=Batching(mode), throttle=ThrottleKind(throttle),
-                             timeout_s=timeout_s, timeout_action=TimeoutAction.FORCE)
+    params = MODES[mode].params(MigrationParams(
+        throttle=ThrottleKind(throttle), timeout_s=timeout_s, timeout_action=TimeoutAction.FORCE))
     d = Driver(world, params)
     p = d.run()
     gap = world.resumed_at - (p.pause_time - costs.stop.pause) + costs.stop.slice
@@ -210,10 +235,63 @@ def _err(model: float, engine: float) -> float:
     return round((model - engine) / max(engine, 1e-9), 4)
 
 
+METRICS = (("total", "total_ms"), ("downtime", "downtime_ms"), ("gap", "gap_ms"))
+
+
+def make_cell(cal: dict[str, Any], profile: str, mem_mib: int, wname: str, wl: str, mode: str,
+              thr: str, timeout: float, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The engine's runs of one cell (`cvmig.bench.paper._run` results) beside the model.
+    The model is held to the runs' median; how far the runs lie from it (half their
+    range, relative) is the engine's own spread, the floor under any model's error."""
+    ok = [r for r in runs if r["report"] is not None]
+    if not ok:
+        return None
+    rows = [r["row"] for r in ok]
+    guest = _guest(wl, mem_mib * MiB, [r["report"] for r in ok])
+    m = predict_cell(cal, profile, mode, thr, guest, timeout)
+    engine: dict[str, Any] = {}
+    cell: dict[str, Any] = {"profile": profile, "memory_mib": mem_mib, "workload": wname,
+                            "workload_spec": wl, "mode": mode, "throttle": thr}
+    for name, key in METRICS:
+        xs = [float(r[key]) for r in rows]
+        med = statistics.median(xs)
+        engine[key] = med
+        cell[f"err_{name}"] = _err(m[key], med)
+        cell[f"spread_{name}"] = round((max(xs) - min(xs)) / 2 / max(med, 1e-9), 4)
+    engine["rounds"] = statistics.median(r["rounds"] for r in rows)
+    engine["switchover"] = statistics.mode(r["switchover"] for r in rows)
+    engine["runs"] = [{k: r[k] for k in ("total_ms", "downtime_ms", "gap_ms", "rounds",
+                                         "switchover")} for r in rows]
+    engine["stop"] = [r["report"].get("x-stop") for r in ok]
+    cell["engine"] = engine
+    cell["model"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in m.items()}
+    return cell
+
+
+def _echo_cell(echo: Callable[[str], None], c: dict[str, Any]) -> None:
+    e, m = c["engine"], c["model"]
+    echo(f"  {c['profile']:8} {c['memory_mib']:4} MiB {c['workload']:6} {c['mode']:11} "
+         f"{c['throttle']:13} total {e['total_ms']:7.0f} / {m['total_ms']:7.0f} ms "
+         f"({c['err_total']:+.0%}, runs ±{c['spread_total']:.0%})  downtime "
+         f"{e['downtime_ms']:5.0f} / {m['downtime_ms']:5.0f} ms ({c['err_downtime']:+.0%}, "
+         f"runs ±{c['spread_downtime']:.0%})")
+
+
+def _result(rows: list[dict[str, Any]], extra: dict[str, Any], out: Path, name: str,
+            t0: float, load0: float) -> dict[str, Any]:
+    from cvmig.bench.machine import machine_info
+
+    result = {"summary": summarize(rows), "cells": rows, **extra, "machine": machine_info(),
+              "load": {"start": load0, "end": os.getloadavg()[0]},
+              "seconds": round(time.monotonic() - t0, 1)}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(rows, out / f"{name}.png")
+    return result
+
+
 def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
         calibration: dict[str, Any] | None = None, recalibrate: bool = True) -> dict[str, Any]:
-    from cvmig.bench.machine import machine_info
-    from cvmig.bench.paper import MODES, _run
+    from cvmig.bench.paper import _run
 
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
@@ -242,45 +320,81 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
                         if thr != "none" and wname == "idle":
                             continue  # nothing to throttle
                         timeout = grid.hw_timeout_s if hw else grid.timeout_s
-                        r = _run(wl, MODES[mode], thr, profile, mem_mib * MiB, timeout, 0)
-                        row = r["row"]
-                        if r["report"] is None:
+                        runs = [_run(wl, MODES[mode], thr, profile, mem_mib * MiB, timeout, i)
+                                for i in range(grid.reps)]
+                        cell = make_cell(calibration, profile, mem_mib, wname, wl, mode, thr,
+                                         timeout, runs)
+                        if cell is None:
                             echo(f"  {profile} {mem_mib} MiB {wname} {mode} {thr}: engine failed "
-                                 f"({row.get('error')})")
+                                 f"({runs[0]['row'].get('error')})")
                             continue
-                        guest = _guest(wl, mem_mib * MiB, r["report"])
-                        m = predict_cell(calibration, profile, mode, thr, guest, timeout)
-                        cell = {
-                            "profile": profile, "memory_mib": mem_mib, "workload": wname,
-                            "workload_spec": wl, "mode": mode, "throttle": thr,
-                            "engine": {"total_ms": row["total_ms"], "downtime_ms": row["downtime_ms"],
-                                       "gap_ms": row["gap_ms"], "rounds": row["rounds"],
-                                       "switchover": row["switchover"],
-                                       "stop": r["report"].get("x-stop")},
-                            "model": {k: round(v, 1) if isinstance(v, float) else v
-                                      for k, v in m.items()},
-                            "err_total": _err(m["total_ms"], row["total_ms"]),
-                            "err_downtime": _err(m["downtime_ms"], row["downtime_ms"]),
-                            "err_gap": _err(m["gap_ms"], row["gap_ms"]),
-                        }
                         rows.append(cell)
-                        echo(f"  {profile:8} {mem_mib:4} MiB {wname:6} {mode:6} {thr:8} "
-                             f"total {row['total_ms']:7.0f} / {m['total_ms']:7.0f} ms "
-                             f"({cell['err_total']:+.0%})  downtime {row['downtime_ms']:5.0f} / "
-                             f"{m['downtime_ms']:5.0f} ms ({cell['err_downtime']:+.0%})")
+                        _echo_cell(echo, cell)
     (out / "model-calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
-    summary = summarize(rows)
-    result = {"summary": summary, "cells": rows, "grid": grid.__dict__,
-              "machine": machine_info(), "load": {"start": load0, "end": os.getloadavg()[0]},
-              "seconds": round(time.monotonic() - t0, 1)}
-    (out / "model-validation.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, out / "model-validation.png")
-    return result
+    return _result(rows, {"grid": grid.__dict__}, out, "model-validation", t0, load0)
+
+
+def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
+               psp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model against a `cvmig bench paper` grid already run (its runs.json): each
+    configuration's idle run without a throttle calibrates that mode (the run with the
+    median time; those cells are left out of the error), `cvmig bench psp` prices the
+    firmware (``psp``: reuse a calibration's), and every other cell is predicted."""
+    t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
+    try:
+        data = json.loads(runs_json.read_text())
+        runs, meta = data["runs"], data["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{runs_json} is not a `cvmig bench paper` runs.json: {e}") from None
+    groups: dict[tuple[str, int, str, str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        row = r["row"]
+        if row["mode"] not in MODES:
+            continue
+        key = (row["profile"], row["memory_mib"], row["workload"], row["mode"], row["throttle"])
+        groups.setdefault(key, []).append(r)
+    psp = dict(psp or {})
+    cal: dict[str, Any] = {"cells": {}, "psp": psp, "vcpus": VCPUS, "link_bw": LOOPBACK_BW,
+                           "latency": LOOPBACK_LATENCY}
+    for profile in sorted({k[0] for k in groups}):
+        modes = tuple(sorted({k[3] for k in groups if k[0] == profile}))
+        need = psp_modes(modes)
+        if not set(need) <= set(psp.get(profile, {})):
+            echo(f"pricing the firmware: cvmig bench psp --psp-profile {profile}")
+            psp[profile] = psp_costs(profile, need)
+        for mode in modes:
+            idle = [r for k, rs in groups.items() if k[0] == profile and k[3] == mode
+                    and k[2] == "idle" and k[4] == "none" for r in rs if r["report"]]
+            if not idle:
+                echo(f"  {profile}/{mode}: no idle run without a throttle to calibrate on; "
+                     "its cells are left out")
+                continue
+            idle.sort(key=lambda r: r["row"]["total_ms"])
+            cal["cells"][f"{profile}/{mode}"] = calibration_cell(
+                idle[len(idle) // 2]["report"], MODES[mode], psp[profile])
+            echo(_describe(f"{profile}/{mode}", cal["cells"][f"{profile}/{mode}"]))
+    timeout = float(meta["grid"]["timeout_s"])
+    rows: list[dict[str, Any]] = []
+    for (profile, mem_mib, wl, mode, thr), rs in groups.items():
+        if f"{profile}/{mode}" not in cal["cells"] or (wl == "idle" and thr == "none"):
+            continue  # uncalibrated, or the calibration itself
+        frac = rs[0]["row"].get("dirty_fraction", 0.0)
+        wname = f"d{frac:g}" if wl.startswith("dirtier") else wl.split(":")[0]
+        cell = make_cell(cal, profile, mem_mib, wname, wl, mode, thr,
+                         timeout * (4 if profile != "none" else 1), rs)
+        if cell is not None:
+            rows.append(cell)
+            _echo_cell(echo, cell)
+    out.mkdir(parents=True, exist_ok=True)
+    return _result(rows, {"bench": str(runs_json), "calibration": cal}, out,
+                   "model-validation-bench", t0, load0)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"cells": len(rows)}
-    for k in ("err_total", "err_downtime", "err_gap"):
+    for k in ("err_total", "err_downtime", "err_gap", "spread_total", "spread_downtime",
+              "spread_gap"):
         xs = [abs(r[k]) for r in rows]
         if xs:
             out[k] = {"median_abs": round(statistics.median(xs), 4), "max_abs": round(max(xs), 4)}

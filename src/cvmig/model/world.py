@@ -42,6 +42,7 @@ class Costs:
     psp_bw: float = 1.5e9  # firmware bytes/s (source PSP)
     link_bw: float = 1.2e9  # wire bytes/s
     rx_t_cmd: float | None = None  # destination PSP per command incl. its doorbell (None: same)
+    rx_t_doorbell: float = 0.0  # ... plus per doorbell, when rx_t_cmd leaves it out (a queue)
     rx_psp_bw: float | None = None  # destination PSP bytes/s (None: same)
     t_send: float = 0.0  # the engine's own work per send (plan, frame, hand-over), s
     t_page: float = 0.0  # ... and per page (on a small machine: the CPU the stages share)
@@ -53,10 +54,13 @@ class Costs:
     def src_psp(self, ncmds: int, doorbells: int, nbytes: int) -> float:
         return doorbells * self.t_doorbell + ncmds * self.t_cmd + nbytes / self.psp_bw
 
-    def dst_psp(self, ncmds: int, nbytes: int) -> float:
-        t_cmd = self.t_doorbell + self.t_cmd if self.rx_t_cmd is None else self.rx_t_cmd
+    def dst_psp(self, ncmds: int, nbytes: int, doorbells: int | None = None) -> float:
         bw = self.psp_bw if self.rx_psp_bw is None else self.rx_psp_bw
-        return ncmds * t_cmd + nbytes / bw
+        if self.rx_t_cmd is None:  # the destination's firmware costs what the source's does
+            return self.src_psp(ncmds, ncmds if doorbells is None else doorbells, nbytes) \
+                - nbytes / self.psp_bw + nbytes / bw
+        return (ncmds if doorbells is None else doorbells) * self.rx_t_doorbell \
+            + ncmds * self.rx_t_cmd + nbytes / bw
 
 
 @dataclass
@@ -188,7 +192,8 @@ class SimWorld:
         nbytes = len(pfns) * PAGE_SIZE + ncmds * PACKET_HEADER_SIZE
         doorbells = 1 if queue else ncmds
         psp = c.src_psp(ncmds, doorbells, nbytes)
-        self._frame(psp + c.t_send + len(pfns) * c.t_page, nbytes, c.dst_psp(ncmds, nbytes))
+        self._frame(psp + c.t_send + len(pfns) * c.t_page, nbytes,
+                    c.dst_psp(ncmds, nbytes, doorbells))
         self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes, ncmds, doorbells, psp)
 
