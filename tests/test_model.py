@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,57 @@ def test_model_runs_on_a_host_calibration(tmp_path: Path) -> None:
     assert all(x["gap_ms"] >= 67 for x in rows)  # the calibrated stop is counted
     r = CliRunner().invoke(model, ["--calibration", str(path), "--modes", "contig"])
     assert r.exit_code == 2 and "has no sev-2020/contig" in r.output
+
+
+def _bulk_s(costs: object, cpu: float = 0.0) -> float:
+    from cvmig.migration.driver import Driver
+    from cvmig.model.world import SimWorld
+
+    w = SimWorld(GuestModel(npages=4096, dirty_rate=0, working_set=0, cpu=cpu),
+                 costs)  # type: ignore[arg-type]
+    d = Driver(w, MigrationParams(batching=Batching.PAGE))
+    d.run()
+    return d.progress.rounds[0].duration
+
+
+def test_a_guest_that_takes_the_small_hosts_cores_slows_the_migration_by_its_share() -> None:
+    from cvmig.model.world import Costs
+
+    alone = Costs(t_doorbell=0.0, t_cmd=100e-6, psp_bw=1e15, link_bw=1e12, cores=2.0,
+                  pipeline_cores=2.0)
+    base = _bulk_s(alone)
+    # two busy vCPUs ask for 2 cores more: each side gets half of what it asks
+    assert _bulk_s(alone, cpu=2.0) == pytest.approx(2 * base, rel=0.02)
+    # with cores to spare (or none modelled: hardware), the guest costs the migration nothing
+    spare = Costs(t_doorbell=0.0, t_cmd=100e-6, psp_bw=1e15, link_bw=1e12, cores=8.0,
+                  pipeline_cores=2.0)
+    assert _bulk_s(spare, cpu=2.0) == pytest.approx(base, rel=0.02)
+    assert _bulk_s(Costs(t_doorbell=0.0, t_cmd=100e-6, psp_bw=1e15, link_bw=1e12),
+                   cpu=2.0) == pytest.approx(base, rel=0.02)
+    # a hardware profile's PSP time is the chip's, not the host's: only the engine's slows
+    hw = Costs(t_doorbell=0.0, t_cmd=100e-6, psp_bw=1e15, link_bw=1e12, cores=2.0,
+               pipeline_cores=2.0, psp_cpu=False)
+    assert _bulk_s(hw, cpu=2.0) == pytest.approx(base, rel=0.02)
+
+
+def test_the_destinations_start_work_slows_only_the_first_part_of_the_bulk() -> None:
+    from cvmig.model.world import Costs
+
+    c = Costs(t_doorbell=0.0, t_cmd=100e-6, psp_bw=1e15, link_bw=1e12, cores=2.0,
+              pipeline_cores=2.0)
+    base = _bulk_s(c)  # 0.41 s
+    # 0.2 CPU-s by two processes: while it runs, the demand is 4 cores on 2, so it gets
+    # 1 core and is done after 0.2 s, in which the migration did half its work
+    slowed = _bulk_s(replace(c, start_cpu=0.2))
+    assert slowed == pytest.approx(base + 0.1, rel=0.05)
+
+
+def test_a_queue_shares_the_doorbell_at_both_ends() -> None:
+    from cvmig.model.world import Costs
+
+    c = Costs(t_doorbell=300e-6, t_cmd=100e-6, psp_bw=1e15, rx_t_cmd=100e-6,
+              rx_t_doorbell=300e-6)
+    assert c.dst_psp(10, 0, doorbells=1) == pytest.approx(300e-6 + 10 * 100e-6)
+    assert c.dst_psp(10, 0) == pytest.approx(10 * 400e-6)
+    same = Costs(t_doorbell=300e-6, t_cmd=100e-6, psp_bw=1e15)  # the destination as the source
+    assert same.dst_psp(10, 0, doorbells=1) == pytest.approx(same.src_psp(10, 1, 0))

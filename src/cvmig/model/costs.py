@@ -85,12 +85,15 @@ def costs_from_cell(cell: dict[str, Any], link_bw: float, latency: float) -> Cos
     (a queue's doorbell apart from its commands), the engine's own work, the stop."""
     stop = StopCosts.from_ms(cell["stop_ms"])
     stop.slice = cell["stop_ms"].get("slice", 10.0) / 1000
-    send, recv = cell["send"], cell["receive"]
+    send, recv, host = cell["send"], cell["receive"], cell.get("host", {})
     return Costs(t_doorbell=send.get("t_doorbell", 0.0), t_cmd=send["t_cmd"],
                  psp_bw=send["bw"], rx_t_cmd=recv["t_cmd"],
                  rx_t_doorbell=recv.get("t_doorbell", 0.0), rx_psp_bw=recv["bw"],
                  t_send=cell.get("t_send", 0.0), t_page=cell.get("t_page", 0.0),
-                 link_bw=link_bw, latency=latency, stop=stop)
+                 link_bw=link_bw, latency=latency, stop=stop,
+                 # how this host's cores were shared (cvmig.model.validate.host_share)
+                 cores=host.get("cores", 0.0), pipeline_cores=host.get("pipeline_cores", 0.0),
+                 psp_cpu=host.get("psp_cpu", True), start_cpu=host.get("start_cpu", 0.0))
 
 
 def costs_dict(c: Costs) -> dict[str, Any]:

@@ -107,24 +107,44 @@ def psp_key(mode: Mode) -> str:
     return "queue" if mode.queue else mode.batching.value
 
 
-def _model_bulk(costs: Costs, npages: int, mode: Mode) -> float:
+def _model_bulk(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> float:
     """The model's bulk round for an idle guest (seconds)."""
-    w = SimWorld(GuestModel(npages=npages, dirty_rate=0, working_set=0, vcpus=VCPUS), costs)
+    w = SimWorld(GuestModel(npages=npages, dirty_rate=0, working_set=0, vcpus=VCPUS, cpu=cpu),
+                 costs)
     d = Driver(w, mode.params(MigrationParams()))
     d.run()
     return d.progress.rounds[0].duration
 
 
-def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float) -> float:
+def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float, cpu: float = 0.0) -> float:
     """The engine's own work per page that makes the model's bulk last ``bulk_s``: on
     this 2-core machine the PSPs, the engines and the guest share the CPUs, so the stages
     overlap less than the pipeline allows; per page is how that cost grows."""
     lo, hi = 0.0, 1e-3
-    if _model_bulk(replace(costs, t_page=0.0), npages, mode) >= bulk_s:
+    if _model_bulk(replace(costs, t_page=0.0), npages, mode, cpu) >= bulk_s:
         return 0.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        if _model_bulk(replace(costs, t_page=mid), npages, mode) < bulk_s:
+        if _model_bulk(replace(costs, t_page=mid), npages, mode, cpu) < bulk_s:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def fit_psp_scale(cell: dict[str, Any], npages: int, mode: Mode, bulk_s: float,
+                  cpu: float) -> float:
+    """The factor on the PSP's priced costs that makes the model's bulk last ``bulk_s``."""
+    def bulk(f: float) -> float:
+        scaled = {**cell, **{d: {k: v * f if k != "bw" else v / f for k, v in cell[d].items()}
+                             for d in ("send", "receive")}}
+        return _model_bulk(costs_from_cell(scaled, LOOPBACK_BW, LOOPBACK_LATENCY), npages,
+                           mode, cpu)
+
+    lo, hi = 0.05, 1.0
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        if bulk(mid) < bulk_s:
             lo = mid
         else:
             hi = mid
@@ -138,13 +158,40 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
     bulk = rep["rounds"][0]
     measured = rep["x-stop"]["costs-measured-ms"]
     cell: dict[str, Any] = {**psp[psp_key(mode)], "t_page": 0.0,
-                            "stop_ms": {**measured, "slice": 10.0}}
+                            "stop_ms": {**measured, "slice": 10.0},
+                            "host": host_share(rep)}
+    cpu = float(rep["guest"].get("cpu-cores-before") or 0.0)
     base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
-    cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"])
+    if cell["host"].get("psp_cpu", True) and \
+            _model_bulk(base, bulk["pages"], mode, cpu) > bulk["duration"]:
+        # the emulator ran faster during this run than when `bench psp` priced it (this
+        # shared machine's pace drifts): the same shape, scaled to the run
+        cell["psp_scale"] = f = fit_psp_scale(cell, bulk["pages"], mode, bulk["duration"], cpu)
+        for d in ("send", "receive"):
+            cell[d] = {k: v * f if k != "bw" else v / f for k, v in cell[d].items()}
+        base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
+    cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"], cpu)
     cell["bulk_pages_per_s"] = bulk["pages"] / bulk["duration"]
     cell["calibration_run"] = {"memory_mib": rep["ram"]["total"] // MiB + 1,
                                "total_ms": rep["total-time"], "downtime_ms": rep["downtime"]}
     return cell
+
+
+def host_share(rep: dict[str, Any]) -> dict[str, Any]:
+    """How an idle migration shared this host's cores: their number, what the migration's
+    own processes kept busy (the host's busy cores less the guest's and the destination's
+    start work), the start work, and whether the PSP's costs were CPU work here (the
+    emulator's) or a hardware profile's wall time. Empty for reports that lack it."""
+    h = rep.get("x-host-cpu") or {}
+    busy, start = h.get("busy-cores-precopy"), h.get("destination-start-cpu-s")
+    if not busy or start is None:
+        return {}
+    pre = sum(r["duration"] for r in rep["rounds"] if r["kind"] != "stop-and-copy")
+    guest = float(rep["guest"].get("cpu-cores-during") or 0.0)
+    cores = float(h["cores"])
+    pipeline = min(max(busy - guest - start / max(pre, 1e-3), 0.05), cores)
+    return {"cores": cores, "pipeline_cores": round(pipeline, 3), "start_cpu": float(start),
+            "psp_cpu": parse(rep["psp"]["profile"]).is_free}
 
 
 def calibrate_mode(profile: str, mode: str, memory: int,
@@ -214,8 +261,9 @@ def _guest(workload: str, memory: int, reports: list[dict[str, Any]]) -> GuestMo
         seen = [r["rounds"][1]["dirty_pages"] / max(r["rounds"][0]["duration"], 1e-3)
                 for r in reports if len(r["rounds"]) > 1]
         rate = statistics.median(seen) if seen else 0.0
+    cpu = [float(r["guest"].get("cpu-cores-before") or 0.0) for r in reports]
     return GuestModel(npages=npages, dirty_rate=rate, working_set=npages if rate else 0,
-                      vcpus=VCPUS)
+                      vcpus=VCPUS, cpu=statistics.median(cpu) if cpu else 0.0)
 
 
 def predict_cell(cal: dict[str, Any], profile: str, mode: str, throttle: str,
@@ -461,7 +509,9 @@ def scale(cal: dict[str, Any] | None, echo: Callable[[str], None] = print,
             for mode in modes:
                 if profile == HELPER:
                     costs = costs_from_calibration(cal or {}, "none", mode, guest.vcpus)
-                    costs = replace(costs, link_bw=link_gbit * 1e9 / 8)
+                    # a helper's host: cores of its own, no small-host sharing
+                    costs = replace(costs, link_bw=link_gbit * 1e9 / 8, cores=0.0,
+                                    start_cpu=0.0)
                 else:
                     costs = costs_from_profile(profile, link_gbit, guest.vcpus)
                 for thr in ("none", "precopy"):

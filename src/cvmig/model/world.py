@@ -17,7 +17,14 @@ engine's data path (migration/source.py, sender.py, receiver.py, destination.py)
   where the engine pays them, the FINISH waiting behind every frame still in flight;
 - the guest writes ``dirty_rate`` pages/s at random over ``working_set`` pages while it
   runs (``contiguous``: over its first pages in order), slowed by the throttle (it runs
-  1 - p of the time) or its dirty limit.
+  1 - p of the time) or its dirty limit;
+- on a host of ``cores`` CPUs (0: as many as needed, as on hardware, where the vCPUs
+  have cores of their own and the PSP is a separate chip), the migration's own processes
+  (``pipeline_cores`` of demand), the guest's vCPUs (``GuestModel.cpu``, less as the
+  throttle bites) and the destination readying itself (``start_cpu`` CPU-seconds of
+  work by ``start_cores`` processes) share the cores: when they ask for more than there
+  is, each gets its share, and the migration's CPU work (the engine's own, and the
+  secure processors' where they are software: ``psp_cpu``) slows by demand / cores.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ class Costs:
     t_send: float = 0.0  # the engine's own work per send (plan, frame, hand-over), s
     t_page: float = 0.0  # ... and per page (on a small machine: the CPU the stages share)
     latency: float = 0.0  # one way, s
+    cores: float = 0.0  # the host's CPUs the migration shares with its guest (0: no sharing)
+    pipeline_cores: float = 0.0  # cores the migration's processes keep busy on their own
+    psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
+    start_cpu: float = 0.0  # CPU-s the destination spends starting its vCPUs, during pre-copy
+    start_cores: float = 2.0  # ... by this many processes at once
     stop: StopCosts = field(default_factory=lambda: StopCosts(pause=2e-3, grant=5e-3))
     window: int = WINDOW
     slots: int = SLOTS
@@ -70,6 +82,7 @@ class GuestModel:
     working_set: int  # pages the writes fall on
     vcpus: int = 1
     shared_pages: int = 0
+    cpu: float = 0.0  # cores the vCPUs keep busy while they run unthrottled
     contiguous: bool = False  # True: the dirty pages are the working set's first, in order
     seed: int = 1
 
@@ -97,6 +110,7 @@ class SimWorld:
     _dst_free: float = 0.0
 
     def __post_init__(self) -> None:
+        self._start_left = self.costs.start_cpu
         self.src_version = np.zeros(self.guest.npages, dtype=np.int64)
         self.dst_version = np.full(self.guest.npages, -1, dtype=np.int64)
         self._rng = np.random.default_rng(self.guest.seed)
@@ -133,7 +147,11 @@ class SimWorld:
         self._last_accrue = self.clock
 
     def write_rate(self) -> float:
-        """Pages/s the guest writes now."""
+        """Pages/s the guest writes now: what its throttle or dirty limit lets it, slowed
+        like the migration where the two ask a small host for more cores than it has."""
+        return self._allowed_rate() / self.contention()
+
+    def _allowed_rate(self) -> float:
         if self.paused:
             return 0.0
         rate = self.guest.dirty_rate * (1.0 - self.throttle)
@@ -160,6 +178,37 @@ class SimWorld:
             pfns = start + np.unique(self._rng.integers(0, ws, size=n_writes, dtype=np.int64))
         self.src_version[pfns] += 1
         return pfns
+
+    def _demand(self) -> tuple[float, float]:
+        """(the guest's cores, the destination's start work's cores) asked for now."""
+        g = self.guest
+        if self.paused:
+            guest = 0.0
+        elif g.dirty_rate > 0:
+            guest = g.cpu * self._allowed_rate() / g.dirty_rate
+        else:
+            guest = g.cpu * (1.0 - self.throttle)
+        return guest, self.costs.start_cores if self._start_left > 0 else 0.0
+
+    def contention(self) -> float:
+        """How much slower the migration's CPU work runs now than on cores of its own."""
+        c = self.costs
+        if not c.cores:
+            return 1.0
+        guest, start = self._demand()
+        return max(1.0, (c.pipeline_cores + guest + start) / c.cores)
+
+    def _ran(self, seconds: float) -> None:
+        """The destination's start work got its share of the cores for ``seconds``."""
+        c = self.costs
+        if self._start_left <= 0 or not c.cores:
+            self._start_left = 0.0
+            return
+        self._accrue()  # the guest's pace changes when the start work ends
+        guest, start = self._demand()
+        total = c.pipeline_cores + guest + start
+        share = start * min(1.0, c.cores / total)
+        self._start_left -= share * seconds
 
     def _frame(self, src_cost: float, nbytes: int, dst_cost: float) -> float:
         """Move one frame through the pipeline; return the seconds the source spent on it
@@ -191,15 +240,18 @@ class SimWorld:
         ncmds = len(bounds) - 1
         nbytes = len(pfns) * PAGE_SIZE + ncmds * PACKET_HEADER_SIZE
         doorbells = 1 if queue else ncmds
-        psp = c.src_psp(ncmds, doorbells, nbytes)
-        self._frame(psp + c.t_send + len(pfns) * c.t_page, nbytes,
-                    c.dst_psp(ncmds, nbytes, doorbells))
+        k = self.contention()
+        kp = k if c.psp_cpu else 1.0
+        psp = c.src_psp(ncmds, doorbells, nbytes) * kp
+        spent = self._frame(psp + (c.t_send + len(pfns) * c.t_page) * k, nbytes,
+                            c.dst_psp(ncmds, nbytes, doorbells) * kp)
+        self._ran(spent)
         self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes, ncmds, doorbells, psp)
 
     def send_shared(self, pfns: np.ndarray) -> Sent:
         nbytes = len(pfns) * PAGE_SIZE
-        self._frame(self.costs.t_send, nbytes, 0.0)
+        self._ran(self._frame(self.costs.t_send * self.contention(), nbytes, 0.0))
         self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes)
 

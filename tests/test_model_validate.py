@@ -1,0 +1,101 @@
+"""`cvmig model --validate`'s bookkeeping, on engine results written by hand: which runs
+calibrate, what the model is held to (the runs' median), the engine's own spread."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from cvmig.bench.paper import MODES
+from cvmig.model import validate as V
+from cvmig.model.cli import model
+
+PSP = {"none": {"page": {"send": {"t_cmd": 100e-6, "bw": 1e15},
+                         "receive": {"t_cmd": 100e-6, "bw": 1e15}}}}
+NPAGES = 4094  # 16 MiB less the two VMSA pages
+
+
+def _run(workload: str, total: float, downtime: float, gap: float, bulk_s: float,
+         busy: float = 1.0, cpu: float = 0.0) -> dict[str, Any]:
+    row = {"workload": workload, "mode": "page", "throttle": "none", "profile": "none",
+           "memory_mib": 16, "status": "completed", "switchover": "converged",
+           "total_ms": total, "downtime_ms": downtime, "gap_ms": gap, "rounds": 2,
+           "dirty_fraction": 0.5 if workload.startswith("dirtier") else 0.0}
+    report = {
+        "rounds": [{"kind": "bulk", "duration": bulk_s, "pages": NPAGES,
+                    "dirty_pages": NPAGES},
+                   {"kind": "stop-and-copy", "duration": 0.01, "pages": 2, "dirty_pages": 0}],
+        "x-stop": {"costs-measured-ms": {"pause": 1.0, "vcpu_state": 1.0, "trailer": 0.5,
+                                         "finish": 5.0, "grant": 1.0}},
+        "guest": {"ops-per-s-before": 100.0, "cpu-cores-before": cpu,
+                  "cpu-cores-during": cpu},
+        "x-host-cpu": {"cores": 2, "busy-cores-precopy": busy, "destination-start-cpu-s": 0.0},
+        "psp": {"profile": "none"}, "ram": {"total": 16 << 20}, "total-time": total,
+        "downtime": downtime,
+    }
+    return {"row": row, "report": report}
+
+
+def _bench(tmp_path: Path) -> Path:
+    wl = "dirtier:rate=100,pattern=uniform"
+    runs = [_run("idle", 700, 8, 20, 0.6),
+            _run(wl, 900, 10, 30, 0.6), _run(wl, 1300, 30, 50, 0.6),
+            _run(wl, 1000, 20, 40, 0.6)]
+    runs.append({"row": {**runs[1]["row"], "status": "failed"}, "report": None})
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"meta": {"grid": {"timeout_s": 40.0}}, "runs": runs}))
+    return path
+
+
+def test_the_model_is_held_to_the_median_of_a_cells_runs(tmp_path: Path) -> None:
+    res = V.from_bench(_bench(tmp_path), tmp_path / "out", lambda s: None, PSP)
+    assert res["summary"]["cells"] == 1  # the idle run calibrates: it is not a cell
+    cell = res["cells"][0]
+    assert (cell["workload"], cell["mode"]) == ("d0.5", "page")
+    e, m = cell["engine"], cell["model"]
+    assert (e["total_ms"], e["downtime_ms"], e["gap_ms"]) == (1000, 20, 40)
+    assert len(e["runs"]) == 3  # the failed run is left out
+    assert cell["spread_total"] == pytest.approx(0.2)  # (1300 - 900) / 2 / 1000
+    assert cell["spread_downtime"] == pytest.approx(0.5)
+    assert cell["err_total"] == pytest.approx((m["total_ms"] - 1000) / 1000, abs=1e-3)
+    assert (tmp_path / "out" / "model-validation-bench.json").is_file()
+
+
+def test_the_calibration_makes_the_models_bulk_last_as_long_as_the_engines() -> None:
+    for bulk_s in (0.6, 0.3):  # slower than the priced PSP, then faster (a drifted pace)
+        cell = V.calibration_cell(_run("idle", 700, 8, 20, bulk_s)["report"], MODES["page"],
+                                  PSP["none"])
+        costs = V.costs_from_cell(cell, V.LOOPBACK_BW, V.LOOPBACK_LATENCY)
+        assert V._model_bulk(costs, NPAGES, MODES["page"]) == pytest.approx(bulk_s, rel=0.01)
+        assert ("psp_scale" in cell) == (bulk_s < NPAGES * 100e-6)
+        # the busy cores less the guest's and the start work: the migration's own demand
+        assert cell["host"] == {"cores": 2.0, "pipeline_cores": 1.0, "start_cpu": 0.0,
+                                "psp_cpu": True}
+
+
+def test_a_busy_guest_on_the_small_host_lengthens_the_predicted_migration(tmp_path: Path) -> None:
+    cal = {"cells": {"none/page": V.calibration_cell(
+        _run("idle", 700, 8, 20, 0.6, busy=2.0)["report"], MODES["page"], PSP["none"])}}
+    idle = V._guest("idle", 16 << 20, [_run("idle", 0, 0, 0, 0)["report"]])
+    busy = V._guest("idle", 16 << 20, [_run("idle", 0, 0, 0, 0, cpu=2.0)["report"]])
+    assert busy.cpu == 2.0
+    t_idle = V.predict_cell(cal, "none", "page", "none", idle, 40)["total_ms"]
+    t_busy = V.predict_cell(cal, "none", "page", "none", busy, 40)["total_ms"]
+    assert t_busy > 1.8 * t_idle  # the pipeline asked for both cores; now it gets half
+
+
+def test_validate_options_are_checked(tmp_path: Path) -> None:
+    r = CliRunner().invoke(model, ["--reps", "2"])
+    assert r.exit_code == 2 and "go with --validate" in r.output
+    r = CliRunner().invoke(model, ["--validate", "--from-bench", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no runs.json" in r.output
+    bad = tmp_path / "runs.json"
+    bad.write_text("{}")
+    r = CliRunner().invoke(model, ["--validate", "--from-bench", str(bad)])
+    assert r.exit_code == 2 and "not a `cvmig bench paper` runs.json" in r.output
+    r = CliRunner().invoke(model, ["--validate", "--from-bench", str(bad), "--reps", "2"])
+    assert r.exit_code == 2 and "do not apply" in r.output
