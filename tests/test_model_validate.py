@@ -11,8 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from cvmig.bench.paper import MODES
+from cvmig.migration.driver import Driver, MigrationParams
 from cvmig.model import validate as V
 from cvmig.model.cli import model
+from cvmig.model.world import GuestModel, SimWorld
 
 PSP = {"none": {"page": {"send": {"t_cmd": 100e-6, "bw": 1e15},
                          "receive": {"t_cmd": 100e-6, "bw": 1e15}}}}
@@ -26,15 +28,17 @@ def _run(workload: str, total: float, downtime: float, gap: float, bulk_s: float
            "total_ms": total, "downtime_ms": downtime, "gap_ms": gap, "rounds": 2,
            "dirty_fraction": 0.5 if workload.startswith("dirtier") else 0.0}
     report = {
-        "rounds": [{"kind": "bulk", "duration": bulk_s, "pages": NPAGES,
+        "rounds": [{"kind": "bulk", "start": 0.01, "duration": bulk_s, "pages": NPAGES,
                     "dirty_pages": NPAGES},
-                   {"kind": "stop-and-copy", "duration": 0.01, "pages": 2, "dirty_pages": 0}],
+                   {"kind": "stop-and-copy", "start": 0.01 + bulk_s, "duration": 0.01,
+                    "pages": 2, "dirty_pages": 0}],
         "x-stop": {"costs-measured-ms": {"pause": 1.0, "vcpu_state": 1.0, "trailer": 0.5,
                                          "finish": 5.0, "grant": 1.0}},
         "guest": {"ops-per-s-before": 100.0, "cpu-cores-before": cpu,
                   "cpu-cores-during": cpu},
         "x-host-cpu": {"cores": 2, "busy-cores-precopy": busy, "destination-start-cpu-s": 0.0},
         "psp": {"profile": "none"}, "ram": {"total": 16 << 20}, "total-time": total,
+        "setup-time": 10,
         "downtime": downtime,
     }
     return {"row": row, "report": report}
@@ -75,6 +79,14 @@ def test_the_calibration_makes_the_models_bulk_last_as_long_as_the_engines() -> 
         # the busy cores less the guest's and the start work: the migration's own demand
         assert cell["host"] == {"cores": 2.0, "pipeline_cores": 1.0, "start_cpu": 0.0,
                                 "psp_cpu": True}
+        # the set-up before the bulk, and the source's digest after the go-ahead (the
+        # engine's 700 ms less its time to the end of the stop round): as measured
+        w = SimWorld(GuestModel(npages=NPAGES, dirty_rate=0, working_set=0), costs)
+        p = Driver(w, MODES["page"].params(MigrationParams())).run()
+        assert p.rounds[0].start == pytest.approx(0.010)
+        last = p.rounds[-1]
+        assert p.total_time - (last.start + last.duration) == pytest.approx(
+            0.700 - (0.010 + bulk_s + 0.010), rel=0.01)
 
 
 def test_a_busy_guest_on_the_small_host_lengthens_the_predicted_migration(tmp_path: Path) -> None:

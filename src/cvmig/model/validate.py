@@ -157,9 +157,14 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
     work per page (what makes the model's bulk round last as long as the engine's)."""
     bulk = rep["rounds"][0]
     measured = rep["x-stop"]["costs-measured-ms"]
+    last = rep["rounds"][-1]
+    running_at = last["start"] + last["duration"]  # the go-ahead: the downtime's end
     cell: dict[str, Any] = {**psp[psp_key(mode)], "t_page": 0.0,
                             "stop_ms": {**measured, "slice": 10.0},
-                            "host": host_share(rep)}
+                            "host": host_share(rep),
+                            "setup_s": rep.get("setup-time", 0) / 1000,
+                            "digest_page": max(rep["total-time"] / 1000 - running_at, 0.0)
+                            / rep["ram"]["total"] * PAGE_SIZE}
     cpu = float(rep["guest"].get("cpu-cores-before") or 0.0)
     base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
     if cell["host"].get("psp_cpu", True) and \

@@ -59,6 +59,9 @@ class Costs:
     psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
     start_cpu: float = 0.0  # CPU-s the destination spends starting its vCPUs, during pre-copy
     start_cores: float = 2.0  # ... by this many processes at once
+    setup: float = 0.0  # s from the migration's start to its bulk round (the dirty log on)
+    digest_page: float = 0.0  # s per page: the source measures its paused copy after the
+    # go-ahead (the destination runs meanwhile), before it releases it: in the total time
     stop: StopCosts = field(default_factory=lambda: StopCosts(pause=2e-3, grant=5e-3))
     window: int = WINDOW
     slots: int = SLOTS
@@ -138,6 +141,7 @@ class SimWorld:
         return pfns < self.guest.shared_pages
 
     def start_dirty_log(self) -> None:
+        self.clock += self.costs.setup
         self._last_accrue = self.clock
         self._writes = 0.0
 
@@ -243,8 +247,8 @@ class SimWorld:
         k = self.contention()
         kp = k if c.psp_cpu else 1.0
         psp = c.src_psp(ncmds, doorbells, nbytes) * kp
-        spent = self._frame(psp + (c.t_send + len(pfns) * c.t_page) * k, nbytes,
-                            c.dst_psp(ncmds, nbytes, doorbells) * kp)
+        own = (c.t_send + len(pfns) * c.t_page) * k  # the engine's work, at each end
+        spent = self._frame(psp + own, nbytes, c.dst_psp(ncmds, nbytes, doorbells) * kp + own)
         self._ran(spent)
         self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes, ncmds, doorbells, psp)
@@ -283,12 +287,14 @@ class SimWorld:
     def complete(self) -> float:
         """The trailer, then FINISH behind every frame in flight; the destination's
         RECEIVE_FINISH and restore; CONFIRM back; our grant (the end of the downtime as
-        the source counts it); the destination's vCPUs run a grant's time after CONFIRM."""
+        the source counts it); the destination's vCPUs run a grant's time after CONFIRM.
+        The clock then runs on while we measure our paused copy (the digest)."""
         c, s = self.costs, self.costs.stop
         self.clock += s.trailer
         arrive = max(self.clock, self._link_free) + c.latency
         confirm = max(arrive, self._dst_free) + s.finish
         self.resumed_at = confirm + s.grant
-        self.clock = confirm + c.latency
+        running_at = confirm + c.latency
+        self.clock = running_at + self.guest.npages * c.digest_page
         self.log.append((self.clock, "complete"))
-        return self.clock
+        return running_at
