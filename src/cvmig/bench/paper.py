@@ -246,10 +246,23 @@ def _write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
               help="Repetitions per cell (default: 1 quick, 3 full).")
 @click.option("--profiles", default=None,
               help="Comma list of PSP cost profiles (default: none,sev-2020).")
-def paper(quick: bool, out: Path, reps: int | None, profiles: str | None) -> None:
+@click.option("--from-runs", "from_runs", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Migrate nothing: summarize, plot and check the claims of "
+                                 "a grid already run (its runs.json) into --out.")
+def paper(quick: bool, out: Path, reps: int | None, profiles: str | None,
+          from_runs: Path | None) -> None:
     """Batching x throttling x workload, measured side by side against the page baseline."""
-    from cvmig.bench.plots import plot_all
     from cvmig.psp.cost import parse
+
+    if from_runs is not None:
+        try:
+            results = json.loads(from_runs.read_text())["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise click.BadParameter(f"not a `cvmig bench paper` runs.json: {e}",
+                                     param_hint="--from-runs") from None
+        out.mkdir(parents=True, exist_ok=True)
+        _conclude(results, out)
+        return
 
     grid = QUICK if quick else FULL
     if reps:
@@ -265,8 +278,20 @@ def paper(quick: bool, out: Path, reps: int | None, profiles: str | None) -> Non
     out.mkdir(parents=True, exist_ok=True)
     click.echo(machine_line())
     results = run_grid(grid, out, quick=quick)
+    _conclude(results, out)
+    click.echo(f"wrote {out / 'runs.json'}, {out / 'runs.csv'}")
+
+
+def _conclude(results: list[dict[str, Any]], out: Path) -> None:
+    """summary.csv, the plots, and the report's claims checked (claims.json)."""
+    from cvmig.bench.claims import check, echo_claims
+    from cvmig.bench.plots import plot_all
+
     summary = summarize(results)
     _write_csv(out / "summary.csv", summary)
     for p in plot_all(results, summary, out):
         click.echo(f"wrote {p}")
-    click.echo(f"wrote {out / 'runs.json'}, {out / 'runs.csv'}, {out / 'summary.csv'}")
+    claims = check(results, {m.name for m in MODES.values() if m.switchover is Switchover.QEMU})
+    (out / "claims.json").write_text(json.dumps(claims, indent=1) + "\n")
+    echo_claims(claims, click.echo)
+    click.echo(f"wrote {out / 'summary.csv'}, {out / 'claims.json'}")
