@@ -111,3 +111,28 @@ def test_validate_options_are_checked(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "not a `cvmig bench paper` runs.json" in r.output
     r = CliRunner().invoke(model, ["--validate", "--from-bench", str(bad), "--reps", "2"])
     assert r.exit_code == 2 and "do not apply" in r.output
+
+
+def test_a_modes_calibration_takes_the_medians_of_its_idle_runs() -> None:
+    reps = [_run("idle", total, 8, 20, bulk)["report"] for total, bulk in
+            ((700, 0.6), (900, 0.5), (800, 0.7))]
+    reps[1]["x-stop"]["costs-measured-ms"]["finish"] = 50.0  # one slow stop
+    reps[2]["rounds"][1]["start"] += 0.040  # one run waited 40 ms for frames in flight
+    m = V.median_report(reps)
+    assert m["rounds"][0]["duration"] == 0.6
+    assert m["x-stop"]["costs-measured-ms"]["finish"] == 5.0
+    gap = m["rounds"][1]["start"] - m["rounds"][0]["start"] - m["rounds"][0]["duration"]
+    assert gap == pytest.approx(0.0, abs=1e-9)
+    # the time after the stop round: 700 - 620, 900 - 520, 800 - 760 ms; median 80 ms
+    last = m["rounds"][-1]
+    assert m["total-time"] / 1000 - last["start"] - last["duration"] == pytest.approx(0.080)
+    # a median wait before the stop that the model's own pipeline does not show becomes
+    # the destination's lag, fitted so that the model waits as long
+    reps[0]["rounds"][1]["start"] += 0.100
+    reps[1]["rounds"][1]["start"] += 0.100
+    cell = V.calibration_cell(V.median_report(reps), MODES["page"], PSP["none"])
+    costs = V.costs_from_cell(cell, V.LOOPBACK_BW, V.LOOPBACK_LATENCY)
+    assert cell["rx_lag"] > 0
+    bulk, wait = V._model_idle(costs, NPAGES, MODES["page"])
+    # (fitted with the pace in turn: two passes get both close)
+    assert wait == pytest.approx(0.100, abs=0.015) and bulk == pytest.approx(0.6, rel=0.02)

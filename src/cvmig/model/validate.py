@@ -12,6 +12,7 @@ timeout; the error is (model - engine) / engine.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -107,13 +108,35 @@ def psp_key(mode: Mode) -> str:
     return "queue" if mode.queue else mode.batching.value
 
 
-def _model_bulk(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> float:
-    """The model's bulk round for an idle guest (seconds)."""
+def _model_idle(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> tuple[float, float]:
+    """The model's idle migration: its bulk round, and the wait between the bulk's end
+    and the stop (its frames in flight landing), in seconds."""
     w = SimWorld(GuestModel(npages=npages, dirty_rate=0, working_set=0, vcpus=VCPUS, cpu=cpu),
                  costs)
     d = Driver(w, mode.params(MigrationParams()))
     d.run()
-    return d.progress.rounds[0].duration
+    bulk, nxt = d.progress.rounds[0], d.progress.rounds[1]
+    return bulk.duration, nxt.start - bulk.start - bulk.duration
+
+
+def _model_bulk(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> float:
+    """The model's bulk round for an idle guest (seconds)."""
+    return _model_idle(costs, npages, mode, cpu)[0]
+
+
+def fit_rx_lag(costs: Costs, npages: int, mode: Mode, gap_s: float, cpu: float = 0.0) -> float:
+    """The destination's lag that makes the model's frames in flight at the end of the
+    bulk take as long to land as the engine's did (the wait before its stop)."""
+    lo, hi = 0.0, 20.0
+    if _model_idle(costs, npages, mode, cpu)[1] >= gap_s:
+        return 0.0
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        if _model_idle(replace(costs, rx_lag=mid), npages, mode, cpu)[1] < gap_s:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float, cpu: float = 0.0) -> float:
@@ -176,6 +199,15 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
             cell[d] = {k: v * f if k != "bw" else v / f for k, v in cell[d].items()}
         base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
     cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"], cpu)
+    # the lag changes the pipeline's pace too (the window fills): fitted, then the pace again
+    stop_at = rep["rounds"][1]["start"] if len(rep["rounds"]) > 1 else None
+    if stop_at is not None:
+        gap = stop_at - bulk["start"] - bulk["duration"]
+        for _ in range(2):
+            cell["rx_lag"] = fit_rx_lag(replace(base, t_page=cell["t_page"]), bulk["pages"],
+                                        mode, gap, cpu)
+            base = replace(base, rx_lag=cell["rx_lag"])
+            cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"], cpu)
     cell["bulk_pages_per_s"] = bulk["pages"] / bulk["duration"]
     cell["calibration_run"] = {"memory_mib": rep["ram"]["total"] // MiB + 1,
                                "total_ms": rep["total-time"], "downtime_ms": rep["downtime"]}
@@ -197,6 +229,49 @@ def host_share(rep: dict[str, Any]) -> dict[str, Any]:
     pipeline = min(max(busy - guest - start / max(pre, 1e-3), 0.05), cores)
     return {"cores": cores, "pipeline_cores": round(pipeline, 3), "start_cpu": float(start),
             "psp_cpu": parse(rep["psp"]["profile"]).is_free}
+
+
+def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """An idle migration made of the medians of several: its bulk, the wait before its
+    stop, its stop costs, set-up, digest and host shares (what one run alone would set
+    at one moment of a shared machine's drifting pace)."""
+    def med(f: Callable[[dict[str, Any]], float]) -> float:
+        return float(statistics.median(f(r) for r in reports))
+
+    def tail(r: dict[str, Any]) -> float:
+        last = r["rounds"][-1]
+        return r["total-time"] / 1000 - last["start"] - last["duration"]
+
+    two = [r for r in reports if len(r["rounds"]) > 1]
+    base = copy.deepcopy(two[0] if two else reports[0])
+    bulk = base["rounds"][0]
+    bulk["duration"] = med(lambda r: r["rounds"][0]["duration"])
+    end = bulk["start"] + bulk["duration"]
+    if two:
+        gap = float(statistics.median(r["rounds"][1]["start"] - r["rounds"][0]["start"]
+                                      - r["rounds"][0]["duration"] for r in two))
+        base["rounds"][1]["start"] = end + gap
+        end = base["rounds"][1]["start"] + base["rounds"][1]["duration"]
+        base["rounds"] = base["rounds"][:2]
+    base["total-time"] = (end + med(tail)) * 1000
+    base["setup-time"] = med(lambda r: r.get("setup-time", 0))
+    stop: dict[str, float] = {}
+    for part in base["x-stop"]["costs-measured-ms"]:
+        stop[part] = float(statistics.median(
+            r["x-stop"]["costs-measured-ms"].get(part, 0.0) for r in reports))
+    base["x-stop"]["costs-measured-ms"] = stop
+    base["guest"]["cpu-cores-before"] = med(lambda r: r["guest"].get("cpu-cores-before") or 0)
+    base["guest"]["cpu-cores-during"] = med(lambda r: r["guest"].get("cpu-cores-during") or 0)
+    hosts = [r["x-host-cpu"] for r in reports if (r.get("x-host-cpu") or {}).get(
+        "busy-cores-precopy") and r["x-host-cpu"].get("destination-start-cpu-s") is not None]
+    if hosts:
+        base["x-host-cpu"] = {
+            "cores": hosts[0]["cores"],
+            "busy-cores-precopy": statistics.median(h["busy-cores-precopy"] for h in hosts),
+            "destination-start-cpu-s": statistics.median(
+                h["destination-start-cpu-s"] for h in hosts)}
+    base["downtime"] = med(lambda r: r["downtime"])
+    return base
 
 
 def calibrate_mode(profile: str, mode: str, memory: int,
@@ -390,9 +465,9 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
 def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
                psp: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model against a `cvmig bench paper` grid already run (its runs.json): each
-    configuration's idle run without a throttle calibrates that mode (the run with the
-    median time; those cells are left out of the error), `cvmig bench psp` prices the
-    firmware (``psp``: reuse a calibration's), and every other cell is predicted."""
+    mode's idle runs calibrate it (the one with the median bulk; the idle cell without a
+    throttle is left out of the error), `cvmig bench psp` prices the firmware (``psp``:
+    reuse a calibration's), and every other cell is predicted."""
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
     try:
@@ -417,15 +492,16 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
             echo(f"pricing the firmware: cvmig bench psp --psp-profile {profile}")
             psp[profile] = psp_costs(profile, need)
         for mode in modes:
+            # every idle run of the mode (a throttle has nothing to slow on an idle
+            # guest): the one whose bulk took the median time, so one run's pace at one
+            # moment of an hour-long grid does not set the mode's
             idle = [r for k, rs in groups.items() if k[0] == profile and k[3] == mode
-                    and k[2] == "idle" and k[4] == "none" for r in rs if r["report"]]
+                    and k[2] == "idle" for r in rs if r["report"]]
             if not idle:
-                echo(f"  {profile}/{mode}: no idle run without a throttle to calibrate on; "
-                     "its cells are left out")
+                echo(f"  {profile}/{mode}: no idle run to calibrate on; its cells are left out")
                 continue
-            idle.sort(key=lambda r: r["row"]["total_ms"])
             cal["cells"][f"{profile}/{mode}"] = calibration_cell(
-                idle[len(idle) // 2]["report"], MODES[mode], psp[profile])
+                median_report([r["report"] for r in idle]), MODES[mode], psp[profile])
             echo(_describe(f"{profile}/{mode}", cal["cells"][f"{profile}/{mode}"]))
     timeout = float(meta["grid"]["timeout_s"])
     rows: list[dict[str, Any]] = []

@@ -54,6 +54,9 @@ class Costs:
     t_send: float = 0.0  # the engine's own work per send (plan, frame, hand-over), s
     t_page: float = 0.0  # ... and per page (on a small machine: the CPU the stages share)
     latency: float = 0.0  # one way, s
+    rx_lag: float = 0.0  # a frame waits at the destination this share of its source time
+    # before its import begins (a small host's destination queued behind the others for
+    # the cores: the bigger the frame, the longer)
     cores: float = 0.0  # the host's CPUs the migration shares with its guest (0: no sharing)
     pipeline_cores: float = 0.0  # cores the migration's processes keep busy on their own
     psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
@@ -224,7 +227,7 @@ class SimWorld:
         acked = self._dst_done[k - c.window] + c.latency if k >= c.window else 0.0
         wire = max(self.clock, self._link_free, acked) + nbytes / c.link_bw
         self._link_free = wire
-        done = max(wire + c.latency, self._dst_free) + dst_cost
+        done = max(wire + c.latency + c.rx_lag * src_cost, self._dst_free) + dst_cost
         self._dst_free = done
         self._wire_done.append(wire)
         self._dst_done.append(done)
