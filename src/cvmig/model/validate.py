@@ -275,15 +275,17 @@ def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def calibrate_mode(profile: str, mode: str, memory: int,
-                   psp: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """One idle migration calibrates ``mode`` (a `cvmig bench paper` mode) here."""
+                   psp: dict[str, dict[str, dict[str, float]]], runs: int = 1) -> dict[str, Any]:
+    """``runs`` idle migrations calibrate ``mode`` (a `cvmig bench paper` mode) here."""
     from cvmig.bench.paper import _run
 
-    r = _run("idle", MODES[mode], "none", profile, memory, 0.0, 0)
-    rep = r["report"]
-    if rep is None:
-        raise RuntimeError(f"calibration migration failed: {r['row'].get('error')}")
-    cell = calibration_cell(rep, MODES[mode], psp)
+    reports = []
+    for i in range(runs):
+        r = _run("idle", MODES[mode], "none", profile, memory, 0.0, i)
+        if r["report"] is None:
+            raise RuntimeError(f"calibration migration failed: {r['row'].get('error')}")
+        reports.append(r["report"])
+    cell = calibration_cell(median_report(reports), MODES[mode], psp)
     cell["calibration_run"]["load"] = os.getloadavg()[0]
     return cell
 
@@ -307,7 +309,7 @@ def calibrate(grid: Grid, echo: Callable[[str], None]) -> dict[str, Any]:
         psp = psps[profile] = psp_costs(profile, psp_modes(grid.modes))
         mem = (grid.hw_memories if profile != "none" else grid.memories)[0] * MiB
         for mode in grid.modes:
-            cells[f"{profile}/{mode}"] = calibrate_mode(profile, mode, mem, psp)
+            cells[f"{profile}/{mode}"] = calibrate_mode(profile, mode, mem, psp, grid.reps)
             echo(_describe(f"{profile}/{mode}", cells[f"{profile}/{mode}"]))
     return {"cells": cells, "psp": psps, "vcpus": VCPUS, "link_bw": LOOPBACK_BW,
             "latency": LOOPBACK_LATENCY}
@@ -441,7 +443,8 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
                     for mode in grid.modes:
                         key = f"{profile}/{mode}"
                         calibration["cells"][key] = calibrate_mode(
-                            profile, mode, mem_mib * MiB, calibration["psp"][profile])
+                            profile, mode, mem_mib * MiB, calibration["psp"][profile],
+                            grid.reps)
                         echo(_describe(key, calibration["cells"][key]))
                 for mode in grid.modes:
                     for thr in grid.throttles:
