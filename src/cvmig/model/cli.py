@@ -94,7 +94,8 @@ def _validate(quick: bool, reps: int | None, from_bench: Path | None,
                f"{s['spread_total']['max_abs']:.1%}, downtime "
                f"{s['spread_downtime']['median_abs']:.1%} / "
                f"{s['spread_downtime']['max_abs']:.1%}")
-    click.echo(f"wrote {out / (name + '.json')}, {out / (name + '.png')}")
+    click.echo(f"wrote {out / (name + '.json')}, {out / (name + '.png')}, "
+               f"{out / 'model-calibration.json'}")
 
 
 @click.command()

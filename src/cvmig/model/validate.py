@@ -519,6 +519,8 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
             rows.append(cell)
             _echo_cell(echo, cell)
     out.mkdir(parents=True, exist_ok=True)
+    # this host's latest calibration (what `cvmig model --calibration` and --scale take)
+    (out / "model-calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
     return _result(rows, {"bench": str(runs_json), "calibration": cal}, out,
                    "model-validation-bench", t0, load0)
 
@@ -595,7 +597,7 @@ def scale(cal: dict[str, Any] | None, echo: Callable[[str], None] = print,
                     costs = costs_from_calibration(cal or {}, "none", mode, guest.vcpus)
                     # a helper's host: cores of its own, no small-host sharing
                     costs = replace(costs, link_bw=link_gbit * 1e9 / 8, cores=0.0,
-                                    start_cpu=0.0)
+                                    start_cpu=0.0, rx_lag=0.0)
                 else:
                     costs = costs_from_profile(profile, link_gbit, guest.vcpus)
                 for thr in ("none", "precopy"):
