@@ -91,11 +91,16 @@ def costs_from_cell(cell: dict[str, Any], link_bw: float, latency: float) -> Cos
                  rx_t_doorbell=recv.get("t_doorbell", 0.0), rx_psp_bw=recv["bw"],
                  t_send=cell.get("t_send", 0.0), t_page=cell.get("t_page", 0.0),
                  setup=cell.get("setup_s", 0.0), digest_page=cell.get("digest_page", 0.0),
-                 rx_lag=cell.get("rx_lag", 0.0),
+                 rx_lag=cell.get("rx_lag", 0.0), cmd_table=_table(send), rx_cmd_table=_table(recv),
                  link_bw=link_bw, latency=latency, stop=stop,
                  # how this host's cores were shared (cvmig.model.validate.host_share)
                  cores=host.get("cores", 0.0), pipeline_cores=host.get("pipeline_cores", 0.0),
                  psp_cpu=host.get("psp_cpu", True), start_cpu=host.get("start_cpu", 0.0))
+
+
+def _table(direction: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    t = direction.get("table")
+    return (tuple(t[0]), tuple(t[1])) if t else None
 
 
 def costs_dict(c: Costs) -> dict[str, Any]:

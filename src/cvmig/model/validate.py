@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cvmig.bench.paper import MODES, Mode
-from cvmig.migration.driver import Driver, MigrationParams, TimeoutAction
+from cvmig.migration.driver import Driver, MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.throttle import ThrottleKind
 from cvmig.model.costs import (
     LOOPBACK_BW,
@@ -70,14 +70,17 @@ FULL = Grid(memories=(16, 64, 128), hw_memories=(16,),
 # -- calibration ---------------------------------------------------------------------------
 
 def _fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
-    """y = a + b x by least squares, a, b >= 0."""
+    """y = a + b x, a, b >= 0, by least squares on the relative error: a command's cost
+    is not quite linear in its pages, and the fit must hold for the one-page commands of
+    a scattered dirty set as well as for the bulk's big ones."""
     if len(set(x)) < 2:  # page mode: one size only, all of it per command
         return max(float(np.median(y)), 0.0), 0.0
-    b, a = np.polyfit(np.array(x), np.array(y), 1)
+    ys = np.array(y)
+    b, a = np.polyfit(np.array(x), ys, 1, w=1 / np.maximum(ys, 1e-12))
     return max(float(a), 0.0), max(float(b), 1e-12)
 
 
-def psp_costs(profile: str, modes: tuple[str, ...]) -> dict[str, dict[str, dict[str, float]]]:
+def psp_costs(profile: str, modes: tuple[str, ...]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per mode and direction: t_cmd (s per command, doorbell included) and bw (bytes/s),
     from `cvmig bench psp` over batch sizes."""
     with tempfile.TemporaryDirectory(prefix="cvmig-validate-") as tmp:
@@ -87,7 +90,7 @@ def psp_costs(profile: str, modes: tuple[str, ...]) -> dict[str, dict[str, dict[
                         "--psp-profile", profile, "--json", str(out)],
                        check=True, stdout=subprocess.DEVNULL)
         recs = json.loads(out.read_text())
-    res: dict[str, dict[str, dict[str, float]]] = {}
+    res: dict[str, dict[str, dict[str, Any]]] = {}
     for m in modes:
         for d in ("send", "receive"):
             rows = [r for r in recs if r["mode"] == m and r["direction"] == d]
@@ -97,9 +100,12 @@ def psp_costs(profile: str, modes: tuple[str, ...]) -> dict[str, dict[str, dict[
                                  [r["us_per_command"] * r["batch_pages"] * 1e-6 for r in rows])
                 res.setdefault(m, {})[d] = {"t_doorbell": a, "t_cmd": b, "bw": 1e15}
                 continue
-            a, b = _fit_line([r["batch_pages"] for r in rows],
-                             [r["us_per_command"] * 1e-6 for r in rows])
+            rows.sort(key=lambda r: r["batch_pages"])
+            x, y = [r["batch_pages"] for r in rows], [r["us_per_command"] * 1e-6 for r in rows]
+            a, b = _fit_line(x, y)
             res.setdefault(m, {})[d] = {"t_cmd": a, "bw": PAGE_SIZE / b if b else 1e15}
+            if len(x) > 1:
+                res[m][d]["table"] = [x, y]
     return res
 
 
@@ -127,9 +133,10 @@ def _model_bulk(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> floa
 def fit_rx_lag(costs: Costs, npages: int, mode: Mode, gap_s: float, cpu: float = 0.0) -> float:
     """The destination's lag that makes the model's frames in flight at the end of the
     bulk take as long to land as the engine's did (the wait before its stop)."""
-    lo, hi = 0.0, 20.0
-    if _model_idle(costs, npages, mode, cpu)[1] >= gap_s:
-        return 0.0
+    lo, hi = 0.0, 1.0  # at most a frame's own time again: beyond, the wait is not its lag
+    if mode.switchover is not Switchover.FIRMWARE or \
+            _model_idle(costs, npages, mode, cpu)[1] >= gap_s:
+        return 0.0  # (QEMU's rule does not wait for frames in flight: nothing to fit)
     for _ in range(25):
         mid = (lo + hi) / 2
         if _model_idle(replace(costs, rx_lag=mid), npages, mode, cpu)[1] < gap_s:
@@ -155,12 +162,22 @@ def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float, cpu: float 
     return (lo + hi) / 2
 
 
+def _scaled(direction: dict[str, Any], f: float) -> dict[str, Any]:
+    """One direction's PSP costs ``f`` times as long."""
+    out: dict[str, Any] = {}
+    for k, v in direction.items():
+        if k == "table":
+            out[k] = [v[0], [y * f for y in v[1]]]
+        else:
+            out[k] = v / f if k == "bw" else v * f
+    return out
+
+
 def fit_psp_scale(cell: dict[str, Any], npages: int, mode: Mode, bulk_s: float,
                   cpu: float) -> float:
     """The factor on the PSP's priced costs that makes the model's bulk last ``bulk_s``."""
     def bulk(f: float) -> float:
-        scaled = {**cell, **{d: {k: v * f if k != "bw" else v / f for k, v in cell[d].items()}
-                             for d in ("send", "receive")}}
+        scaled = {**cell, **{d: _scaled(cell[d], f) for d in ("send", "receive")}}
         return _model_bulk(costs_from_cell(scaled, LOOPBACK_BW, LOOPBACK_LATENCY), npages,
                            mode, cpu)
 
@@ -175,7 +192,7 @@ def fit_psp_scale(cell: dict[str, Any], npages: int, mode: Mode, bulk_s: float,
 
 
 def calibration_cell(rep: dict[str, Any], mode: Mode,
-                     psp: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+                     psp: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """From an idle migration's report: the stop costs the engine measured, and its own
     work per page (what makes the model's bulk round last as long as the engine's)."""
     bulk = rep["rounds"][0]
@@ -196,7 +213,7 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
         # shared machine's pace drifts): the same shape, scaled to the run
         cell["psp_scale"] = f = fit_psp_scale(cell, bulk["pages"], mode, bulk["duration"], cpu)
         for d in ("send", "receive"):
-            cell[d] = {k: v * f if k != "bw" else v / f for k, v in cell[d].items()}
+            cell[d] = _scaled(cell[d], f)
         base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
     cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"], cpu)
     # the lag changes the pipeline's pace too (the window fills): fitted, then the pace again
@@ -275,7 +292,7 @@ def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def calibrate_mode(profile: str, mode: str, memory: int,
-                   psp: dict[str, dict[str, dict[str, float]]], runs: int = 1) -> dict[str, Any]:
+                   psp: dict[str, dict[str, dict[str, Any]]], runs: int = 1) -> dict[str, Any]:
     """``runs`` idle migrations calibrate ``mode`` (a `cvmig bench paper` mode) here."""
     from cvmig.bench.paper import _run
 

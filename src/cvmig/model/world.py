@@ -65,9 +65,26 @@ class Costs:
     setup: float = 0.0  # s from the migration's start to its bulk round (the dirty log on)
     digest_page: float = 0.0  # s per page: the source measures its paused copy after the
     # go-ahead (the destination runs meanwhile), before it releases it: in the total time
+    # one command's measured cost by its pages (`cvmig.bench.psp`; the doorbell included),
+    # ((pages, ...), (seconds, ...)), where a line is not close enough: a one-page command
+    # costs less than a line through the big ones says. Interpolated; a queue's commands
+    # keep the line
+    cmd_table: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    rx_cmd_table: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     stop: StopCosts = field(default_factory=lambda: StopCosts(pause=2e-3, grant=5e-3))
     window: int = WINDOW
     slots: int = SLOTS
+
+    @staticmethod
+    def by_table(table: tuple[tuple[float, ...], tuple[float, ...]], sizes: np.ndarray) -> float:
+        """The commands' cost from a measured table, linear past its last point."""
+        x, y = np.asarray(table[0]), np.asarray(table[1])
+        cost = np.interp(sizes, x, y)
+        over = sizes > x[-1]
+        if over.any() and len(x) > 1:
+            slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+            cost[over] = y[-1] + (sizes[over] - x[-1]) * slope
+        return float(cost.sum())
 
     def src_psp(self, ncmds: int, doorbells: int, nbytes: int) -> float:
         return doorbells * self.t_doorbell + ncmds * self.t_cmd + nbytes / self.psp_bw
@@ -249,9 +266,17 @@ class SimWorld:
         doorbells = 1 if queue else ncmds
         k = self.contention()
         kp = k if c.psp_cpu else 1.0
-        psp = c.src_psp(ncmds, doorbells, nbytes) * kp
+        sizes = np.diff(bounds)
+        if c.cmd_table is not None and not queue:
+            psp = c.by_table(c.cmd_table, sizes) * kp
+        else:
+            psp = c.src_psp(ncmds, doorbells, nbytes) * kp
+        if c.rx_cmd_table is not None and not queue:
+            dst = c.by_table(c.rx_cmd_table, sizes) * kp
+        else:
+            dst = c.dst_psp(ncmds, nbytes, doorbells) * kp
         own = (c.t_send + len(pfns) * c.t_page) * k  # the engine's work, at each end
-        spent = self._frame(psp + own, nbytes, c.dst_psp(ncmds, nbytes, doorbells) * kp + own)
+        spent = self._frame(psp + own, nbytes, dst + own)
         self._ran(spent)
         self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes, ncmds, doorbells, psp)
