@@ -9,22 +9,23 @@ vCPU processes, so these stop costs are pessimistic there.
 
 A host calibration (``cvmig model --validate`` writes one: docs/results/model-calibration.json)
 holds, per batching mode and cost profile: the PSP's cost per command and per page for
-SEND and RECEIVE, fitted to `cvmig bench psp` over batch sizes; the engine's own work per
-send, fitted to an idle migration's bulk round; the stop costs the engine measured; the
+SEND and RECEIVE (`cvmig bench psp`: a line, and the measured table by pages), scaled to
+the idle runs' pace; the engine's own work per page and the destination's lag, fitted to
+those runs; their stop costs, set-up and digest; how they shared the host's cores; the
 link. It is what carries the model onto the engine it was calibrated on.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cvmig.migration.stopcost import StopCosts, default_costs
 from cvmig.model.world import Costs
 from cvmig.psp.api import PAGE_SIZE
-from cvmig.psp.cost import PROFILES, CostProfile, parse
+from cvmig.psp.cost import CostProfile, parse
 
 LOOPBACK_BW = 2.0e9  # bytes/s, Python over loopback here (shared/reference/platform.md §3)
 LOOPBACK_LATENCY = 50e-6  # s, one way (a 32 B ping-pong's median / 2, rounded up)
@@ -102,12 +103,3 @@ def _table(direction: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, .
     t = direction.get("table")
     return (tuple(t[0]), tuple(t[1])) if t else None
 
-
-def costs_dict(c: Costs) -> dict[str, Any]:
-    d = asdict(c)
-    d["stop"] = c.stop.as_ms()
-    return d
-
-
-def profile_names() -> list[str]:
-    return [n for n in PROFILES if n != "none"]

@@ -1,9 +1,10 @@
 """`cvmig model --validate`: real migrations next to the model, on the same inputs.
 
 First the host is calibrated, per cost profile and batching mode: `cvmig bench psp` gives
-each secure processor's cost per command and per page (SEND and RECEIVE, fitted over batch
-sizes); one idle migration gives the stop costs the engine measured and the engine's own
-work per send (the value that makes the model's bulk round last as long as the engine's).
+each secure processor's cost per command by its pages (SEND and RECEIVE); the medians of
+a few idle migrations give the stop costs the engine measured, its set-up and digest, how
+it shared the host's cores, and what makes the model's idle migration last as long as the
+engine's (the PSP's pace that day, the engine's own work per page, the destination's lag).
 Those calibration runs are not part of the grid. Then each cell of the grid is migrated
 for real (`cvmig.bench.paper`'s runner: PSP processes, guest processes, TCP) and
 predicted by the model, with the same guest size, workload, batching, throttle, limit and
@@ -436,15 +437,13 @@ def _result(rows: list[dict[str, Any]], extra: dict[str, Any], out: Path, name: 
     return result
 
 
-def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
-        calibration: dict[str, Any] | None = None, recalibrate: bool = True) -> dict[str, Any]:
+def run(grid: Grid, out: Path, echo: Callable[[str], None] = print) -> dict[str, Any]:
     from cvmig.bench.paper import _run
 
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
-    if calibration is None:
-        echo("calibrating this host (bench psp, one idle migration per mode and profile)")
-        calibration = calibrate(grid, echo)
+    echo(f"calibrating this host (bench psp, {grid.reps} idle migrations per mode and profile)")
+    calibration = calibrate(grid, echo)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model-calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
     rows: list[dict[str, Any]] = []
@@ -454,15 +453,13 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
         for mem_mib in grid.hw_memories if hw else grid.memories:
             for wname in grid.hw_workloads if hw else grid.workloads:
                 wl = _workload(wname, rate)
-                if recalibrate and "psp" in calibration:
-                    # this shared machine's pace drifts by minutes: the engine's own costs
-                    # are measured again (an idle run, not a cell) before each block
-                    for mode in grid.modes:
-                        key = f"{profile}/{mode}"
-                        calibration["cells"][key] = calibrate_mode(
-                            profile, mode, mem_mib * MiB, calibration["psp"][profile],
-                            grid.reps)
-                        echo(_describe(key, calibration["cells"][key]))
+                # this shared machine's pace drifts by minutes: the engine's own costs
+                # are measured again (idle runs, not cells) before each block
+                for mode in grid.modes:
+                    key = f"{profile}/{mode}"
+                    calibration["cells"][key] = calibrate_mode(
+                        profile, mode, mem_mib * MiB, calibration["psp"][profile], grid.reps)
+                    echo(_describe(key, calibration["cells"][key]))
                 for mode in grid.modes:
                     for thr in grid.throttles:
                         if thr != "none" and wname == "idle":
@@ -485,8 +482,8 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
 def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
                psp: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model against a `cvmig bench paper` grid already run (its runs.json): each
-    mode's idle runs calibrate it (the one with the median bulk; the idle cell without a
-    throttle is left out of the error), `cvmig bench psp` prices the firmware (``psp``:
+    mode's idle runs calibrate it (their medians; the idle cell without a throttle is
+    left out of the error), `cvmig bench psp` prices the firmware (``psp``:
     reuse a calibration's), and every other cell is predicted."""
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
@@ -580,11 +577,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def check_profiles(names: tuple[str, ...]) -> None:
-    for n in names:
-        parse(n)
 
 
 # -- predictions at scale --------------------------------------------------------------------
