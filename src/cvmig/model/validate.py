@@ -115,6 +115,18 @@ def psp_key(mode: Mode) -> str:
     return "queue" if mode.queue else mode.batching.value
 
 
+def _solve(f: Callable[[float], float], target: float, lo: float, hi: float,
+           steps: int) -> float:
+    """The x in [lo, hi] where f, increasing, reaches ``target`` (bisection)."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def _model_idle(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> tuple[float, float]:
     """The model's idle migration: its bulk round, and the wait between the bulk's end
     and the stop (its frames in flight landing), in seconds."""
@@ -134,33 +146,22 @@ def _model_bulk(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> floa
 def fit_rx_lag(costs: Costs, npages: int, mode: Mode, gap_s: float, cpu: float = 0.0) -> float:
     """The destination's lag that makes the model's frames in flight at the end of the
     bulk take as long to land as the engine's did (the wait before its stop)."""
-    lo, hi = 0.0, 1.0  # at most a frame's own time again: beyond, the wait is not its lag
     if mode.switchover is not Switchover.FIRMWARE or \
             _model_idle(costs, npages, mode, cpu)[1] >= gap_s:
         return 0.0  # (QEMU's rule does not wait for frames in flight: nothing to fit)
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        if _model_idle(replace(costs, rx_lag=mid), npages, mode, cpu)[1] < gap_s:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    # at most a frame's own time again: beyond, the wait is not its lag
+    return _solve(lambda lag: _model_idle(replace(costs, rx_lag=lag), npages, mode, cpu)[1],
+                  gap_s, 0.0, 1.0, 25)
 
 
 def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float, cpu: float = 0.0) -> float:
     """The engine's own work per page that makes the model's bulk last ``bulk_s``: on
     this 2-core machine the PSPs, the engines and the guest share the CPUs, so the stages
     overlap less than the pipeline allows; per page is how that cost grows."""
-    lo, hi = 0.0, 1e-3
     if _model_bulk(replace(costs, t_page=0.0), npages, mode, cpu) >= bulk_s:
         return 0.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if _model_bulk(replace(costs, t_page=mid), npages, mode, cpu) < bulk_s:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    return _solve(lambda t: _model_bulk(replace(costs, t_page=t), npages, mode, cpu),
+                  bulk_s, 0.0, 1e-3, 30)
 
 
 def _scaled(direction: dict[str, Any], f: float) -> dict[str, Any]:
@@ -182,14 +183,7 @@ def fit_psp_scale(cell: dict[str, Any], npages: int, mode: Mode, bulk_s: float,
         return _model_bulk(costs_from_cell(scaled, LOOPBACK_BW, LOOPBACK_LATENCY), npages,
                            mode, cpu)
 
-    lo, hi = 0.05, 1.0
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        if bulk(mid) < bulk_s:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    return _solve(bulk, bulk_s, 0.05, 1.0, 25)
 
 
 def calibration_cell(rep: dict[str, Any], mode: Mode,
