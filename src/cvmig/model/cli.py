@@ -41,7 +41,7 @@ def predict(guest: GuestModel, costs: Costs, params: MigrationParams,
     except MigrationCancelled as e:
         return {"status": "cancelled", "error": str(e), "rounds": len(driver.progress.rounds),
                 "elapsed_s": round(world.clock, 3)}
-    gap = world.resumed_at - (p.pause_time - costs.stop.pause) + costs.stop.slice
+    gap = world.guest_gap(p)
     return {
         "status": p.status,
         "switchover": p.switchover,

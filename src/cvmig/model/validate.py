@@ -368,7 +368,7 @@ def predict_cell(cal: dict[str, Any], profile: str, mode: str, throttle: str,
         throttle=ThrottleKind(throttle), timeout_s=timeout_s, timeout_action=TimeoutAction.FORCE))
     d = Driver(world, params)
     p = d.run()
-    gap = world.resumed_at - (p.pause_time - costs.stop.pause) + costs.stop.slice
+    gap = world.guest_gap(p)
     return {"total_ms": p.total_time * 1000, "downtime_ms": p.downtime * 1000,
             "gap_ms": gap * 1000, "rounds": len(p.rounds), "switchover": p.switchover}
 

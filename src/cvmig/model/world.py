@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cvmig.migration.driver import Sent
+from cvmig.migration.driver import Progress, Sent
 from cvmig.migration.stopcost import StopCosts
 from cvmig.psp.api import PACKET_HEADER_SIZE, PAGE_SIZE
 
@@ -86,10 +86,18 @@ class Costs:
             cost[over] = y[-1] + (sizes[over] - x[-1]) * slope
         return float(cost.sum())
 
-    def src_psp(self, ncmds: int, doorbells: int, nbytes: int) -> float:
+    def src_psp(self, ncmds: int, doorbells: int, nbytes: int,
+                sizes: np.ndarray | None = None) -> float:
+        """The source PSP's time for these commands (``sizes``: their pages, for the
+        table where there is one)."""
+        if self.cmd_table is not None and sizes is not None:
+            return self.by_table(self.cmd_table, sizes)
         return doorbells * self.t_doorbell + ncmds * self.t_cmd + nbytes / self.psp_bw
 
-    def dst_psp(self, ncmds: int, nbytes: int, doorbells: int | None = None) -> float:
+    def dst_psp(self, ncmds: int, nbytes: int, doorbells: int | None = None,
+                sizes: np.ndarray | None = None) -> float:
+        if self.rx_cmd_table is not None and sizes is not None:
+            return self.by_table(self.rx_cmd_table, sizes)
         bw = self.psp_bw if self.rx_psp_bw is None else self.rx_psp_bw
         if self.rx_t_cmd is None:  # the destination's firmware costs what the source's does
             return self.src_psp(ncmds, ncmds if doorbells is None else doorbells, nbytes) \
@@ -137,6 +145,12 @@ class SimWorld:
         self.src_version = np.zeros(self.guest.npages, dtype=np.int64)
         self.dst_version = np.full(self.guest.npages, -1, dtype=np.int64)
         self._rng = np.random.default_rng(self.guest.seed)
+
+    def guest_gap(self, p: Progress) -> float:
+        """The pause as the guest sees it: from its last whole timeslice before the pause
+        to its destination's vCPUs running."""
+        s = self.costs.stop
+        return self.resumed_at - (p.pause_time - s.pause) + s.slice
 
     def destination_matches(self) -> bool:
         """Whether every page arrived in its latest version (the engine's digest check)."""
@@ -266,15 +280,9 @@ class SimWorld:
         doorbells = 1 if queue else ncmds
         k = self.contention()
         kp = k if c.psp_cpu else 1.0
-        sizes = np.diff(bounds)
-        if c.cmd_table is not None and not queue:
-            psp = c.by_table(c.cmd_table, sizes) * kp
-        else:
-            psp = c.src_psp(ncmds, doorbells, nbytes) * kp
-        if c.rx_cmd_table is not None and not queue:
-            dst = c.by_table(c.rx_cmd_table, sizes) * kp
-        else:
-            dst = c.dst_psp(ncmds, nbytes, doorbells) * kp
+        sizes = None if queue else np.diff(bounds)  # a queue's commands keep the line
+        psp = c.src_psp(ncmds, doorbells, nbytes, sizes) * kp
+        dst = c.dst_psp(ncmds, nbytes, doorbells, sizes) * kp
         own = (c.t_send + len(pfns) * c.t_page) * k  # the engine's work, at each end
         spent = self._frame(psp + own, nbytes, dst + own)
         self._ran(spent)
