@@ -16,7 +16,8 @@ from typing import Any
 Key = tuple[str, str, str, str]  # profile, workload, mode, throttle
 
 
-def _groups(results: list[dict[str, Any]]) -> dict[Key, list[dict[str, Any]]]:
+def by_config(results: list[dict[str, Any]]) -> dict[Key, list[dict[str, Any]]]:
+    """The completed runs' rows, by profile, workload, mode and throttle."""
     out: dict[Key, list[dict[str, Any]]] = {}
     for r in results:
         row = r["row"]
@@ -35,7 +36,7 @@ def _compare(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> dict
 
 
 def check(results: list[dict[str, Any]], qemu_modes: set[str]) -> dict[str, Any]:
-    groups = _groups(results)
+    groups = by_config(results)
     limit_runs: dict[str, list[dict[str, Any]]] = {"default": [], "qemu": []}
     unconverged: list[dict[str, Any]] = []
     for r in results:

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from cvmig.bench.claims import Key, by_config
 from cvmig.bench.machine import machine_info, machine_line
 from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
@@ -198,15 +199,8 @@ def _fraction(workload: str, rate: float) -> float:
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Medians per configuration, and ratios to page/none of the same workload+profile."""
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
-    for r in results:
-        row = r["row"]
-        if row["status"] != "completed":
-            continue
-        key = (row["profile"], row["workload"], row["mode"], row["throttle"])
-        groups.setdefault(key, []).append(row)
-    med: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-    for key, rows in groups.items():
+    med: dict[Key, dict[str, Any]] = {}
+    for key, rows in by_config(results).items():
         med[key] = {
             "profile": key[0], "workload": key[1], "mode": key[2], "throttle": key[3],
             "runs": len(rows),
