@@ -191,10 +191,10 @@ def run_grid(grid: Grid, out: Path, echo: Any = click.echo,
 
 
 def _fraction(workload: str, rate: float) -> float:
-    if not workload.startswith("dirtier"):
-        return 0.0
-    r = float(workload.split("rate=")[1].split(",")[0])
-    return round(r / rate, 2)
+    from cvmig.guest.workloads import parse_workload
+
+    spec = parse_workload(workload)
+    return round(float(spec.get("rate")) / rate, 2) if spec.kind == "dirtier" else 0.0
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cvmig.bench.paper import MODES, Mode
+from cvmig.guest.workloads import parse_workload
 from cvmig.migration.driver import Driver, MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.throttle import ThrottleKind
 from cvmig.model.costs import (
@@ -341,16 +342,16 @@ def _workload(name: str, rate: float) -> str:
 def _guest(workload: str, memory: int, reports: list[dict[str, Any]]) -> GuestModel:
     """The guest the engine's runs of a cell saw (their medians)."""
     npages = memory // PAGE_SIZE - VCPUS  # the VMSA pages move apart
-    rate = 0.0
-    if workload.startswith("dirtier"):
-        rate = float(workload.split("rate=")[1].split(",")[0])
+    spec, rate = parse_workload(workload), 0.0
+    if spec.kind == "dirtier":
+        rate = float(spec.get("rate"))
         before = [float(r["guest"]["ops-per-s-before"]) for r in reports
                   if r["guest"]["ops-per-s-before"] > 0]
         if before:
             # what the guest wrote before the migration began (its vCPUs share two cores
             # with everything else here, and may fall short of the rate asked for)
             rate = min(rate, statistics.median(before))
-    elif workload.startswith("sqlite"):
+    elif spec.kind == "sqlite":
         # no rate knob: the model takes the rate the engine's first sync saw
         seen = [r["rounds"][1]["dirty_pages"] / max(r["rounds"][0]["duration"], 1e-3)
                 for r in reports if len(r["rounds"]) > 1]
