@@ -325,13 +325,14 @@ class RealWorld:
             record(self.vm.host.psp_profile, self.vm.config.vcpus, self.measured)
 
     def pause_guest(self) -> None:
+        if self.outcome is not None:  # read from /proc just before, not in the downtime
+            self.outcome.cpu_at_pause = self.vm.guest.cpu_seconds()
+            self.outcome.busy_at_pause = busy_cpu_seconds()
         t0 = time.monotonic()
         self.vm.guest.pause()
         self.measured.pause = time.monotonic() - t0
         if self.outcome is not None:
             self.outcome.ops_at_pause = guest_ops(self.vm.guest)
-            self.outcome.cpu_at_pause = self.vm.guest.cpu_seconds()
-            self.outcome.busy_at_pause = busy_cpu_seconds()
 
     def send_vcpu_state(self) -> Sent:
         t_start = time.monotonic()
