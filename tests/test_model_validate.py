@@ -14,6 +14,7 @@ from cvmig.bench.paper import MODES
 from cvmig.migration.driver import Driver, MigrationParams
 from cvmig.model import validate as V
 from cvmig.model.cli import model
+from cvmig.model.workload import guest_from_reports
 from cvmig.model.world import GuestModel, SimWorld
 
 PSP = {"none": {"page": {"send": {"t_cmd": 100e-6, "bw": 1e15},
@@ -92,8 +93,9 @@ def test_the_calibration_makes_the_models_bulk_last_as_long_as_the_engines() -> 
 def test_a_busy_guest_on_the_small_host_lengthens_the_predicted_migration(tmp_path: Path) -> None:
     cal = {"cells": {"none/page": V.calibration_cell(
         _run("idle", 700, 8, 20, 0.6, busy=2.0)["report"], MODES["page"], PSP["none"])}}
-    idle = V._guest("idle", 16 << 20, [_run("idle", 0, 0, 0, 0)["report"]])
-    busy = V._guest("idle", 16 << 20, [_run("idle", 0, 0, 0, 0, cpu=2.0)["report"]])
+    idle = guest_from_reports("idle", 16 << 20, [_run("idle", 0, 0, 0, 0)["report"]], V.VCPUS)
+    busy = guest_from_reports("idle", 16 << 20, [_run("idle", 0, 0, 0, 0, cpu=2.0)["report"]],
+                              V.VCPUS)
     assert busy.cpu == 2.0
     t_idle = V.predict_cell(cal, "none", "page", "none", idle, 40)["total_ms"]
     t_busy = V.predict_cell(cal, "none", "page", "none", busy, 40)["total_ms"]

@@ -11,7 +11,8 @@ A host calibration (``cvmig model --validate`` writes one: docs/results/model-ca
 holds, per batching mode and cost profile: the PSP's cost per command and per page for
 SEND and RECEIVE (`cvmig bench psp`: a line, and the measured table by pages), scaled to
 the idle runs' pace; the engine's own work per page and the destination's lag, fitted to
-those runs; their stop costs, set-up and digest; how they shared the host's cores; the
+those runs; their stop costs, set-up and digest; how they shared the host's cores (and
+how much a busy guest slows the migration, fitted on one busy cell where there is one); the
 link. It is what carries the model onto the engine it was calibrated on.
 """
 
@@ -75,6 +76,7 @@ def costs_from_calibration(cal: dict[str, Any], profile: str, mode: str,
         raise ValueError(f"the calibration has no {key}; it has: {have}")
     c = costs_from_cell(cell, cal.get("link_bw", LOOPBACK_BW),
                         cal.get("latency", LOOPBACK_LATENCY))
+    c.guest_weight = cal.get("guest_weight", {}).get(profile, 1.0)
     if vcpus != cal.get("vcpus", vcpus):  # the stop's per-vCPU parts scale
         k = vcpus / cal["vcpus"]
         c.stop = replace(c.stop, vcpu_state=c.stop.vcpu_state * k, finish=c.stop.finish * k)

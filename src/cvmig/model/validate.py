@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from cvmig.bench.paper import MODES, Mode
-from cvmig.guest.workloads import parse_workload
 from cvmig.migration.driver import Driver, MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.throttle import ThrottleKind
 from cvmig.model.costs import (
@@ -38,6 +37,7 @@ from cvmig.model.costs import (
     costs_from_calibration,
     costs_from_cell,
 )
+from cvmig.model.workload import guest_from_reports, workload_stop
 from cvmig.model.world import Costs, GuestModel, SimWorld
 from cvmig.psp.api import PAGE_SIZE, Batching
 from cvmig.psp.cost import parse
@@ -163,6 +163,24 @@ def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float, cpu: float 
         return 0.0
     return _solve(lambda t: _model_bulk(replace(costs, t_page=t), npages, mode, cpu),
                   bulk_s, 0.0, 1e-3, 30)
+
+
+BUSY = ("sqlite", "sg", "none")  # the busy-guest cell that calibrates guest_weight
+
+
+def fit_guest_weight(cal: dict[str, Any], profile: str, reports: list[dict[str, Any]]) -> float:
+    """How many times a busy guest's demand for the cores counts against the migration:
+    what makes the model's bulk round, beside a guest as busy as the reports', last as long
+    as theirs did (their median). 1 where the model's is already as long."""
+    mode = MODES[BUSY[1]]
+    costs = costs_from_calibration(cal, profile, BUSY[1], VCPUS)
+    bulk = statistics.median(r["rounds"][0]["duration"] for r in reports)
+    npages = reports[0]["rounds"][0]["pages"]
+    cpu = statistics.median(float(r["guest"].get("cpu-cores-before") or 0.0) for r in reports)
+    if not cpu or _model_bulk(costs, npages, mode, cpu) >= bulk:
+        return 1.0
+    return _solve(lambda w: _model_bulk(replace(costs, guest_weight=w), npages, mode, cpu),
+                  bulk, 1.0, 4.0, 25)
 
 
 def _scaled(direction: dict[str, Any], f: float) -> dict[str, Any]:
@@ -339,31 +357,14 @@ def _workload(name: str, rate: float) -> str:
     return f"dirtier:rate={max(1, round(frac * rate))},pattern=uniform"
 
 
-def _guest(workload: str, memory: int, reports: list[dict[str, Any]]) -> GuestModel:
-    """The guest the engine's runs of a cell saw (their medians)."""
-    npages = memory // PAGE_SIZE - VCPUS  # the VMSA pages move apart
-    spec, rate = parse_workload(workload), 0.0
-    if spec.kind == "dirtier":
-        rate = float(spec.get("rate"))
-        before = [float(r["guest"]["ops-per-s-before"]) for r in reports
-                  if r["guest"]["ops-per-s-before"] > 0]
-        if before:
-            # what the guest wrote before the migration began (its vCPUs share two cores
-            # with everything else here, and may fall short of the rate asked for)
-            rate = min(rate, statistics.median(before))
-    elif spec.kind == "sqlite":
-        # no rate knob: the model takes the rate the engine's first sync saw
-        seen = [r["rounds"][1]["dirty_pages"] / max(r["rounds"][0]["duration"], 1e-3)
-                for r in reports if len(r["rounds"]) > 1]
-        rate = statistics.median(seen) if seen else 0.0
-    cpu = [float(r["guest"].get("cpu-cores-before") or 0.0) for r in reports]
-    return GuestModel(npages=npages, dirty_rate=rate, working_set=npages if rate else 0,
-                      vcpus=VCPUS, cpu=statistics.median(cpu) if cpu else 0.0)
-
-
 def predict_cell(cal: dict[str, Any], profile: str, mode: str, throttle: str,
-                 guest: GuestModel, timeout_s: float) -> dict[str, Any]:
+                 guest: GuestModel, timeout_s: float,
+                 stopped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The model's migration of one cell (``stopped``: reports whose measured stop costs
+    are this workload's; without, the calibration's idle ones)."""
     costs = costs_from_calibration(cal, profile, mode, VCPUS)
+    if stopped:
+        costs.stop = workload_stop(costs.stop, stopped)
     world = SimWorld(guest, costs)
     params = MODES[mode].params(MigrationParams(
         throttle=ThrottleKind(throttle), timeout_s=timeout_s, timeout_action=TimeoutAction.FORCE))
@@ -378,20 +379,39 @@ def _err(model: float, engine: float) -> float:
     return round((model - engine) / max(engine, 1e-9), 4)
 
 
+@dataclass
+class Workload:
+    """A workload's reports at one guest size and cost profile, across the grid's cells."""
+
+    all: list[dict[str, Any]]  # every mode and throttle: its stop costs
+    unthrottled: list[dict[str, Any]]  # throttle none: its dirty set as it runs freely
+
+    def add(self, runs: list[dict[str, Any]], throttle: str) -> None:
+        reps = [r["report"] for r in runs if r["report"] is not None]
+        self.all += reps
+        if throttle == "none":
+            self.unthrottled += reps
+
+
 METRICS = (("total", "total_ms"), ("downtime", "downtime_ms"), ("gap", "gap_ms"))
 
 
 def make_cell(cal: dict[str, Any], profile: str, mem_mib: int, wname: str, wl: str, mode: str,
-              thr: str, timeout: float, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+              thr: str, timeout: float, runs: list[dict[str, Any]],
+              workload: Workload | None = None) -> dict[str, Any] | None:
     """The engine's runs of one cell (`cvmig.bench.paper._run` results) beside the model.
     The model is held to the runs' median; how far the runs lie from it (half their
-    range, relative) is the engine's own spread, the floor under any model's error."""
+    range, relative) is the engine's own spread, the floor under any model's error.
+    ``workload``: what the workload's runs at this size and profile measured of it (its
+    stop costs; its dirty set where it has no rate knob); without, this cell's runs."""
     ok = [r for r in runs if r["report"] is not None]
     if not ok:
         return None
     rows = [r["row"] for r in ok]
-    guest = _guest(wl, mem_mib * MiB, [r["report"] for r in ok])
-    m = predict_cell(cal, profile, mode, thr, guest, timeout)
+    reports = [r["report"] for r in ok]
+    w = workload or Workload(reports, reports)
+    guest = guest_from_reports(wl, mem_mib * MiB, reports, VCPUS, w.unthrottled or reports)
+    m = predict_cell(cal, profile, mode, thr, guest, timeout, w.all)
     engine: dict[str, Any] = {}
     cell: dict[str, Any] = {"profile": profile, "memory_mib": mem_mib, "workload": wname,
                             "workload_spec": wl, "mode": mode, "throttle": thr}
@@ -442,6 +462,7 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     (out / "model-calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
     rows: list[dict[str, Any]] = []
+    pools: dict[tuple[str, int, str], Workload] = {}
     for profile in grid.profiles:
         hw = profile != "none"
         rate = calibration["cells"][f"{profile}/page"]["bulk_pages_per_s"]
@@ -455,15 +476,27 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print) -> dict[str,
                     calibration["cells"][key] = calibrate_mode(
                         profile, mode, mem_mib * MiB, calibration["psp"][profile], grid.reps)
                     echo(_describe(key, calibration["cells"][key]))
-                for mode in grid.modes:
+                # a busy guest's cell calibrates its weight first (cvmig.model.world)
+                for mode in sorted(grid.modes, key=lambda m: (wname, m) != BUSY[:2]):
                     for thr in grid.throttles:
                         if thr != "none" and wname == "idle":
                             continue  # nothing to throttle
                         timeout = grid.hw_timeout_s if hw else grid.timeout_s
                         runs = [_run(wl, MODES[mode], thr, profile, mem_mib * MiB, timeout, i)
                                 for i in range(grid.reps)]
+                        # the workload as measured so far (the cells without a throttle
+                        # come first)
+                        pool = pools.setdefault((profile, mem_mib, wl), Workload([], []))
+                        pool.add(runs, thr)
+                        if (wname, mode, thr) == BUSY:
+                            reps = [r["report"] for r in runs if r["report"]]
+                            if reps:
+                                w = round(fit_guest_weight(calibration, profile, reps), 3)
+                                calibration.setdefault("guest_weight", {})[profile] = w
+                                echo(f"  calibrated {profile}: a busy guest weighs {w:g}x")
+                                continue
                         cell = make_cell(calibration, profile, mem_mib, wname, wl, mode, thr,
-                                         timeout, runs)
+                                         timeout, runs, pool)
                         if cell is None:
                             echo(f"  {profile} {mem_mib} MiB {wname} {mode} {thr}: engine failed "
                                  f"({runs[0]['row'].get('error')})")
@@ -515,15 +548,28 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
             cal["cells"][f"{profile}/{mode}"] = calibration_cell(
                 median_report([r["report"] for r in idle]), MODES[mode], psp[profile])
             echo(_describe(f"{profile}/{mode}", cal["cells"][f"{profile}/{mode}"]))
+    cal["guest_weight"] = {}
+    for (profile, _, wl, mode, thr), rs in groups.items():
+        if (wl.split(":")[0], mode, thr) == BUSY and f"{profile}/{mode}" in cal["cells"] \
+                and profile not in cal["guest_weight"]:
+            reps = [r["report"] for r in rs if r["report"]]
+            if reps:
+                cal["guest_weight"][profile] = w = round(fit_guest_weight(cal, profile, reps), 3)
+                echo(f"  calibrated {profile}: a busy guest weighs {w:g}x")
     timeout = float(meta["grid"]["timeout_s"])
+    pools: dict[tuple[str, int, str], Workload] = {}
+    for (profile, mem_mib, wl, _, thr), rs in groups.items():
+        pools.setdefault((profile, mem_mib, wl), Workload([], [])).add(rs, thr)
     rows: list[dict[str, Any]] = []
     for (profile, mem_mib, wl, mode, thr), rs in groups.items():
-        if f"{profile}/{mode}" not in cal["cells"] or (wl == "idle" and thr == "none"):
+        if f"{profile}/{mode}" not in cal["cells"] or (wl == "idle" and thr == "none") \
+                or (wl.split(":")[0], mode, thr) == BUSY:
             continue  # uncalibrated, or the calibration itself
         frac = rs[0]["row"].get("dirty_fraction", 0.0)
         wname = f"d{frac:g}" if wl.startswith("dirtier") else wl.split(":")[0]
         cell = make_cell(cal, profile, mem_mib, wname, wl, mode, thr,
-                         timeout * (4 if profile != "none" else 1), rs)
+                         timeout * (4 if profile != "none" else 1), rs,
+                         pools[(profile, mem_mib, wl)])
         if cell is not None:
             rows.append(cell)
             _echo_cell(echo, cell)

@@ -24,7 +24,8 @@ engine's data path (migration/source.py, sender.py, receiver.py, destination.py)
   throttle bites) and the destination readying itself (``start_cpu`` CPU-seconds of
   work by ``start_cores`` processes) share the cores: when they ask for more than there
   is, each gets its share, and the migration's CPU work (the engine's own, and the
-  secure processors' where they are software: ``psp_cpu``) slows by demand / cores.
+  secure processors' where they are software: ``psp_cpu``) slows by demand / cores, the
+  guest's demand weighed ``guest_weight`` times.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Costs:
     psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
     start_cpu: float = 0.0  # CPU-s the destination spends starting its vCPUs, during pre-copy
     start_cores: float = 2.0  # ... by this many processes at once
+    guest_weight: float = 1.0  # a busy guest's demand counts this many times: the
+    # migration's stages hand work on to each other, and each waits while another is
+    # descheduled, so a guest slows them more than its share of the cores says
     setup: float = 0.0  # s from the migration's start to its bulk round (the dirty log on)
     digest_page: float = 0.0  # s per page: the source measures its paused copy after the
     # go-ahead (the destination runs meanwhile), before it releases it: in the total time
@@ -115,6 +119,11 @@ class GuestModel:
     shared_pages: int = 0
     cpu: float = 0.0  # cores the vCPUs keep busy while they run unthrottled
     contiguous: bool = False  # True: the dirty pages are the working set's first, in order
+    hot_pages: int = 0  # pages rewritten in every interval it runs (a database's log), apart
+    # from the working set, just below it
+    run_pages: int = 1  # the writes dirty runs of this many pages (a database's lie together)
+    rate_under_load: bool = False  # dirty_rate was seen while a migration shared the host's
+    # cores with it (not before): the model slows it only by what contention adds to that
     seed: int = 1
 
 
@@ -145,6 +154,9 @@ class SimWorld:
         self.src_version = np.zeros(self.guest.npages, dtype=np.int64)
         self.dst_version = np.full(self.guest.npages, -1, dtype=np.int64)
         self._rng = np.random.default_rng(self.guest.seed)
+        self._ran_since_sync = False  # the guest ran since the last harvest (its hot pages are dirty)
+        if self.guest.hot_pages + self.guest.working_set > self.guest.npages:
+            raise ValueError("hot_pages + working_set exceed the guest's pages")
 
     def guest_gap(self, p: Progress) -> float:
         """The pause as the guest sees it: from its last whole timeslice before the pause
@@ -181,13 +193,19 @@ class SimWorld:
 
     def _accrue(self) -> None:
         """Account the writes done at the current rate since the last change of rate."""
+        if self.clock > self._last_accrue and not self.paused:
+            self._ran_since_sync = True
         self._writes += self.write_rate() * (self.clock - self._last_accrue)
         self._last_accrue = self.clock
 
     def write_rate(self) -> float:
         """Pages/s the guest writes now: what its throttle or dirty limit lets it, slowed
         like the migration where the two ask a small host for more cores than it has."""
-        return self._allowed_rate() / self.contention()
+        slow = self.contention()
+        if self.guest.rate_under_load:
+            c = self.costs
+            slow /= max(1.0, (c.pipeline_cores + self.guest.cpu) / c.cores) if c.cores else 1.0
+        return self._allowed_rate() / slow
 
     def _allowed_rate(self) -> float:
         if self.paused:
@@ -200,22 +218,37 @@ class SimWorld:
     def harvest(self) -> np.ndarray:
         self._accrue()
         writes, self._writes = self._writes + self._carry, 0.0
-        ws = self.guest.working_set
-        start = self.guest.npages - ws
         n_writes = int(writes)
         self._carry = writes - n_writes
+        pfns = self._harvest_ws(n_writes)
+        if self._ran_since_sync and self.guest.hot_pages:
+            start = self.guest.npages - self.guest.working_set
+            pfns = np.concatenate([np.arange(start - self.guest.hot_pages, start,
+                                             dtype=np.int64), pfns])
+        self._ran_since_sync = False
+        self.src_version[pfns] += 1
+        return pfns
+
+    def _harvest_ws(self, n_writes: int) -> np.ndarray:
+        """The working-set pages ``n_writes`` uniform writes dirtied."""
+        ws = self.guest.working_set
+        start = self.guest.npages - ws
         if not ws or not n_writes:
             return np.zeros(0, dtype=np.int64)
         if self.guest.contiguous:
             # distinct pages hit by uniform writes, laid out as one run
             n = int(ws * (1.0 - math.exp(-n_writes / ws)))
-            pfns = np.arange(start, start + n, dtype=np.int64)
-        elif n_writes >= 8 * ws:
-            pfns = np.arange(start, start + ws, dtype=np.int64)  # all but surely every page
-        else:
-            pfns = start + np.unique(self._rng.integers(0, ws, size=n_writes, dtype=np.int64))
-        self.src_version[pfns] += 1
-        return pfns
+            return np.arange(start, start + n, dtype=np.int64)
+        run = self.guest.run_pages
+        runs, per_run = max(ws // run, 1), n_writes / run
+        if per_run >= 8 * runs:
+            return np.arange(start, start + ws, dtype=np.int64)  # all but surely every page
+        if run == 1:
+            return start + np.unique(self._rng.integers(0, ws, size=n_writes, dtype=np.int64))
+        # whole runs, as many writes' worth (the last, partial one by chance)
+        k = int(per_run) + int(self._rng.random() < per_run - int(per_run))
+        first = np.unique(self._rng.integers(0, runs, size=k, dtype=np.int64)) * run
+        return start + (first[:, None] + np.arange(run, dtype=np.int64)).ravel()
 
     def _demand(self) -> tuple[float, float]:
         """(the guest's cores, the destination's start work's cores) asked for now."""
@@ -234,7 +267,7 @@ class SimWorld:
         if not c.cores:
             return 1.0
         guest, start = self._demand()
-        return max(1.0, (c.pipeline_cores + guest + start) / c.cores)
+        return max(1.0, (c.pipeline_cores + c.guest_weight * guest + start) / c.cores)
 
     def _ran(self, seconds: float) -> None:
         """The destination's start work got its share of the cores for ``seconds``."""

@@ -1,0 +1,138 @@
+"""The guest of a validation cell, from the engine's reports of its workload.
+
+A dirtier has a rate knob: the model takes the rate it wrote at before the migration.
+A database has none, and its dirty set is not a rate over all of memory: it rewrites a
+few pages (its log and root pages) in every interval it runs, and its other pages fill
+towards a working set. So its dirty set after ``t`` seconds is fitted, from the dirty
+log's syncs, as ``hot + ws (1 - exp(-rate t / ws))``. Its pages lie together, so they
+are dirtied in runs: their length is what the runs of contiguous commands show.
+
+A busy guest also makes the stop dearer: its vCPUs ack the pause at the end of a
+timeslice, and its workload's state takes longer to export and restore. The engine
+measures each stop's parts; the model takes this workload's.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from cvmig.guest.workloads import parse_workload
+from cvmig.migration.stopcost import StopCosts
+from cvmig.model.world import GuestModel
+from cvmig.psp.api import PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class DirtyCurve:
+    hot: int  # pages rewritten in every interval
+    ws: int  # pages the rest of the writes fall on, uniformly
+    rate: float  # pages/s of those writes, as the migration let the guest run
+
+    def at(self, t: np.ndarray) -> np.ndarray:
+        return self.hot + self.ws * (1.0 - np.exp(-self.rate * t / max(self.ws, 1)))
+
+
+def dirty_samples(reports: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    """(seconds between two syncs, pages the later found dirty), over the rounds in which
+    the guest ran unthrottled."""
+    out: list[tuple[float, int]] = []
+    for rep in reports:
+        rounds = rep["rounds"]
+        for a, b in zip(rounds, rounds[1:], strict=False):
+            if a.get("throttle_pct", 0) or b.get("throttle_pct", 0):
+                continue
+            dt = b["start"] - a["start"]
+            if dt > 0 and b.get("dirty_pages", 0) > 0:
+                out.append((dt, int(b["dirty_pages"])))
+    return out
+
+
+def fit_dirty_curve(samples: list[tuple[float, int]], npages: int) -> DirtyCurve | None:
+    """The curve closest to the samples in relative terms: a grid search over the three
+    parameters, then a finer one around the best (a few dozen samples: cheap)."""
+    if not samples:
+        return None
+    t = np.array([s[0] for s in samples])
+    d = np.array([s[1] for s in samples], dtype=float)
+    hots = np.linspace(0, d.min(), 24)
+    wss, rates = np.geomspace(1, npages, 48), np.geomspace(1.0, 1e6, 72)
+    best = _search(t, d, hots, wss, rates, npages)
+    for _ in range(2):  # each pass: a step of the last grid either side, finer
+        h, ws, r = best
+        dh, kw, kr = hots[1] - hots[0] if len(hots) > 1 else 1.0, wss[1] / wss[0], rates[1] / rates[0]
+        hots = np.linspace(max(h - dh, 0), min(h + dh, d.min()), 9)
+        wss = np.geomspace(max(ws / kw, 1), min(ws * kw, npages), 15)
+        rates = np.geomspace(r / kr, r * kr, 15)
+        best = _search(t, d, hots, wss, rates, npages)
+    h, ws, r = best
+    return DirtyCurve(int(round(h)), int(round(ws)), r)
+
+
+def _search(t: np.ndarray, d: np.ndarray, hots: np.ndarray, wss: np.ndarray,
+            rates: np.ndarray, npages: int) -> tuple[float, float, float]:
+    best: tuple[float, float, float, float] | None = None
+    r = rates[None, :, None]
+    for hot in hots:
+        ws = wss[wss <= npages - hot][:, None, None]
+        pred = hot + ws * (1.0 - np.exp(-r * t[None, None, :] / ws))
+        err = np.square(np.log(np.maximum(pred, 0.5) / d)).sum(axis=2)
+        i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+        if best is None or err[i, j] < best[0]:
+            best = (float(err[i, j]), float(hot), float(ws[i, 0, 0]), float(rates[j]))
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def run_length(reports: list[dict[str, Any]]) -> int:
+    """Pages per run of the dirty set: its pages per command where contiguous batching
+    (uncapped by a small cap) followed them, after the bulk (1 where none did)."""
+    seen = [rnd["pages"] / rnd["commands"] for rep in reports
+            if rep.get("params", {}).get("x-batching") == "contig"
+            and rep["params"].get("x-batch-cap", 0) >= 64 and not rep["params"].get("x-queue")
+            for rnd in rep["rounds"][1:] if rnd.get("commands")]
+    return max(1, round(statistics.median(seen))) if seen else 1
+
+
+def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]],
+                       vcpus: int, pooled: list[dict[str, Any]] | None = None) -> GuestModel:
+    """The guest the engine's runs of a cell saw (their medians). ``pooled``: every
+    report of this workload at this size and profile, for what is the workload's own and
+    not the cell's (a database's dirty-set curve)."""
+    npages = memory // PAGE_SIZE - vcpus  # the VMSA pages move apart
+    spec = parse_workload(workload)
+    cpu = [float(r["guest"].get("cpu-cores-before") or 0.0) for r in reports]
+    guest = GuestModel(npages=npages, dirty_rate=0.0, working_set=0, vcpus=vcpus,
+                       cpu=statistics.median(cpu) if cpu else 0.0)
+    if spec.kind == "dirtier":
+        rate = float(spec.get("rate"))
+        before = [float(r["guest"]["ops-per-s-before"]) for r in reports
+                  if r["guest"]["ops-per-s-before"] > 0]
+        if before:
+            # what the guest wrote before the migration began (its vCPUs share two cores
+            # with everything else here, and may fall short of the rate asked for)
+            rate = min(rate, statistics.median(before))
+        return replace(guest, dirty_rate=rate, working_set=npages if rate else 0)
+    if spec.kind == "idle":
+        return guest
+    curve = fit_dirty_curve(dirty_samples(pooled or reports), npages)
+    if curve is None:
+        return guest
+    return replace(guest, dirty_rate=curve.rate, working_set=curve.ws, hot_pages=curve.hot,
+                   run_pages=min(run_length(pooled or reports), curve.ws), rate_under_load=True)
+
+
+def workload_stop(calibrated: StopCosts, reports: list[dict[str, Any]]) -> StopCosts:
+    """The stop costs this workload's stops measured (the medians of its reports, part by
+    part); the calibrated (idle) ones where they did not measure a part."""
+    parts: dict[str, float] = {}
+    for name in ("pause", "vcpu_state", "trailer", "finish", "grant"):
+        seen = [r["x-stop"]["costs-measured-ms"].get(name) for r in reports
+                if r.get("x-stop") and r["x-stop"].get("costs-measured-ms")]
+        xs = [float(x) for x in seen if x is not None]
+        if xs:
+            parts[name] = statistics.median(xs) / 1000
+    return replace(calibrated, **parts)
