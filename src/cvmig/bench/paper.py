@@ -240,10 +240,18 @@ def _write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
               help="Repetitions per cell (default: 1 quick, 3 full).")
 @click.option("--profiles", default=None,
               help="Comma list of PSP cost profiles (default: none,sev-2020).")
+@click.option("--modes", default=None,
+              help=f"Comma list of batching modes, a part of the grid ({', '.join(MODES)}).")
+@click.option("--throttles", default=None,
+              help=f"Comma list of throttle policies ({', '.join(THROTTLES)}).")
+@click.option("--workloads", default=None,
+              help="Comma list of workloads: idle, sqlite, and dirtiers as dF, F times the "
+                   "baseline's rate (d0.5,d1,d2).")
 @click.option("--from-runs", "from_runs", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Migrate nothing: summarize, plot and check the claims of "
                                  "a grid already run (its runs.json) into --out.")
 def paper(quick: bool, out: Path, reps: int | None, profiles: str | None,
+          modes: str | None, throttles: str | None, workloads: str | None,
           from_runs: Path | None) -> None:
     """Batching x throttling x workload, measured side by side against the page baseline."""
     from cvmig.psp.cost import parse
@@ -269,11 +277,38 @@ def paper(quick: bool, out: Path, reps: int | None, profiles: str | None,
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="--profiles") from None
         grid = replace(grid, profiles=names)
+    grid = _part(grid, modes, throttles, workloads)
     out.mkdir(parents=True, exist_ok=True)
     click.echo(machine_line())
     results = run_grid(grid, out, quick=quick)
     _conclude(results, out)
     click.echo(f"wrote {out / 'runs.json'}, {out / 'runs.csv'}")
+
+
+def _names(text: str, allowed: Iterable[str], option: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise click.BadParameter(f"{', '.join(bad) or 'nothing given'}: choose from "
+                                 f"{', '.join(allowed)}", param_hint=option)
+    return names
+
+
+def _part(grid: Grid, modes: str | None, throttles: str | None,
+          workloads: str | None) -> Grid:
+    """The part of ``grid`` the options name (each option, when given, replaces its axis)."""
+    if modes:
+        names = _names(modes, MODES, "--modes")
+        grid = replace(grid, modes=names,
+                       hw_modes=tuple(m for m in grid.hw_modes if m in names) or names)
+    if throttles:
+        grid = replace(grid, throttles=_names(throttles, THROTTLES, "--throttles"))
+    if workloads:
+        names = _names(workloads, ("idle", "sqlite", "d0.5", "d1", "d1.5", "d2", "d3"),
+                       "--workloads")
+        grid = replace(grid, idle="idle" in names, sqlite="sqlite" in names,
+                       dirty_fractions=tuple(float(n[1:]) for n in names if n.startswith("d")))
+    return grid
 
 
 def _conclude(results: list[dict[str, Any]], out: Path) -> None:

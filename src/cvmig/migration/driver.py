@@ -340,6 +340,7 @@ class Driver:
                 if wait > 0 and self._fits(later) and (not fits or shorter):
                     w.sleep(wait)
                     expected, fits = later, True
+                    self._in_flight = 0.0  # landed: the rest of the stop is the send
             else:
                 expected = remaining / bw
                 fits = remaining <= rnd.threshold_bytes
