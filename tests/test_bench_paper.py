@@ -38,3 +38,20 @@ def test_bad_profile_is_refused_before_any_run(tmp_path: Path) -> None:
     assert r.exit_code == 2
     assert "warp-drive" in r.output
     assert not (tmp_path / "runs.json").exists()
+
+
+def test_a_part_of_the_grid_is_named_axis_by_axis() -> None:
+    g = P._part(P.FULL, "page,sg", "none", "idle,d0.5")
+    assert (g.modes, g.throttles, g.idle, g.sqlite, g.dirty_fractions) == (
+        ("page", "sg"), ("none",), True, False, (0.5,))
+    assert g.hw_modes == ("page", "sg")  # the hardware profile's modes, within the named
+    assert P._part(P.FULL, None, None, None) == P.FULL
+
+
+def test_an_unknown_mode_throttle_or_workload_is_refused_before_any_run(tmp_path: Path) -> None:
+    for opt, bad in (("--modes", "page,turbo"), ("--throttles", "brake"),
+                     ("--workloads", "d0.5,video")):
+        r = CliRunner().invoke(P.paper, [opt, bad, "--out", str(tmp_path)])
+        assert r.exit_code == 2, r.output
+        assert bad.split(",")[-1] in r.output and "choose from" in r.output
+        assert not (tmp_path / "runs.json").exists()

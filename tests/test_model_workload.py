@@ -21,7 +21,7 @@ from cvmig.model.workload import (
     run_length,
     workload_stop,
 )
-from cvmig.model.world import Costs, GuestModel, SimWorld
+from cvmig.model.world import Costs, GuestModel, SimWorld, fair_share
 
 NPAGES = 32766
 
@@ -99,7 +99,8 @@ def test_a_rate_seen_under_load_is_not_slowed_again_by_the_same_load() -> None:
     before = SimWorld(GuestModel(npages=1000, dirty_rate=100.0, working_set=1000, cpu=2.0),
                       costs)
     assert seen.write_rate() == pytest.approx(100.0)
-    assert before.write_rate() == pytest.approx(100.0 / 1.5)  # (1 + 2) / 2 cores
+    # four pipeline threads at a quarter core each leave the two vCPUs half a core each
+    assert before.write_rate() == pytest.approx(100.0 / 2.0)
 
 
 def test_a_workloads_stop_costs_are_the_medians_its_stops_measured() -> None:
@@ -140,3 +141,77 @@ def _idle_report(bulk_s: float, cpu: float = 0.0) -> dict[str, Any]:
                            "destination-start-cpu-s": 0.0},
             "psp": {"profile": "none"}, "ram": {"total": 16 << 20}, "total-time": 700,
             "setup-time": 10, "downtime": 8}
+
+
+def test_fair_share_gives_small_asks_all_they_ask() -> None:
+    assert fair_share([0.1, 0.1], 2.0) == float("inf")  # everything fits
+    assert fair_share([0.1, 1.0, 1.0, 1.0], 2.0) == pytest.approx(0.633, abs=1e-3)
+    assert fair_share([1.0] * 4, 2.0) == pytest.approx(0.5)
+
+
+def test_a_light_guest_keeps_its_pace_and_a_busy_one_shares_the_cores() -> None:
+    costs = Costs(cores=2.0, pipeline_cores=1.6, start_cpu=0.5)
+    light = SimWorld(GuestModel(npages=1000, dirty_rate=100.0, working_set=1000, cpu=0.1,
+                                vcpus=2), costs)
+    busy = SimWorld(GuestModel(npages=1000, dirty_rate=100.0, working_set=1000, cpu=2.0,
+                               vcpus=2), costs)
+    assert light.guest_slowdown() == 1.0  # a dirtier that mostly sleeps: as the engine saw
+    assert busy.guest_slowdown() > 2.0  # two busy vCPUs beside the start work's two threads
+    assert 1.0 < busy.guest_slowdown(unthrottled=True) < busy.guest_slowdown()
+    busy.set_throttle(90)
+    assert busy.guest_slowdown() < 1.5  # a throttled guest asks for a tenth
+
+
+def test_costs_at_a_pace_scale_every_per_command_and_per_page_part() -> None:
+    c = Costs(t_doorbell=1e-5, t_cmd=1e-4, psp_bw=1e9, rx_t_cmd=2e-4, rx_psp_bw=5e8,
+              t_page=5e-6, cmd_table=((1.0, 64.0), (1e-4, 6e-4)))
+    slow = c.at_pace(1.5)
+    sizes = np.array([1, 8, 64])
+    assert slow.src_psp(3, 3, 3 * 4096, sizes) == pytest.approx(1.5 * c.src_psp(3, 3, 3 * 4096,
+                                                                                 sizes))
+    assert slow.dst_psp(3, 3 * 4096) == pytest.approx(1.5 * c.dst_psp(3, 3 * 4096))
+    assert slow.t_page == pytest.approx(7.5e-6) and slow.stop == c.stop
+
+
+def test_a_one_page_command_costs_what_page_modes_calibration_says_in_every_contig_mode(
+        ) -> None:
+    table = [[1, 4, 64], [150e-6, 200e-6, 700e-6]]
+    cells = {"none/page": {"send": {"t_cmd": 110e-6, "bw": 1e15},
+                           "receive": {"t_cmd": 120e-6, "bw": 1e15}},
+             "none/contig64": {"send": {"t_cmd": 1e-4, "bw": 1e9, "table": [list(table[0]),
+                                                                         list(table[1])]},
+                               "receive": {"t_cmd": 1e-4, "bw": 1e9,
+                                           "table": [list(table[0]), list(table[1])]}},
+             "none/sg": {"send": {"t_cmd": 1e-4, "bw": 1e9, "table": [list(table[0]),
+                                                                    list(table[1])]},
+                         "receive": {"t_cmd": 1e-4, "bw": 1e9}}}
+    V.one_page_as_page(cells, "none")
+    assert cells["none/contig64"]["send"]["table"][1] == pytest.approx([110e-6, 200e-6, 700e-6])
+    assert cells["none/contig64"]["receive"]["table"][1][0] == pytest.approx(120e-6)
+    assert cells["none/sg"]["send"]["table"][1][0] == 150e-6  # a scatter list: its own cost
+
+
+def test_a_sampled_prediction_brackets_its_median() -> None:
+    cell = V.calibration_cell(_idle_report(0.6), MODES["sg"], _PSP)
+    cell["pace"] = [0.8, 1.0, 1.3]
+    cal = {"cells": {"none/sg": cell}}
+    guest = GuestModel(npages=4094, dirty_rate=2000.0, working_set=4094, vcpus=2)
+    stops = [_idle_report(0.6) for _ in range(3)]
+    for i, r in enumerate(stops):
+        r["x-stop"]["costs-measured-ms"]["finish"] = 5.0 + 20.0 * i
+    one = V.predict_cell(cal, "none", "sg", "none", guest, 40, stops)
+    m = V.predict_cell(cal, "none", "sg", "none", guest, 40, stops, samples=15)
+    assert m["samples"] == 15 and "samples" not in one
+    for key in ("total_ms", "downtime_ms"):
+        assert m[f"{key}_p10"] <= m[key] <= m[f"{key}_p90"]
+    # the stop's finish was drawn from 5, 25 and 45 ms, the pace from 0.8-1.3: a band
+    assert m["downtime_ms_p90"] - m["downtime_ms_p10"] > 15.0
+    assert m["total_ms_p90"] > m["total_ms_p10"]
+
+
+def test_qemus_rule_takes_the_destinations_lag_from_its_data_paths_twin() -> None:
+    cells = {"none/contig": {"rx_lag": 0.6}, "none/contig-qemu": {"rx_lag": 0.0},
+             "none/sg": {"rx_lag": 0.2}}
+    V.lag_from_twin(cells, "none")
+    assert cells["none/contig-qemu"]["rx_lag"] == 0.6  # contig's, not sg's
+    assert cells["none/sg"]["rx_lag"] == 0.2

@@ -125,14 +125,23 @@ def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]]
                    run_pages=min(run_length(pooled or reports), curve.ws), rate_under_load=True)
 
 
+STOP_PARTS = ("pause", "vcpu_state", "trailer", "finish", "grant")
+
+
+def stop_samples(reports: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Seconds each part of the stop took in each of the reports that measured it."""
+    out: dict[str, list[float]] = {}
+    for name in STOP_PARTS:
+        xs = [r["x-stop"]["costs-measured-ms"].get(name) for r in reports
+              if r.get("x-stop") and r["x-stop"].get("costs-measured-ms")]
+        got = [float(x) / 1000 for x in xs if x is not None]
+        if got:
+            out[name] = got
+    return out
+
+
 def workload_stop(calibrated: StopCosts, reports: list[dict[str, Any]]) -> StopCosts:
     """The stop costs this workload's stops measured (the medians of its reports, part by
     part); the calibrated (idle) ones where they did not measure a part."""
-    parts: dict[str, float] = {}
-    for name in ("pause", "vcpu_state", "trailer", "finish", "grant"):
-        seen = [r["x-stop"]["costs-measured-ms"].get(name) for r in reports
-                if r.get("x-stop") and r["x-stop"].get("costs-measured-ms")]
-        xs = [float(x) for x in seen if x is not None]
-        if xs:
-            parts[name] = statistics.median(xs) / 1000
-    return replace(calibrated, **parts)
+    return replace(calibrated, **{k: statistics.median(v)
+                                  for k, v in stop_samples(reports).items()})

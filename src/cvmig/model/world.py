@@ -31,7 +31,7 @@ engine's data path (migration/source.py, sender.py, receiver.py, destination.py)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -90,6 +90,21 @@ class Costs:
             cost[over] = y[-1] + (sizes[over] - x[-1]) * slope
         return float(cost.sum())
 
+    def at_pace(self, f: float) -> Costs:
+        """These costs with every per-command, per-byte and per-page part ``f`` times as
+        long (one run's pace on a shared machine against the median run's)."""
+        def table(t: tuple[tuple[float, ...], tuple[float, ...]] | None
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+            return None if t is None else (t[0], tuple(y * f for y in t[1]))
+
+        return replace(self, t_doorbell=self.t_doorbell * f, t_cmd=self.t_cmd * f,
+                       psp_bw=self.psp_bw / f,
+                       rx_t_cmd=None if self.rx_t_cmd is None else self.rx_t_cmd * f,
+                       rx_t_doorbell=self.rx_t_doorbell * f,
+                       rx_psp_bw=None if self.rx_psp_bw is None else self.rx_psp_bw / f,
+                       t_send=self.t_send * f, t_page=self.t_page * f,
+                       cmd_table=table(self.cmd_table), rx_cmd_table=table(self.rx_cmd_table))
+
     def src_psp(self, ncmds: int, doorbells: int, nbytes: int,
                 sizes: np.ndarray | None = None) -> float:
         """The source PSP's time for these commands (``sizes``: their pages, for the
@@ -108,6 +123,20 @@ class Costs:
                 - nbytes / self.psp_bw + nbytes / bw
         return (ncmds if doorbells is None else doorbells) * self.rx_t_doorbell \
             + ncmds * self.rx_t_cmd + nbytes / bw
+
+
+PIPELINE_THREADS = 4  # the migration's busy threads: each end's engine and secure processor
+
+
+def fair_share(demands: list[float], cores: float) -> float:
+    """The most any one thread gets when threads asking ``demands`` cores share ``cores``
+    fairly (water-filling: those asking less get all of it); inf when all fit."""
+    left, n = cores, len(demands)
+    for d in sorted(demands):
+        if d * n > left:
+            return left / n
+        left, n = left - d, n - 1
+    return float("inf")
 
 
 @dataclass
@@ -200,12 +229,31 @@ class SimWorld:
 
     def write_rate(self) -> float:
         """Pages/s the guest writes now: what its throttle or dirty limit lets it, slowed
-        like the migration where the two ask a small host for more cores than it has."""
-        slow = self.contention()
-        if self.guest.rate_under_load:
-            c = self.costs
-            slow /= max(1.0, (c.pipeline_cores + self.guest.cpu) / c.cores) if c.cores else 1.0
+        where its vCPUs get less of the small host's cores than they ask for."""
+        slow = self.guest_slowdown()
+        if self.guest.rate_under_load:  # seen at the pace the migration left it
+            slow /= self.guest_slowdown(unthrottled=True)
         return self._allowed_rate() / slow
+
+    def guest_slowdown(self, unthrottled: bool = False) -> float:
+        """How much slower the guest's vCPUs run than they ask to: the host's scheduler
+        shares the cores out thread by thread, so a vCPU that asks for little (a dirtier
+        that mostly sleeps) gets it all, and a busy one its share of what the migration's
+        threads (``PIPELINE_THREADS``, each asking for a share of ``pipeline_cores``) and
+        the destination's start work leave. ``unthrottled``: without a throttle, once the
+        start work is done (the pace a rate seen during a migration was seen at)."""
+        c, g = self.costs, self.guest
+        if not c.cores or not g.vcpus or self.paused:
+            return 1.0
+        want, start = self._demand()
+        if unthrottled:
+            want, start = g.cpu, 0.0
+        per = want / g.vcpus
+        if per <= 0:
+            return 1.0
+        demands = [c.pipeline_cores / PIPELINE_THREADS] * PIPELINE_THREADS + [per] * g.vcpus \
+            + [start / c.start_cores] * int(c.start_cores) * (start > 0)
+        return max(1.0, per / min(per, fair_share(demands, c.cores)))
 
     def _allowed_rate(self) -> float:
         if self.paused:
@@ -281,9 +329,11 @@ class SimWorld:
         share = start * min(1.0, c.cores / total)
         self._start_left -= share * seconds
 
-    def _frame(self, src_cost: float, nbytes: int, dst_cost: float) -> float:
+    def _frame(self, src_cost: float, nbytes: int, dst_cost: float,
+               lag_base: float | None = None) -> float:
         """Move one frame through the pipeline; return the seconds the source spent on it
-        (waiting for a free slot, then its secure processor)."""
+        (waiting for a free slot, then its secure processor). The destination's lag is
+        ``rx_lag`` of ``lag_base`` (default: ``src_cost``)."""
         c, k = self.costs, len(self._wire_done)
         t0 = self.clock
         start = max(self.clock, self._wire_done[k - c.slots] if k >= c.slots else 0.0)
@@ -291,7 +341,8 @@ class SimWorld:
         acked = self._dst_done[k - c.window] + c.latency if k >= c.window else 0.0
         wire = max(self.clock, self._link_free, acked) + nbytes / c.link_bw
         self._link_free = wire
-        done = max(wire + c.latency + c.rx_lag * src_cost, self._dst_free) + dst_cost
+        lag = c.rx_lag * (src_cost if lag_base is None else lag_base)
+        done = max(wire + c.latency + lag, self._dst_free) + dst_cost
         self._dst_free = done
         self._wire_done.append(wire)
         self._dst_done.append(done)
@@ -317,7 +368,9 @@ class SimWorld:
         psp = c.src_psp(ncmds, doorbells, nbytes, sizes) * kp
         dst = c.dst_psp(ncmds, nbytes, doorbells, sizes) * kp
         own = (c.t_send + len(pfns) * c.t_page) * k  # the engine's work, at each end
-        spent = self._frame(psp + own, nbytes, dst + own)
+        # the destination's lag is the share of a frame's own time, not of the time a
+        # crowded host stretched it to (it was measured on idle runs)
+        spent = self._frame(psp + own, nbytes, dst + own, psp / kp + own / k)
         self._ran(spent)
         self.dst_version[pfns] = self.src_version[pfns]
         return Sent(len(pfns), nbytes, ncmds, doorbells, psp)
