@@ -113,8 +113,8 @@ def psp_costs(profile: str, modes: tuple[str, ...]) -> dict[str, dict[str, dict[
 
 def one_page_as_page(cells: dict[str, Any], profile: str) -> None:
     """A one-page command is the same firmware work however it was batched: the engine's
-    own firmware time says so (117-127 µs in the dirty rounds of page, contig, contig64
-    and contig-qemu alike, on the full grid here), where `cvmig bench psp`, measuring each
+    own firmware time says so (117-130 µs in the dirty rounds of page, contig, contig64
+    and contig-qemu alike, on both full grids here), where `cvmig bench psp`, measuring each
     mode apart, drifts by 20-30 %. So the contiguous modes' measured tables start at what
     page mode's calibration (its bulk is nothing but one-page commands) prices one at."""
     page = cells.get(f"{profile}/page")
