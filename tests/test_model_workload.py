@@ -215,3 +215,18 @@ def test_qemus_rule_takes_the_destinations_lag_from_its_data_paths_twin() -> Non
     V.lag_from_twin(cells, "none")
     assert cells["none/contig-qemu"]["rx_lag"] == 0.6  # contig's, not sg's
     assert cells["none/sg"]["rx_lag"] == 0.2
+
+
+def test_the_engines_own_work_per_page_is_paid_on_a_pages_first_arrival_only() -> None:
+    w = SimWorld(GuestModel(npages=100, dirty_rate=0.0, working_set=0),
+                 Costs(t_doorbell=0.0, t_cmd=1e-4, psp_bw=1e15, t_page=1e-3, latency=0.0))
+    pfns = np.arange(10, dtype=np.int64)
+    bounds = np.arange(11, dtype=np.int64)  # one page a command
+    t0 = w.now()
+    w.send_private(pfns, bounds, queue=False)
+    first = w.now() - t0
+    t1 = w.now()
+    w.send_private(pfns, bounds, queue=False)  # the same pages, dirtied again
+    again = w.now() - t1
+    assert first == pytest.approx(10 * 1e-4 + 10 * 1e-3)
+    assert again == pytest.approx(10 * 1e-4)

@@ -7,7 +7,7 @@ engine's data path (migration/source.py, sender.py, receiver.py, destination.py)
 - the source's secure processor fills a transport slot (``slots`` of them) with a send's
   packets: per command ``t_cmd`` + its bytes / ``psp_bw``, plus ``t_doorbell`` per mailbox
   round trip (shared by a queue), plus ``t_send`` and ``t_page``, the engine's own work
-  per send and per page;
+  per send and per page new to the destination (the bulk's first touch of its memory);
 - the frame goes on the link (``link_bw`` bytes/s, ``latency`` one way) once it is within
   the destination's ``window`` of unacknowledged frames, and frees its slot;
 - the destination's secure processor imports it (``rx_t_cmd``, ``rx_psp_bw``), one frame
@@ -53,7 +53,7 @@ class Costs:
     rx_t_doorbell: float = 0.0  # ... plus per doorbell, when rx_t_cmd leaves it out (a queue)
     rx_psp_bw: float | None = None  # destination PSP bytes/s (None: same)
     t_send: float = 0.0  # the engine's own work per send (plan, frame, hand-over), s
-    t_page: float = 0.0  # ... and per page (on a small machine: the CPU the stages share)
+    t_page: float = 0.0  # ... and per page the destination receives for the first time
     latency: float = 0.0  # one way, s
     rx_lag: float = 0.0  # a frame waits at the destination this share of its source time
     # before its import begins (a small host's destination queued behind the others for
@@ -367,7 +367,11 @@ class SimWorld:
         sizes = None if queue else np.diff(bounds)  # a queue's commands keep the line
         psp = c.src_psp(ncmds, doorbells, nbytes, sizes) * kp
         dst = c.dst_psp(ncmds, nbytes, doorbells, sizes) * kp
-        own = (c.t_send + len(pfns) * c.t_page) * k  # the engine's work, at each end
+        # the engine's own work, at each end: per send, and per page the destination
+        # receives for the first time (it faults its memory in; the dirty rounds of the
+        # engine take little more than their firmware time)
+        fresh = int(np.count_nonzero(self.dst_version[pfns] < 0))
+        own = (c.t_send + fresh * c.t_page) * k
         # the destination's lag is the share of a frame's own time, not of the time a
         # crowded host stretched it to (it was measured on idle runs)
         spent = self._frame(psp + own, nbytes, dst + own, psp / kp + own / k)
