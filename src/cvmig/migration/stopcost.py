@@ -60,6 +60,10 @@ class StopCosts:
                       if k in names and isinstance(v, int | float)})
 
 
+# the parts a stop measures (the slice is how the guest sees it, not a cost)
+MEASURED_PARTS = tuple(f.name for f in fields(StopCosts) if f.name != "slice")
+
+
 def default_costs(vcpus: int, command_s: float = 0.0) -> StopCosts:
     """Before any measurement: what this machine's engine took (idle guest, no cost
     profile; medians), plus ``command_s`` per firmware command a stop needs (a VMSA per
@@ -112,12 +116,10 @@ def estimate(profile: str, vcpus: int, command_s: float = 0.0) -> tuple[StopCost
     est = default_costs(vcpus, command_s)
     hist = _load().get(_key(profile, vcpus), {})
     n = 0
-    for f in fields(StopCosts):
-        if f.name == "slice":
-            continue
-        xs = [float(x) for x in hist.get(f.name, []) if isinstance(x, int | float)]
+    for name in MEASURED_PARTS:
+        xs = [float(x) for x in hist.get(name, []) if isinstance(x, int | float)]
         if xs:
-            setattr(est, f.name, _quantile(xs, QUANTILE))
+            setattr(est, name, _quantile(xs, QUANTILE))
             n = max(n, len(xs))
     return est, n
 
@@ -129,10 +131,10 @@ def record(profile: str, vcpus: int, measured: StopCosts) -> None:
         return
     data = _load()
     hist = data.setdefault(_key(profile, vcpus), {})
-    for f in fields(StopCosts):
-        v = getattr(measured, f.name)
-        if v > 0 and f.name != "slice":
-            hist[f.name] = [*hist.get(f.name, []), min(v, MAX_SAMPLE_S)][-KEEP:]
+    for name in MEASURED_PARTS:
+        v = getattr(measured, name)
+        if v > 0:
+            hist[name] = [*hist.get(name, []), min(v, MAX_SAMPLE_S)][-KEEP:]
     with contextlib.suppress(OSError):  # a cache: losing it costs accuracy, nothing else
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

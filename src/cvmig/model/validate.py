@@ -340,6 +340,30 @@ def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return base
 
 
+def calibrate_on(reports: list[dict[str, Any]], mode: Mode,
+                 psp: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """A mode's calibration from several idle runs: their medians, and how their pace
+    varied (for `predict_cell`'s samples)."""
+    cell = calibration_cell(median_report(reports), mode, psp)
+    cell["pace"] = pace_of(reports)
+    return cell
+
+
+def settle(cells: dict[str, Any], profile: str) -> None:
+    """What a profile's calibrated modes share once all are calibrated: a one-page
+    command's price, and the destination's lag under QEMU's rule."""
+    one_page_as_page(cells, profile)
+    lag_from_twin(cells, profile)
+
+
+def weigh_busy(cal: dict[str, Any], profile: str, reports: list[dict[str, Any]],
+               echo: Callable[[str], None]) -> None:
+    """The busy-guest cell (`BUSY`) calibrates ``profile``'s guest_weight."""
+    w = round(fit_guest_weight(cal, profile, reports), 3)
+    cal.setdefault("guest_weight", {})[profile] = w
+    echo(f"  calibrated {profile}: a busy guest weighs {w:g}x")
+
+
 def calibrate_mode(profile: str, mode: str, memory: int,
                    psp: dict[str, dict[str, dict[str, Any]]], runs: int = 1) -> dict[str, Any]:
     """``runs`` idle migrations calibrate ``mode`` (a `cvmig bench paper` mode) here."""
@@ -351,8 +375,7 @@ def calibrate_mode(profile: str, mode: str, memory: int,
         if r["report"] is None:
             raise RuntimeError(f"calibration migration failed: {r['row'].get('error')}")
         reports.append(r["report"])
-    cell = calibration_cell(median_report(reports), MODES[mode], psp)
-    cell["pace"] = pace_of(reports)
+    cell = calibrate_on(reports, MODES[mode], psp)
     cell["calibration_run"]["load"] = os.getloadavg()[0]
     return cell
 
@@ -378,8 +401,7 @@ def calibrate(grid: Grid, echo: Callable[[str], None]) -> dict[str, Any]:
         for mode in grid.modes:
             cells[f"{profile}/{mode}"] = calibrate_mode(profile, mode, mem, psp, grid.reps)
             echo(_describe(f"{profile}/{mode}", cells[f"{profile}/{mode}"]))
-        one_page_as_page(cells, profile)
-        lag_from_twin(cells, profile)
+        settle(cells, profile)
     return {"cells": cells, "psp": psps, "vcpus": VCPUS, "link_bw": LOOPBACK_BW,
             "latency": LOOPBACK_LATENCY}
 
@@ -551,8 +573,7 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
                     calibration["cells"][key] = calibrate_mode(
                         profile, mode, mem_mib * MiB, calibration["psp"][profile], grid.reps)
                     echo(_describe(key, calibration["cells"][key]))
-                one_page_as_page(calibration["cells"], profile)
-                lag_from_twin(calibration["cells"], profile)
+                settle(calibration["cells"], profile)
                 # a busy guest's cell calibrates its weight first (cvmig.model.world)
                 for mode in sorted(grid.modes, key=lambda m: (wname, m) != BUSY[:2]):
                     for thr in grid.throttles:
@@ -568,9 +589,7 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
                         if (wname, mode, thr) == BUSY:
                             reps = [r["report"] for r in runs if r["report"]]
                             if reps:
-                                w = round(fit_guest_weight(calibration, profile, reps), 3)
-                                calibration.setdefault("guest_weight", {})[profile] = w
-                                echo(f"  calibrated {profile}: a busy guest weighs {w:g}x")
+                                weigh_busy(calibration, profile, reps, echo)
                                 continue
                         cell = make_cell(calibration, profile, mem_mib, wname, wl, mode, thr,
                                          timeout, runs, pool, samples)
@@ -622,21 +641,17 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
             if not idle:
                 echo(f"  {profile}/{mode}: no idle run to calibrate on; its cells are left out")
                 continue
-            reports = [r["report"] for r in idle]
-            cal["cells"][f"{profile}/{mode}"] = calibration_cell(
-                median_report(reports), MODES[mode], psp[profile])
-            cal["cells"][f"{profile}/{mode}"]["pace"] = pace_of(reports)
+            cal["cells"][f"{profile}/{mode}"] = calibrate_on(
+                [r["report"] for r in idle], MODES[mode], psp[profile])
             echo(_describe(f"{profile}/{mode}", cal["cells"][f"{profile}/{mode}"]))
-        one_page_as_page(cal["cells"], profile)
-        lag_from_twin(cal["cells"], profile)
+        settle(cal["cells"], profile)
     cal["guest_weight"] = {}
     for (profile, _, wl, mode, thr), rs in groups.items():
         if (wl.split(":")[0], mode, thr) == BUSY and f"{profile}/{mode}" in cal["cells"] \
                 and profile not in cal["guest_weight"]:
             reps = [r["report"] for r in rs if r["report"]]
             if reps:
-                cal["guest_weight"][profile] = w = round(fit_guest_weight(cal, profile, reps), 3)
-                echo(f"  calibrated {profile}: a busy guest weighs {w:g}x")
+                weigh_busy(cal, profile, reps, echo)
     timeout = float(meta["grid"]["timeout_s"])
     pools: dict[tuple[str, int, str], Workload] = {}
     for (profile, mem_mib, wl, _, thr), rs in groups.items():

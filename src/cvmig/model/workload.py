@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cvmig.guest.workloads import parse_workload
-from cvmig.migration.stopcost import StopCosts
+from cvmig.migration.stopcost import MEASURED_PARTS, StopCosts
 from cvmig.model.world import GuestModel
 from cvmig.psp.api import PAGE_SIZE
 
@@ -125,13 +125,10 @@ def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]]
                    run_pages=min(run_length(pooled or reports), curve.ws), rate_under_load=True)
 
 
-STOP_PARTS = ("pause", "vcpu_state", "trailer", "finish", "grant")
-
-
 def stop_samples(reports: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Seconds each part of the stop took in each of the reports that measured it."""
     out: dict[str, list[float]] = {}
-    for name in STOP_PARTS:
+    for name in MEASURED_PARTS:
         xs = [r["x-stop"]["costs-measured-ms"].get(name) for r in reports
               if r.get("x-stop") and r["x-stop"].get("costs-measured-ms")]
         got = [float(x) / 1000 for x in xs if x is not None]

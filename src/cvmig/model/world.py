@@ -69,10 +69,10 @@ class Costs:
     setup: float = 0.0  # s from the migration's start to its bulk round (the dirty log on)
     digest_page: float = 0.0  # s per page: the source measures its paused copy after the
     # go-ahead (the destination runs meanwhile), before it releases it: in the total time
-    # one command's measured cost by its pages (`cvmig.bench.psp`; the doorbell included),
-    # ((pages, ...), (seconds, ...)), where a line is not close enough: a one-page command
-    # costs less than a line through the big ones says. Interpolated; a queue's commands
-    # keep the line
+    # cmd_table, rx_cmd_table: one command's measured cost by its pages at each end
+    # (`cvmig.bench.psp`; the doorbell included), ((pages, ...), (seconds, ...)), where a
+    # line is not close enough: a one-page command costs less than a line through the big
+    # ones says. Interpolated; a queue's commands keep the line
     cmd_table: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     rx_cmd_table: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     stop: StopCosts = field(default_factory=lambda: StopCosts(pause=2e-3, grant=5e-3))
