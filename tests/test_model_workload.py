@@ -22,6 +22,7 @@ from cvmig.model.workload import (
     workload_stop,
 )
 from cvmig.model.world import Costs, GuestModel, SimWorld, fair_share
+from tests.test_model_validate import _run
 
 NPAGES = 32766
 
@@ -130,17 +131,7 @@ _PSP = {"sg": {"send": {"t_cmd": 100e-6, "bw": 1e9}, "receive": {"t_cmd": 100e-6
 
 
 def _idle_report(bulk_s: float, cpu: float = 0.0) -> dict[str, Any]:
-    return {"rounds": [{"kind": "bulk", "start": 0.01, "duration": bulk_s, "pages": 4094,
-                        "dirty_pages": 4094},
-                       {"kind": "stop-and-copy", "start": 0.01 + bulk_s, "duration": 0.01,
-                        "pages": 2, "dirty_pages": 0}],
-            "x-stop": {"costs-measured-ms": {"pause": 1.0, "vcpu_state": 1.0, "trailer": 0.5,
-                                             "finish": 5.0, "grant": 1.0}},
-            "guest": {"cpu-cores-before": cpu, "cpu-cores-during": cpu},
-            "x-host-cpu": {"cores": 2, "busy-cores-precopy": 1.0,
-                           "destination-start-cpu-s": 0.0},
-            "psp": {"profile": "none"}, "ram": {"total": 16 << 20}, "total-time": 700,
-            "setup-time": 10, "downtime": 8}
+    return _run("idle", 700, 8, 20, bulk_s, cpu=cpu)["report"]
 
 
 def test_fair_share_gives_small_asks_all_they_ask() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from cvmig.bench.claims import Key, by_config
+from cvmig.bench.claims import Key, by_config, check, echo_claims
 from cvmig.bench.machine import machine_info, machine_line
 from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
@@ -313,7 +313,6 @@ def _part(grid: Grid, modes: str | None, throttles: str | None,
 
 def _conclude(results: list[dict[str, Any]], out: Path) -> None:
     """summary.csv, the plots, and the report's claims checked (claims.json)."""
-    from cvmig.bench.claims import check, echo_claims
     from cvmig.bench.plots import plot_all
 
     summary = summarize(results)
