@@ -405,19 +405,19 @@ def test_after_the_frames_in_flight_land_the_one_more_rule_prices_the_stop_witho
     guest = GuestModel(npages=32766, dirty_rate=4300, working_set=32766)
     seen: list[tuple[bool, float]] = []
     slept: list[float] = []
-    one_more, sleep = Driver._one_more, SimWorld.sleep
+    one_more, land = Driver._one_more, SimWorld.wait_landed
 
     def spy_one_more(self: Driver, dirty: np.ndarray, expected: float) -> bool:
         seen.append((bool(slept), self._in_flight))
         slept.clear()
         return one_more(self, dirty, expected)
 
-    def spy_sleep(self: SimWorld, seconds: float) -> None:
+    def spy_land(self: SimWorld, seconds: float) -> None:
         slept.append(seconds)
-        sleep(self, seconds)
+        land(self, seconds)
 
     monkeypatch.setattr(Driver, "_one_more", spy_one_more)
-    monkeypatch.setattr(SimWorld, "sleep", spy_sleep)
+    monkeypatch.setattr(SimWorld, "wait_landed", spy_land)
     w, d = run(guest, costs, queue=True)
     after_wait = [f for waited, f in seen if waited]
     assert after_wait, "the scenario never waited for frames in flight"
@@ -426,3 +426,26 @@ def test_after_the_frames_in_flight_land_the_one_more_rule_prices_the_stop_witho
     # fifth (before, a stale in-flight time made the send look too short to be worth it)
     assert d.progress.switchover == "converged"
     assert d.progress.downtime < 0.2 * d.params.downtime_limit_ms / 1000
+
+
+def test_the_driver_waits_for_the_frames_to_land_not_for_its_estimate_of_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same slow destination; its frames land before the driver's estimate (the sum of
+    # the sends still unacknowledged) runs out: the wait ends when they have landed
+    costs = Costs(t_doorbell=150e-6, t_cmd=30e-6, psp_bw=1e15, t_page=5e-6, rx_lag=1.0)
+    guest = GuestModel(npages=32766, dirty_rate=4300, working_set=32766)
+    waits: list[tuple[float, float, int]] = []
+    land = SimWorld.wait_landed
+
+    def spy_land(self: SimWorld, seconds: float) -> None:
+        t0 = self.clock
+        land(self, seconds)
+        waits.append((seconds, self.clock - t0, self.frames_in_flight()))
+
+    monkeypatch.setattr(SimWorld, "wait_landed", spy_land)
+    monkeypatch.setattr(SimWorld, "sleep", lambda self, s: pytest.fail("slept instead"))
+    run(guest, costs, queue=True)
+    assert waits, "the scenario never waited for frames in flight"
+    assert all(took <= bound + 1e-12 for bound, took, _ in waits)  # bounded by the estimate
+    assert all(left == 0 for bound, took, left in waits if took < bound)  # ended by landing
+    assert any(took < bound for bound, took, _ in waits)  # and some ended early

@@ -196,7 +196,9 @@ class World(Protocol):
     # Optional, looked up by name: ``stop_costs() -> StopCosts``, the fixed costs of the
     # stop as measured on these hosts (none: nothing counted); ``frames_in_flight() ->
     # int``, frames sent and not yet acknowledged by the destination (else
-    # ``pipeline_frames``, default PIPELINE_FRAMES).
+    # ``pipeline_frames``, default PIPELINE_FRAMES); ``wait_landed(timeout: float)``,
+    # wait until the destination has acknowledged every frame sent, at most ``timeout``
+    # seconds (else the driver sleeps ``timeout``, its estimate of their time).
 
 
 class MigrationCancelled(Exception):
@@ -338,7 +340,7 @@ class Driver:
                 later = expected - wait + prog.dirty_pages_rate * wait * self._page_cost()
                 shorter = later < expected - STOP_SEND_SHARE * p.downtime_limit_ms / 1000
                 if wait > 0 and self._fits(later) and (not fits or shorter):
-                    w.sleep(wait)
+                    self._await_landed(wait)
                     expected, fits = later, True
                     self._in_flight = 0.0  # landed: the rest of the stop is the send
             else:
@@ -502,6 +504,15 @@ class Driver:
         self._in_flight = in_flight
         tail = min(pages, self._send_target(True))
         return self._fixed() + in_flight + pages + tail
+
+    def _await_landed(self, bound: float) -> None:
+        """Let the frames in flight land while the guest runs: until the destination has
+        acknowledged them, at most ``bound`` (what they were estimated to take)."""
+        land = getattr(self.world, "wait_landed", None)
+        if callable(land):
+            land(bound)
+        else:
+            self.world.sleep(bound)
 
     def _fits(self, expected: float) -> bool:
         """Whether a stop predicted to take ``expected`` seconds may start. Where stopping

@@ -7,13 +7,17 @@ Ownership, in the manner of asyncio's transports: the engine takes a free slot (
 has the PSP write packets into it and hands it over with its frame (`submit`); from then
 on the slot belongs to the sender until the frame is on the socket. The sender owns the
 socket (both directions) while it runs: it reads the destination's ACKs and any ERROR or
-CANCEL. `close` gives the socket back to the engine for the handoff. Frames go out in
-submission order. A failure of the sender is raised to the engine at its next call.
+CANCEL, also while it has nothing to send (so `in_flight` is current when the driver
+decides whether to stop, and `wait_landed` returns as the last ACK comes in). `close`
+gives the socket back to the engine for the handoff. Frames go out in submission order.
+A failure of the sender is raised to the engine at its next call.
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +69,10 @@ class Sender:
             self._free.put(i)
         self._out: queue.SimpleQueue[_Out | None] = queue.SimpleQueue()
         self._pending = 0  # frames submitted, not yet on the socket
-        self._idle = threading.Condition()
+        self._idle = threading.Condition()  # notified as frames go out and ACKs come in
+        # a submit wakes the sender thread from reading ACKs while it has nothing to send
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cvmig-sender", daemon=True)
@@ -99,7 +106,21 @@ class Sender:
         with self._idle:
             self._pending += 1
         self._out.put(_Out(ftype, meta, data, slot, windowed))
+        self._wake()
         return frame_bytes(meta, data)
+
+    def wait_landed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until the destination has acknowledged every frame
+        submitted; whether it has."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self.in_flight:
+                self._check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, POLL_S))
+        return True
 
     def flush(self) -> None:
         """Wait until every submitted frame is on the socket."""
@@ -115,8 +136,19 @@ class Sender:
         socket is the engine's again."""
         self._stopping.set()
         self._out.put(None)
+        self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if not self._thread.is_alive() and self._wake_w >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # full (it is awake already) or closed (it has stopped)
 
     def peer_check(self) -> None:
         """Raise what the sender learned: the destination's ERROR, a broken link."""
@@ -134,6 +166,7 @@ class Sender:
     def _run(self) -> None:
         try:
             while True:
+                self._hear_while_idle()
                 out = self._out.get()
                 if out is None or self._stopping.is_set():
                     return
@@ -153,6 +186,21 @@ class Sender:
             with self._idle:
                 self._idle.notify_all()
 
+    def _hear_while_idle(self) -> None:
+        """Nothing queued: read ACKs as they come until a frame is submitted (or none is
+        owed: then the queue's own wait is enough)."""
+        while self._out.empty() and self.frames_sent > self.frames_acked \
+                and not self._stopping.is_set():
+            if self.chan.tls and self.chan.sock.pending():  # type: ignore[attr-defined]
+                self._take_acks(wait=False)
+                continue
+            sock = self.chan.sock.fileno()
+            r, _, _ = select.select([sock, self._wake_r], [], [], POLL_S)
+            if self._wake_r in r:
+                os.read(self._wake_r, 4096)
+            if sock in r:
+                self._take_acks(wait=False)
+
     def _await_window(self) -> None:
         deadline = time.monotonic() + self.io_timeout
         while self.frames_sent - self.frames_acked >= self.window:
@@ -164,8 +212,10 @@ class Sender:
             self._take_acks(wait=True)
 
     def _take_acks(self, wait: bool) -> None:
-        """Read whatever the destination sent: ACKs, or an ERROR/CANCEL (raised)."""
-        while True:
+        """Read what the destination sent while it owes ACKs: ACKs, or an ERROR/CANCEL
+        (raised). Not once every frame is acknowledged: what comes next (CONFIRM after
+        FINISH) is the handoff's to read."""
+        while self.frames_acked < self.frames_sent:
             # not select() on the socket: over TLS, bytes may wait inside the SSL object
             if not self.chan.wait_readable(POLL_S if wait else 0):
                 return
@@ -175,7 +225,9 @@ class Sender:
                 if not self.frames_acked <= acked <= self.frames_sent:
                     raise ProtocolError(
                         f"ACK for {acked} frames, {self.frames_sent} were sent")
-                self.frames_acked = acked
+                with self._idle:
+                    self.frames_acked = acked
+                    self._idle.notify_all()
                 wait = False  # got one: take the rest without blocking
                 continue
             if f.type in (FrameType.ERROR, FrameType.CANCEL):

@@ -303,9 +303,11 @@ class RealWorld:
 
     # -- end game -----------------------------------------------------------------------
     def frames_in_flight(self) -> int:
-        """Frames handed to the sender that the destination has not acknowledged (its
-        acknowledgements are read as frames go out: an over-count, on the safe side)."""
+        """Frames handed to the sender that the destination has not acknowledged."""
         return self.sender.in_flight
+
+    def wait_landed(self, timeout: float) -> None:
+        self.sender.wait_landed(timeout)
 
     def stop_costs(self) -> StopCosts:
         """What stopping costs here, as recent migrations measured it (the driver counts

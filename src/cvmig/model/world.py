@@ -357,6 +357,11 @@ class SimWorld:
             n += 1
         return n
 
+    def wait_landed(self, timeout: float) -> None:
+        """Until the destination has acknowledged every frame, at most ``timeout``."""
+        landed = max(self._dst_done, default=0.0) + self.costs.latency
+        self.clock = min(self.clock + max(timeout, 0.0), max(self.clock, landed))
+
     def send_private(self, pfns: np.ndarray, bounds: np.ndarray, queue: bool) -> Sent:
         c = self.costs
         ncmds = len(bounds) - 1
