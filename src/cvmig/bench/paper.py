@@ -165,7 +165,7 @@ def run_grid(grid: Grid, out: Path, echo: Any = click.echo,
         rate = _baseline_rate(memory, profile)
         echo(f"[{profile}] baseline transfer rate here: {rate:,.0f} pages/s "
              f"({rate * PAGE_SIZE / MiB:.1f} MiB/s) for a {memory // MiB} MiB guest")
-        nruns = len(modes) * len(throttles) * (grid.reps if not hw else 1) * (
+        nruns = len(modes) * len(throttles) * grid.reps * (
             int(grid.idle) + (1 if hw else len(grid.dirty_fractions)) + int(grid.sqlite and not hw))
         # an idle guest's page-mode migration took t_cal; the grid's runs take that or more
         echo(f"[{profile}] {nruns} runs, at least {nruns * (time.monotonic() - t_cal) / 60:.0f} "
@@ -175,7 +175,7 @@ def run_grid(grid: Grid, out: Path, echo: Any = click.echo,
         for workload in _workloads(g, rate):
             for mode in modes:
                 for throttle in throttles:
-                    for rep in range(grid.reps if not hw else 1):
+                    for rep in range(grid.reps):  # a hardware profile too: one run has no spread
                         r = _run(workload, MODES[mode], throttle, profile, memory,
                                  grid.timeout_s * (4 if hw else 1), rep)
                         r["row"]["dirty_fraction"] = _fraction(workload, rate)
