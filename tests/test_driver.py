@@ -437,6 +437,15 @@ def test_the_driver_waits_for_the_frames_to_land_not_for_its_estimate_of_them(
     waits: list[tuple[float, float, int]] = []
     land = SimWorld.wait_landed
 
+    estimates: list[float] = []
+    await_landed = Driver._await_landed
+
+    def spy_await(self: Driver, estimate: float) -> None:
+        estimates.append(estimate)
+        await_landed(self, estimate)
+
+    monkeypatch.setattr(Driver, "_await_landed", spy_await)
+
     def spy_land(self: SimWorld, seconds: float) -> None:
         t0 = self.clock
         land(self, seconds)
@@ -446,6 +455,11 @@ def test_the_driver_waits_for_the_frames_to_land_not_for_its_estimate_of_them(
     monkeypatch.setattr(SimWorld, "sleep", lambda self, s: pytest.fail("slept instead"))
     run(guest, costs, queue=True)
     assert waits, "the scenario never waited for frames in flight"
-    assert all(took <= bound + 1e-12 for bound, took, _ in waits)  # bounded by the estimate
+    from cvmig.migration.driver import LANDING_BOUND
+
+    assert all(bound > 0 for bound, _, _ in waits)
+    assert all(took <= bound + 1e-12 for bound, took, _ in waits)  # bounded
+    assert all(bound == pytest.approx(LANDING_BOUND * est) for (bound, _, _), est in
+               zip(waits, estimates, strict=True))  # ... by twice the estimate
     assert all(left == 0 for bound, took, left in waits if took < bound)  # ended by landing
     assert any(took < bound for bound, took, _ in waits)  # and some ended early

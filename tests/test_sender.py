@@ -88,3 +88,25 @@ def test_a_submit_wakes_the_sender_from_listening_for_acks(
     assert got == [FrameType.PAGES]
     assert time.monotonic() - t0 < 0.2
     sender.close()
+
+
+def test_landing_in_is_what_recent_frames_took_to_be_acknowledged(
+        link: tuple[Channel, Channel]) -> None:
+    src, dst = link
+    sender = Sender(src, memoryview(bytearray(3 * SLOT)), 3, SLOT, window=3, io_timeout=5.0)
+    assert sender.landing_in() == 0.0  # nothing owed
+    _frames(sender, 1)
+    assert sender.landing_in() is None  # owed, and nothing seen yet to judge by
+    dst.recv_frame(max_data=SLOT)
+    held = 0.3  # the destination takes this long over the frame
+    time.sleep(held)  # (standing in for its import: the latency is the point)
+    dst.send(FrameType.ACK, Ack.encode(1))
+    assert sender.wait_landed(5.0)
+    assert sender.landing_in() == 0.0
+    _frames(sender, 1)
+    est = sender.landing_in()
+    assert est is not None and held * 0.9 <= est <= held + 0.5
+    dst.recv_frame(max_data=SLOT)
+    dst.send(FrameType.ACK, Ack.encode(2))
+    assert sender.wait_landed(5.0)
+    sender.close()

@@ -52,6 +52,7 @@ MAX_EXTRA_ROUNDS = 3  # rounds after the stop first fits, each only if it shorte
 EXTRA_ROUND_S = 1.0  # ... and takes at most this long
 UNKEEPABLE_SHARE = 0.25  # a limit the fixed costs exceed: the pages' share allowed
 PIPELINE_FRAMES = 2  # frames in flight at the switch: one being imported, one on the wire
+LANDING_BOUND = 2.0  # a wait for the frames in flight to land: at most this x their estimate
 PROBE_SENDS = (6, 8)  # bulk sends made with small commands, so per-command and per-byte
 # costs can be told apart (the bulk's own commands all have the same size); after the
 # pipeline has filled, so they see the same back-pressure as the rest
@@ -198,7 +199,9 @@ class World(Protocol):
     # int``, frames sent and not yet acknowledged by the destination (else
     # ``pipeline_frames``, default PIPELINE_FRAMES); ``wait_landed(timeout: float)``,
     # wait until the destination has acknowledged every frame sent, at most ``timeout``
-    # seconds (else the driver sleeps ``timeout``, its estimate of their time).
+    # seconds (else the driver sleeps ``timeout``, its estimate of their time);
+    # ``landing_in() -> float | None``, seconds until they should have landed, as recent
+    # frames took (None: not known yet).
 
 
 class MigrationCancelled(Exception):
@@ -501,18 +504,25 @@ class Driver:
         n = int(count()) if callable(count) else self.pipeline_frames
         last = sum(c[2] for c in self._costs[-n:]) if n > 0 else 0.0
         in_flight = max(0.0, last - (self.world.now() - self._sent_at))
+        # ... or as long as recent frames took to be acknowledged, where the world knows
+        # and the destination is the slower end (the longer: it errs on the safe side)
+        landing = getattr(self.world, "landing_in", None)
+        seen = landing() if callable(landing) and n > 0 else None
+        if seen is not None:
+            in_flight = max(in_flight, seen)
         self._in_flight = in_flight
         tail = min(pages, self._send_target(True))
         return self._fixed() + in_flight + pages + tail
 
-    def _await_landed(self, bound: float) -> None:
+    def _await_landed(self, estimate: float) -> None:
         """Let the frames in flight land while the guest runs: until the destination has
-        acknowledged them, at most ``bound`` (what they were estimated to take)."""
+        acknowledged them, at most twice the ``estimate`` of their time (what lands later
+        lands in the stop); where the world cannot tell, for the estimate."""
         land = getattr(self.world, "wait_landed", None)
         if callable(land):
-            land(bound)
+            land(LANDING_BOUND * estimate)
         else:
-            self.world.sleep(bound)
+            self.world.sleep(estimate)
 
     def _fits(self, expected: float) -> bool:
         """Whether a stop predicted to take ``expected`` seconds may start. Where stopping

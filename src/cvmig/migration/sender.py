@@ -20,6 +20,7 @@ import queue
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from cvmig.wire.frames import HEADER_SIZE, FrameType, ProtocolError
 from cvmig.wire.protocol import Ack, transport_slots
 
 POLL_S = 0.25  # how often a blocked wait looks at whether the other side gave up
+LATENCY_KEEP = 16  # recent frames' submit -> ACK times kept
+LATENCY_QUANTILE = 0.75  # the share of them `landing_in` covers
 
 Buffers = Sequence[bytes | memoryview]
 
@@ -69,6 +72,10 @@ class Sender:
             self._free.put(i)
         self._out: queue.SimpleQueue[_Out | None] = queue.SimpleQueue()
         self._pending = 0  # frames submitted, not yet on the socket
+        # when each unacknowledged windowed frame was submitted, oldest first, and how long
+        # recent ones took from submission to their ACK (queued, sent, imported)
+        self._submitted: deque[float] = deque()
+        self._latency: deque[float] = deque(maxlen=LATENCY_KEEP)
         self._idle = threading.Condition()  # notified as frames go out and ACKs come in
         # a submit wakes the sender thread from reading ACKs while it has nothing to send
         self._wake_r, self._wake_w = os.pipe()
@@ -105,9 +112,24 @@ class Sender:
             data = [self._views[slot][:length]]
         with self._idle:
             self._pending += 1
+            if windowed:
+                self._submitted.append(time.monotonic())
         self._out.put(_Out(ftype, meta, data, slot, windowed))
         self._wake()
         return frame_bytes(meta, data)
+
+    def landing_in(self) -> float | None:
+        """Seconds until the destination should have acknowledged every windowed frame
+        submitted: the last one's submission plus what recent frames took (their 75th
+        percentile); 0 when none is owed, None before any was acknowledged."""
+        with self._idle:
+            if not self._submitted:
+                return 0.0
+            if not self._latency:
+                return None
+            lat = sorted(self._latency)[int(LATENCY_QUANTILE * (len(self._latency) - 1))]
+            last = self._submitted[-1]
+        return max(0.0, last + lat - time.monotonic())
 
     def wait_landed(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s until the destination has acknowledged every frame
@@ -225,7 +247,10 @@ class Sender:
                 if not self.frames_acked <= acked <= self.frames_sent:
                     raise ProtocolError(
                         f"ACK for {acked} frames, {self.frames_sent} were sent")
+                now = time.monotonic()
                 with self._idle:
+                    for _ in range(acked - self.frames_acked):
+                        self._latency.append(now - self._submitted.popleft())
                     self.frames_acked = acked
                     self._idle.notify_all()
                 wait = False  # got one: take the rest without blocking

@@ -309,6 +309,9 @@ class RealWorld:
     def wait_landed(self, timeout: float) -> None:
         self.sender.wait_landed(timeout)
 
+    def landing_in(self) -> float | None:
+        return self.sender.landing_in()
+
     def stop_costs(self) -> StopCosts:
         """What stopping costs here, as recent migrations measured it (the driver counts
         it); before any, defaults plus the cost profile's price of the commands."""

@@ -357,6 +357,10 @@ class SimWorld:
             n += 1
         return n
 
+    def landing_in(self) -> float:
+        """Seconds until the destination has acknowledged every frame (exact, here)."""
+        return max(0.0, max(self._dst_done, default=0.0) + self.costs.latency - self.clock)
+
     def wait_landed(self, timeout: float) -> None:
         """Until the destination has acknowledged every frame, at most ``timeout``."""
         landed = max(self._dst_done, default=0.0) + self.costs.latency
