@@ -138,3 +138,36 @@ def test_a_modes_calibration_takes_the_medians_of_its_idle_runs() -> None:
     bulk, wait = V._model_idle(costs, NPAGES, MODES["page"])
     # (fitted with the pace in turn: two passes get both close)
     assert wait == pytest.approx(0.100, abs=0.015) and bulk == pytest.approx(0.6, rel=0.02)
+
+
+def test_a_calibration_leaves_the_firmwares_measured_prices_as_they_were() -> None:
+    # contig's one-page price is set from page's after both are calibrated: on the cells'
+    # own copies, not on `bench psp`'s prices, which the next calibration starts from
+    table = {"t_cmd": 150e-6, "bw": 4e8, "table": [[1, 4, 16], [200e-6, 210e-6, 260e-6]]}
+    psp = {"page": {"send": {"t_cmd": 120e-6, "bw": 1e15},
+                    "receive": {"t_cmd": 120e-6, "bw": 1e15}},
+           "contig": {"send": dict(table, table=[list(r) for r in table["table"]]),
+                      "receive": dict(table, table=[list(r) for r in table["table"]])}}
+    before = json.dumps(psp, sort_keys=True)
+    cells = {f"none/{m}": V.calibration_cell(_run("idle", 700, 8, 20, 0.6)["report"],
+                                             MODES[m], psp) for m in ("page", "contig")}
+    V.settle(cells, "none")
+    assert cells["none/contig"]["send"]["table"][1][0] == pytest.approx(120e-6, rel=0.01)
+    assert json.dumps(psp, sort_keys=True) == before
+
+
+def test_the_destinations_lag_is_one_for_the_hosts_modes() -> None:
+    cells: dict[str, Any] = {}
+    for mode, wait in (("page", 0.0), ("sg", 0.05), ("contig64", 0.15)):
+        psp = {V.psp_key(MODES[mode]): PSP["none"]["page"]}
+        rep = _run("idle", 700, 8, 20, 0.6)["report"]
+        rep["rounds"][1]["start"] += wait  # its frames in flight took this long to land
+        cells[f"none/{mode}"] = V.calibration_cell(rep, MODES[mode], psp)
+    fits = sorted(c["rx_lag"] for c in cells.values())
+    assert fits[0] < fits[-1]  # each mode's runs alone say different things
+    V.settle(cells, "none")
+    assert {c["rx_lag"] for c in cells.values()} == {fits[1]}  # their median
+    assert sorted(c["rx_lag_fit"] for c in cells.values()) == fits
+    for mode in ("page", "sg", "contig64"):  # and each bulk still lasts what the engine's did
+        costs = V.costs_from_cell(cells[f"none/{mode}"], V.LOOPBACK_BW, V.LOOPBACK_LATENCY)
+        assert V._model_bulk(costs, NPAGES, MODES[mode]) == pytest.approx(0.6, rel=0.02)

@@ -130,6 +130,28 @@ def one_page_as_page(cells: dict[str, Any], profile: str) -> None:
                 t[1][0] = p["t_cmd"] + PAGE_SIZE / p["bw"]
 
 
+def pool_lag(cells: dict[str, Any], profile: str) -> None:
+    """The destination's lag is the host's, not a mode's: each mode's idle runs give one
+    view of it (the drain of the frames in flight at the end of their bulk, frames of that
+    mode's commands), and in the dirty rounds of a scattered writer every mode but sg sends
+    one-page commands anyway. The profile's modes under the default rule take the median
+    of their fits (a fit at 0 is a mode whose modelled drain was long enough already), and
+    their engine's own work per page is fitted again to it."""
+    own = {name: cells[f"{profile}/{name}"] for name, mode in MODES.items()
+           if f"{profile}/{name}" in cells and mode.switchover is Switchover.FIRMWARE
+           and "rx_lag" in cells[f"{profile}/{name}"]}
+    if len(own) < 2:
+        return
+    lag = float(statistics.median(c["rx_lag"] for c in own.values()))
+    for name, cell in own.items():
+        cell["rx_lag_fit"], cell["rx_lag"] = cell["rx_lag"], lag
+        b = cell.get("bulk")
+        if b:
+            base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
+            cell["t_page"] = fit_t_page(replace(base, t_page=0.0), b["pages"], MODES[name],
+                                        b["seconds"], b["cpu"])
+
+
 def lag_from_twin(cells: dict[str, Any], profile: str) -> None:
     """QEMU's rule does not wait for the frames in flight before it stops, so its idle
     runs cannot show the destination's lag; the mode with the same data path under the
@@ -184,9 +206,11 @@ def fit_rx_lag(costs: Costs, npages: int, mode: Mode, gap_s: float, cpu: float =
     if mode.switchover is not Switchover.FIRMWARE or \
             _model_idle(costs, npages, mode, cpu)[1] >= gap_s:
         return 0.0  # (QEMU's rule does not wait for frames in flight: nothing to fit)
-    # at most a frame's own time again: beyond, the wait is not its lag
+    # the wait ends as the frames land (`Driver._await_landed`): it is their drain, and a
+    # destination may lag its source by the whole pipeline (window + slots frames)
+    hi = float(costs.window + costs.slots)
     return _solve(lambda lag: _model_idle(replace(costs, rx_lag=lag), npages, mode, cpu)[1],
-                  gap_s, 0.0, 1.0, 25)
+                  gap_s, 0.0, hi, 25)
 
 
 def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float, cpu: float = 0.0) -> float:
@@ -248,7 +272,9 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
     measured = rep["x-stop"]["costs-measured-ms"]
     last = rep["rounds"][-1]
     running_at = last["start"] + last["duration"]  # the go-ahead: the downtime's end
-    cell: dict[str, Any] = {**psp[psp_key(mode)], "t_page": 0.0,
+    # a copy: the calibration's own tables are adjusted later (`one_page_as_page`), and
+    # the firmware's prices must stay as `bench psp` measured them for the next one
+    cell: dict[str, Any] = {**copy.deepcopy(psp[psp_key(mode)]), "t_page": 0.0,
                             "stop_ms": {**measured, "slice": 10.0},
                             "host": host_share(rep),
                             "setup_s": rep.get("setup-time", 0) / 1000,
@@ -275,6 +301,7 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
             base = replace(base, rx_lag=cell["rx_lag"])
             cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"], cpu)
     cell["bulk_pages_per_s"] = bulk["pages"] / bulk["duration"]
+    cell["bulk"] = {"pages": bulk["pages"], "seconds": bulk["duration"], "cpu": cpu}
     cell["calibration_run"] = {"memory_mib": rep["ram"]["total"] // MiB + 1,
                                "total_ms": rep["total-time"], "downtime_ms": rep["downtime"]}
     return cell
@@ -351,8 +378,9 @@ def calibrate_on(reports: list[dict[str, Any]], mode: Mode,
 
 def settle(cells: dict[str, Any], profile: str) -> None:
     """What a profile's calibrated modes share once all are calibrated: a one-page
-    command's price, and the destination's lag under QEMU's rule."""
+    command's price, the destination's lag (under QEMU's rule too)."""
     one_page_as_page(cells, profile)
+    pool_lag(cells, profile)
     lag_from_twin(cells, profile)
 
 
