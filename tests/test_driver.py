@@ -463,3 +463,19 @@ def test_the_driver_waits_for_the_frames_to_land_not_for_its_estimate_of_them(
                zip(waits, estimates, strict=True))  # ... by twice the estimate
     assert all(left == 0 for bound, took, left in waits if took < bound)  # ended by landing
     assert any(took < bound for bound, took, _ in waits)  # and some ended early
+
+
+def test_the_model_judges_when_frames_land_as_the_engines_sender_does() -> None:
+    # a destination that lags: frames take longer to be acknowledged than to send
+    costs = Costs(t_doorbell=0.0, t_cmd=1e-3, psp_bw=1e15, rx_lag=1.0)
+    w = SimWorld(GuestModel(npages=64, dirty_rate=0, working_set=0), costs)
+    assert w.landing_in() == 0.0  # nothing in flight
+    one = np.arange(1, dtype=np.int64)
+    w.send_private(one, np.array([0, 1]), queue=False)
+    assert w.landing_in() is None  # in flight, and no frame acknowledged to judge by
+    w.sleep(1.0)  # it lands
+    took = w._dst_done[0] + costs.latency - w._submitted[0]
+    assert took > costs.t_cmd  # (its lag and import after the source's command)
+    w.send_private(one + 1, np.array([0, 1]), queue=False)
+    # the estimate is the last submission plus what the landed one took, not the truth
+    assert w.landing_in() == pytest.approx(w._submitted[-1] + took - w.clock)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -53,9 +53,17 @@ EXTRA_ROUND_S = 1.0  # ... and takes at most this long
 UNKEEPABLE_SHARE = 0.25  # a limit the fixed costs exceed: the pages' share allowed
 PIPELINE_FRAMES = 2  # frames in flight at the switch: one being imported, one on the wire
 LANDING_BOUND = 2.0  # a wait for the frames in flight to land: at most this x their estimate
+LATENCY_KEEP = 16  # when they should land: recent frames' submission -> ACK times kept ...
+LATENCY_QUANTILE = 0.75  # ... and the share of them the estimate covers (landing_quantile)
 PROBE_SENDS = (6, 8)  # bulk sends made with small commands, so per-command and per-byte
 # costs can be told apart (the bulk's own commands all have the same size); after the
 # pipeline has filled, so they see the same back-pressure as the rest
+
+
+def landing_quantile(took: Sequence[float]) -> float:
+    """What recent frames took from submission to ACK, as the estimate of when the frames
+    in flight land counts it (their LATENCY_QUANTILE)."""
+    return sorted(took)[int(LATENCY_QUANTILE * (len(took) - 1))]
 
 
 class TimeoutAction(enum.StrEnum):

@@ -24,14 +24,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cvmig.migration.driver import MigrationCancelled
+from cvmig.migration.driver import LATENCY_KEEP, MigrationCancelled, landing_quantile
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import HEADER_SIZE, FrameType, ProtocolError
 from cvmig.wire.protocol import Ack, transport_slots
 
 POLL_S = 0.25  # how often a blocked wait looks at whether the other side gave up
-LATENCY_KEEP = 16  # recent frames' submit -> ACK times kept
-LATENCY_QUANTILE = 0.75  # the share of them `landing_in` covers
 
 Buffers = Sequence[bytes | memoryview]
 
@@ -127,7 +125,7 @@ class Sender:
                 return 0.0
             if not self._latency:
                 return None
-            lat = sorted(self._latency)[int(LATENCY_QUANTILE * (len(self._latency) - 1))]
+            lat = landing_quantile(self._latency)
             last = self._submitted[-1]
         return max(0.0, last + lat - time.monotonic())
 

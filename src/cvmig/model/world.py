@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cvmig.migration.driver import Progress, Sent
+from cvmig.migration.driver import LATENCY_KEEP, Progress, Sent, landing_quantile
 from cvmig.migration.stopcost import StopCosts
 from cvmig.psp.api import PACKET_HEADER_SIZE, PAGE_SIZE
 
@@ -175,6 +175,7 @@ class SimWorld:
     # the pipeline: per frame, when it left the link and when the destination imported it
     _wire_done: list[float] = field(default_factory=list)
     _dst_done: list[float] = field(default_factory=list)
+    _submitted: list[float] = field(default_factory=list)  # when the source handed it over
     _link_free: float = 0.0
     _dst_free: float = 0.0
 
@@ -346,6 +347,7 @@ class SimWorld:
         self._dst_free = done
         self._wire_done.append(wire)
         self._dst_done.append(done)
+        self._submitted.append(self.clock)
         return self.clock - t0
 
     def frames_in_flight(self) -> int:
@@ -357,9 +359,20 @@ class SimWorld:
             n += 1
         return n
 
-    def landing_in(self) -> float:
-        """Seconds until the destination has acknowledged every frame (exact, here)."""
-        return max(0.0, max(self._dst_done, default=0.0) + self.costs.latency - self.clock)
+    def landing_in(self) -> float | None:
+        """Seconds until the frames in flight should have landed, judged as the engine's
+        sender judges it (`cvmig.migration.sender.Sender.landing_in`), not as this world
+        knows it: the last one's submission plus what recent acknowledged frames took from
+        submission to ACK. (The driver's decisions turn on it: with the exact figure the
+        model let frames land in stops that the engine, waiting for them, did not.)"""
+        if not self.frames_in_flight():
+            return 0.0
+        lat = self.costs.latency
+        took = [d + lat - s for d, s in zip(self._dst_done, self._submitted, strict=True)
+                if d + lat <= self.clock][-LATENCY_KEEP:]
+        if not took:
+            return None
+        return max(0.0, self._submitted[-1] + landing_quantile(took) - self.clock)
 
     def wait_landed(self, timeout: float) -> None:
         """Until the destination has acknowledged every frame, at most ``timeout``."""
