@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from cvmig.bench.paper import MODES
 from cvmig.migration.driver import Driver, MigrationParams
+from cvmig.model import calibrate as C
 from cvmig.model import validate as V
 from cvmig.model.cli import model
 from cvmig.model.workload import guest_from_reports
@@ -72,10 +73,10 @@ def test_the_model_is_held_to_the_median_of_a_cells_runs(tmp_path: Path) -> None
 
 def test_the_calibration_makes_the_models_bulk_last_as_long_as_the_engines() -> None:
     for bulk_s in (0.6, 0.3):  # slower than the priced PSP, then faster (a drifted pace)
-        cell = V.calibration_cell(_run("idle", 700, 8, 20, bulk_s)["report"], MODES["page"],
+        cell = C.calibration_cell(_run("idle", 700, 8, 20, bulk_s)["report"], MODES["page"],
                                   PSP["none"])
-        costs = V.costs_from_cell(cell, V.LOOPBACK_BW, V.LOOPBACK_LATENCY)
-        assert V._model_bulk(costs, NPAGES, MODES["page"]) == pytest.approx(bulk_s, rel=0.01)
+        costs = C.costs_from_cell(cell, C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
+        assert C._model_bulk(costs, NPAGES, MODES["page"]) == pytest.approx(bulk_s, rel=0.01)
         assert ("psp_scale" in cell) == (bulk_s < NPAGES * 100e-6)
         # the busy cores less the guest's and the start work: the migration's own demand
         assert cell["host"] == {"cores": 2.0, "pipeline_cores": 1.0, "start_cpu": 0.0,
@@ -91,7 +92,7 @@ def test_the_calibration_makes_the_models_bulk_last_as_long_as_the_engines() -> 
 
 
 def test_a_busy_guest_on_the_small_host_lengthens_the_predicted_migration(tmp_path: Path) -> None:
-    cal = {"cells": {"none/page": V.calibration_cell(
+    cal = {"cells": {"none/page": C.calibration_cell(
         _run("idle", 700, 8, 20, 0.6, busy=2.0)["report"], MODES["page"], PSP["none"])}}
     idle = guest_from_reports("idle", 16 << 20, [_run("idle", 0, 0, 0, 0)["report"]], V.VCPUS)
     busy = guest_from_reports("idle", 16 << 20, [_run("idle", 0, 0, 0, 0, cpu=2.0)["report"]],
@@ -120,7 +121,7 @@ def test_a_modes_calibration_takes_the_medians_of_its_idle_runs() -> None:
             ((700, 0.6), (900, 0.5), (800, 0.7))]
     reps[1]["x-stop"]["costs-measured-ms"]["finish"] = 50.0  # one slow stop
     reps[2]["rounds"][1]["start"] += 0.040  # one run waited 40 ms for frames in flight
-    m = V.median_report(reps)
+    m = C.median_report(reps)
     assert m["rounds"][0]["duration"] == 0.6
     assert m["x-stop"]["costs-measured-ms"]["finish"] == 5.0
     gap = m["rounds"][1]["start"] - m["rounds"][0]["start"] - m["rounds"][0]["duration"]
@@ -132,10 +133,10 @@ def test_a_modes_calibration_takes_the_medians_of_its_idle_runs() -> None:
     # the destination's lag, fitted so that the model waits as long
     reps[0]["rounds"][1]["start"] += 0.100
     reps[1]["rounds"][1]["start"] += 0.100
-    cell = V.calibration_cell(V.median_report(reps), MODES["page"], PSP["none"])
-    costs = V.costs_from_cell(cell, V.LOOPBACK_BW, V.LOOPBACK_LATENCY)
+    cell = C.calibration_cell(C.median_report(reps), MODES["page"], PSP["none"])
+    costs = C.costs_from_cell(cell, C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
     assert cell["rx_lag"] > 0
-    bulk, wait = V._model_idle(costs, NPAGES, MODES["page"])
+    bulk, wait = C._model_idle(costs, NPAGES, MODES["page"])
     # (fitted with the pace in turn: two passes get both close)
     assert wait == pytest.approx(0.100, abs=0.015) and bulk == pytest.approx(0.6, rel=0.02)
 
@@ -149,9 +150,9 @@ def test_a_calibration_leaves_the_firmwares_measured_prices_as_they_were() -> No
            "contig": {"send": dict(table, table=[list(r) for r in table["table"]]),
                       "receive": dict(table, table=[list(r) for r in table["table"]])}}
     before = json.dumps(psp, sort_keys=True)
-    cells = {f"none/{m}": V.calibration_cell(_run("idle", 700, 8, 20, 0.6)["report"],
+    cells = {f"none/{m}": C.calibration_cell(_run("idle", 700, 8, 20, 0.6)["report"],
                                              MODES[m], psp) for m in ("page", "contig")}
-    V.settle(cells, "none")
+    C.settle(cells, "none")
     assert cells["none/contig"]["send"]["table"][1][0] == pytest.approx(120e-6, rel=0.01)
     assert json.dumps(psp, sort_keys=True) == before
 
@@ -159,15 +160,15 @@ def test_a_calibration_leaves_the_firmwares_measured_prices_as_they_were() -> No
 def test_the_destinations_lag_is_one_for_the_hosts_modes() -> None:
     cells: dict[str, Any] = {}
     for mode, wait in (("page", 0.0), ("sg", 0.05), ("contig64", 0.15)):
-        psp = {V.psp_key(MODES[mode]): PSP["none"]["page"]}
+        psp = {C.psp_key(MODES[mode]): PSP["none"]["page"]}
         rep = _run("idle", 700, 8, 20, 0.6)["report"]
         rep["rounds"][1]["start"] += wait  # its frames in flight took this long to land
-        cells[f"none/{mode}"] = V.calibration_cell(rep, MODES[mode], psp)
+        cells[f"none/{mode}"] = C.calibration_cell(rep, MODES[mode], psp)
     fits = sorted(c["rx_lag"] for c in cells.values())
     assert fits[0] < fits[-1]  # each mode's runs alone say different things
-    V.settle(cells, "none")
+    C.settle(cells, "none")
     assert {c["rx_lag"] for c in cells.values()} == {fits[1]}  # their median
     assert sorted(c["rx_lag_fit"] for c in cells.values()) == fits
     for mode in ("page", "sg", "contig64"):  # and each bulk still lasts what the engine's did
-        costs = V.costs_from_cell(cells[f"none/{mode}"], V.LOOPBACK_BW, V.LOOPBACK_LATENCY)
-        assert V._model_bulk(costs, NPAGES, MODES[mode]) == pytest.approx(0.6, rel=0.02)
+        costs = C.costs_from_cell(cells[f"none/{mode}"], C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
+        assert C._model_bulk(costs, NPAGES, MODES[mode]) == pytest.approx(0.6, rel=0.02)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cvmig.bench.paper import MODES
 from cvmig.migration.stopcost import StopCosts
+from cvmig.model import calibrate as C
 from cvmig.model import validate as V
 from cvmig.model.workload import (
     DirtyCurve,
@@ -113,18 +114,18 @@ def test_a_workloads_stop_costs_are_the_medians_its_stops_measured() -> None:
 
 
 def test_a_busy_guests_weight_makes_the_models_bulk_as_long_as_the_engines() -> None:
-    cell = V.calibration_cell(_idle_report(0.6), MODES["sg"], _PSP)
+    cell = C.calibration_cell(_idle_report(0.6), MODES["sg"], _PSP)
     cal = {"cells": {"none/sg": cell}}
     costs = V.costs_from_calibration(cal, "none", "sg")
-    plain = V._model_bulk(costs, 4094, MODES["sg"], 2.0)
+    plain = C._model_bulk(costs, 4094, MODES["sg"], 2.0)
     busy = [_idle_report(plain * 1.4, cpu=2.0) for _ in range(3)]
-    w = V.fit_guest_weight(cal, "none", busy)
+    w = C.fit_guest_weight(cal, "none", busy)
     assert w > 1.0
-    weighed = V._model_bulk(Costs(**{**costs.__dict__, "guest_weight": w}), 4094,
+    weighed = C._model_bulk(Costs(**{**costs.__dict__, "guest_weight": w}), 4094,
                             MODES["sg"], 2.0)
     assert weighed == pytest.approx(plain * 1.4, rel=0.02)
     # a guest that slowed the engine no more than the model says weighs 1
-    assert V.fit_guest_weight(cal, "none", [_idle_report(plain * 0.9, cpu=2.0)]) == 1.0
+    assert C.fit_guest_weight(cal, "none", [_idle_report(plain * 0.9, cpu=2.0)]) == 1.0
 
 
 _PSP = {"sg": {"send": {"t_cmd": 100e-6, "bw": 1e9}, "receive": {"t_cmd": 100e-6, "bw": 1e9}}}
@@ -176,14 +177,14 @@ def test_a_one_page_command_costs_what_page_modes_calibration_says_in_every_cont
              "none/sg": {"send": {"t_cmd": 1e-4, "bw": 1e9, "table": [list(table[0]),
                                                                     list(table[1])]},
                          "receive": {"t_cmd": 1e-4, "bw": 1e9}}}
-    V.one_page_as_page(cells, "none")
+    C.one_page_as_page(cells, "none")
     assert cells["none/contig64"]["send"]["table"][1] == pytest.approx([110e-6, 200e-6, 700e-6])
     assert cells["none/contig64"]["receive"]["table"][1][0] == pytest.approx(120e-6)
     assert cells["none/sg"]["send"]["table"][1][0] == 150e-6  # a scatter list: its own cost
 
 
 def test_a_sampled_prediction_brackets_its_median() -> None:
-    cell = V.calibration_cell(_idle_report(0.6), MODES["sg"], _PSP)
+    cell = C.calibration_cell(_idle_report(0.6), MODES["sg"], _PSP)
     cell["pace"] = [0.8, 1.0, 1.3]
     cal = {"cells": {"none/sg": cell}}
     guest = GuestModel(npages=4094, dirty_rate=2000.0, working_set=4094, vcpus=2)
@@ -203,7 +204,7 @@ def test_a_sampled_prediction_brackets_its_median() -> None:
 def test_qemus_rule_takes_the_destinations_lag_from_its_data_paths_twin() -> None:
     cells = {"none/contig": {"rx_lag": 0.6}, "none/contig-qemu": {"rx_lag": 0.0},
              "none/sg": {"rx_lag": 0.2}}
-    V.lag_from_twin(cells, "none")
+    C.lag_from_twin(cells, "none")
     assert cells["none/contig-qemu"]["rx_lag"] == 0.6  # contig's, not sg's
     assert cells["none/sg"]["rx_lag"] == 0.2
 

@@ -96,7 +96,7 @@ def costs_from_cell(cell: dict[str, Any], link_bw: float, latency: float) -> Cos
                  setup=cell.get("setup_s", 0.0), digest_page=cell.get("digest_page", 0.0),
                  rx_lag=cell.get("rx_lag", 0.0), cmd_table=_table(send), rx_cmd_table=_table(recv),
                  link_bw=link_bw, latency=latency, stop=stop,
-                 # how this host's cores were shared (cvmig.model.validate.host_share)
+                 # how this host's cores were shared (cvmig.model.calibrate.host_share)
                  cores=host.get("cores", 0.0), pipeline_cores=host.get("pipeline_cores", 0.0),
                  psp_cpu=host.get("psp_cpu", True), start_cpu=host.get("start_cpu", 0.0))
 
