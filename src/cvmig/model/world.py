@@ -31,6 +31,7 @@ engine's data path (migration/source.py, sender.py, receiver.py, destination.py)
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -368,15 +369,18 @@ class SimWorld:
         if not self.frames_in_flight():
             return 0.0
         lat = self.costs.latency
-        took = [d + lat - s for d, s in zip(self._dst_done, self._submitted, strict=True)
-                if d + lat <= self.clock][-LATENCY_KEEP:]
+        # the destination imports in order: the acknowledged frames are a prefix
+        k = bisect_right(self._dst_done, self.clock - lat)
+        took = [d + lat - s for d, s in zip(self._dst_done[max(0, k - LATENCY_KEEP):k],
+                                            self._submitted[max(0, k - LATENCY_KEEP):k],
+                                            strict=True)]
         if not took:
             return None
         return max(0.0, self._submitted[-1] + landing_quantile(took) - self.clock)
 
     def wait_landed(self, timeout: float) -> None:
         """Until the destination has acknowledged every frame, at most ``timeout``."""
-        landed = max(self._dst_done, default=0.0) + self.costs.latency
+        landed = (self._dst_done[-1] if self._dst_done else 0.0) + self.costs.latency
         self.clock = min(self.clock + max(timeout, 0.0), max(self.clock, landed))
 
     def send_private(self, pfns: np.ndarray, bounds: np.ndarray, queue: bool) -> Sent:
