@@ -68,22 +68,6 @@ FULL = Grid(memories=(16, 64, 128), hw_memories=(16,),
             profiles=("none", "sev-2020"), timeout_s=15.0, hw_timeout_s=40.0)
 
 
-# -- calibration ---------------------------------------------------------------------------
-
-def calibrate(grid: Grid, echo: Callable[[str], None]) -> dict[str, Any]:
-    cells: dict[str, Any] = {}
-    psps: dict[str, Any] = {}
-    for profile in grid.profiles:
-        psp = psps[profile] = psp_costs(profile, psp_modes(grid.modes))
-        mem = (grid.hw_memories if profile != "none" else grid.memories)[0] * MiB
-        for mode in grid.modes:
-            cells[f"{profile}/{mode}"] = calibrate_mode(profile, mode, mem, psp, grid.reps)
-            echo(describe(f"{profile}/{mode}", cells[f"{profile}/{mode}"]))
-        settle(cells, profile)
-    return {"cells": cells, "psp": psps, "vcpus": VCPUS, "link_bw": LOOPBACK_BW,
-            "latency": LOOPBACK_LATENCY}
-
-
 # -- the grid ------------------------------------------------------------------------------
 
 def _workload(name: str, rate: float) -> str:
@@ -225,17 +209,17 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
     echo(f"calibrating this host (bench psp, {grid.reps} idle migrations per mode and profile)")
-    calibration = calibrate(grid, echo)
+    calibration: dict[str, Any] = {
+        "cells": {}, "psp": {p: psp_costs(p, psp_modes(grid.modes)) for p in grid.profiles},
+        "vcpus": VCPUS, "link_bw": LOOPBACK_BW, "latency": LOOPBACK_LATENCY}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model-calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
     rows: list[dict[str, Any]] = []
     pools: dict[tuple[str, int, str], Workload] = {}
     for profile in grid.profiles:
         hw = profile != "none"
-        rate = calibration["cells"][f"{profile}/page"]["bulk_pages_per_s"]
+        rate = 0.0  # the dirtiers' rates: from the profile's first calibration of page
         for mem_mib in grid.hw_memories if hw else grid.memories:
             for wname in grid.hw_workloads if hw else grid.workloads:
-                wl = _workload(wname, rate)
                 # this shared machine's pace drifts by minutes: the engine's own costs
                 # are measured again (idle runs, not cells) before each block
                 for mode in grid.modes:
@@ -244,6 +228,11 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
                         profile, mode, mem_mib * MiB, calibration["psp"][profile], grid.reps)
                     echo(describe(key, calibration["cells"][key]))
                 settle(calibration["cells"], profile)
+                # (kept as it goes: an interrupted run leaves this host's calibration)
+                (out / "model-calibration.json").write_text(
+                    json.dumps(calibration, indent=1) + "\n")
+                rate = rate or calibration["cells"][f"{profile}/page"]["bulk_pages_per_s"]
+                wl = _workload(wname, rate)
                 # a busy guest's cell calibrates its weight first (cvmig.model.world)
                 for mode in sorted(grid.modes, key=lambda m: (wname, m) != BUSY[:2]):
                     for thr in grid.throttles:
