@@ -118,9 +118,8 @@ def pool_lag(cells: dict[str, Any], profile: str) -> None:
         cell["rx_lag_fit"], cell["rx_lag"] = cell["rx_lag"], lag
         b = cell.get("bulk")
         if b:
-            base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
-            cell["t_page"] = fit_t_page(replace(base, t_page=0.0), b["pages"], MODES[name],
-                                        b["seconds"], b["cpu"])
+            cell["t_page"] = fit_t_page(costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY),
+                                        b["pages"], MODES[name], b["seconds"], b["cpu"])
 
 
 def lag_from_twin(cells: dict[str, Any], profile: str) -> None:
