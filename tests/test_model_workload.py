@@ -222,3 +222,51 @@ def test_the_engines_own_work_per_page_is_paid_on_a_pages_first_arrival_only() -
     again = w.now() - t1
     assert first == pytest.approx(10 * 1e-4 + 10 * 1e-3)
     assert again == pytest.approx(10 * 1e-4)
+
+
+def test_a_guests_io_ring_is_the_shared_pages_its_page_rounds_sent_without_commands() -> None:
+    # page mode: one command a page, so what the rounds after the bulk sent without one
+    # is shared; contig's rounds cannot tell (a command holds several pages)
+    page = _report([(0.0, 1.0, NPAGES, NPAGES - 16), (1.5, 0.1, 180, 164), (1.7, 0.02, 50, 34)],
+                   batching="page", cap=1)
+    contig = _report([(0.0, 1.0, NPAGES, 600), (1.5, 0.1, 170, 10)])
+    g = guest_from_reports("dirtier:rate=500,pattern=uniform", 128 << 20, [page, contig], 2)
+    assert (g.io_pages, g.shared_pages) == (16, 16)
+    assert guest_from_reports("dirtier:rate=500", 128 << 20, [contig], 2).io_pages == 0
+    assert guest_from_reports("idle", 128 << 20, [page], 2).io_pages == 0
+
+
+def test_the_io_ring_is_dirty_after_any_interval_the_guest_ran_and_goes_as_shared() -> None:
+    g = GuestModel(npages=1000, dirty_rate=0.5, working_set=500, shared_pages=16, io_pages=16)
+    w = SimWorld(g, Costs())
+    w.start_dirty_log()
+    w.sleep(0.01)  # no write to RAM yet, but the guest ran
+    pfns = w.harvest()
+    assert pfns.tolist() == list(range(16))
+    assert w.shared_mask(pfns).all()
+    w.pause_guest()
+    w.harvest()
+    assert len(w.harvest()) == 0  # paused: the ring rests too
+    with pytest.raises(ValueError, match="io_pages"):
+        SimWorld(GuestModel(npages=100, dirty_rate=0.0, working_set=0, io_pages=4), Costs())
+
+
+def test_frames_in_flight_at_the_pause_finish_at_the_pace_of_the_cores_it_frees() -> None:
+    # a guest that wants both cores: the frames' work runs 2x slower while it runs
+    g = GuestModel(npages=4000, dirty_rate=0.0, working_set=0, cpu=2.0)
+    costs = Costs(t_doorbell=0.0, t_cmd=1e-3, psp_bw=1e15, link_bw=1e12, cores=2.0,
+                  pipeline_cores=2.0, window=64, slots=64)
+    w = SimWorld(g, costs)
+    w.start_dirty_log()
+    k = w.contention()
+    assert k == pytest.approx(2.0)
+    pfns = np.arange(40, dtype=np.int64)
+    for i in range(4):
+        w.send_private(pfns[i * 10:(i + 1) * 10], np.arange(0, 11, dtype=np.int64), False)
+    left = w._dst_free - w.clock  # the destination's work still queued, priced at 2x
+    assert left > 0
+    w.pause_guest()
+    # the guest's cores came back: what was left takes half as long from the pause on
+    assert w.contention() == pytest.approx(1.0)
+    assert w._dst_free - w.clock == pytest.approx(max(left - costs.stop.pause, 0) / k)
+    assert all(d <= w._dst_free for d in w._dst_done)

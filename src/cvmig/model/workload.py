@@ -97,6 +97,16 @@ def run_length(reports: list[dict[str, Any]]) -> int:
     return max(1, round(statistics.median(seen))) if seen else 1
 
 
+def io_ring(reports: list[dict[str, Any]]) -> int:
+    """Shared pages the guest rewrites in every interval (its I/O ring): what the rounds
+    after the bulk sent without a firmware command, where one page was one command (0
+    where no such round was seen)."""
+    seen = [rnd["pages"] - rnd["commands"] for rep in reports
+            if rep.get("params", {}).get("x-batching") == "page"
+            for rnd in rep["rounds"][1:] if rnd.get("pages")]
+    return max(0, round(statistics.median(seen))) if seen else 0
+
+
 def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]],
                        vcpus: int, pooled: list[dict[str, Any]] | None = None) -> GuestModel:
     """The guest the engine's runs of a cell saw (their medians). ``pooled``: every
@@ -105,8 +115,10 @@ def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]]
     npages = memory // PAGE_SIZE - vcpus  # the VMSA pages move apart
     spec = parse_workload(workload)
     cpu = [float(r["guest"].get("cpu-cores-before") or 0.0) for r in reports]
+    io = io_ring(pooled or reports) if spec.kind != "idle" else 0
     guest = GuestModel(npages=npages, dirty_rate=0.0, working_set=0, vcpus=vcpus,
-                       cpu=statistics.median(cpu) if cpu else 0.0)
+                       cpu=statistics.median(cpu) if cpu else 0.0, shared_pages=io,
+                       io_pages=io)
     if spec.kind == "dirtier":
         rate = float(spec.get("rate"))
         before = [float(r["guest"]["ops-per-s-before"]) for r in reports
@@ -121,7 +133,9 @@ def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]]
     curve = fit_dirty_curve(dirty_samples(pooled or reports), npages)
     if curve is None:
         return guest
-    return replace(guest, dirty_rate=curve.rate, working_set=curve.ws, hot_pages=curve.hot,
+    # the fitted pages rewritten every interval include the I/O ring's
+    return replace(guest, dirty_rate=curve.rate, working_set=curve.ws,
+                   hot_pages=max(curve.hot - io, 0),
                    run_pages=min(run_length(pooled or reports), curve.ws), rate_under_load=True)
 
 

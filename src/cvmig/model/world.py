@@ -146,7 +146,8 @@ class GuestModel:
     dirty_rate: float  # pages/s written while unthrottled
     working_set: int  # pages the writes fall on
     vcpus: int = 1
-    shared_pages: int = 0
+    shared_pages: int = 0  # the first pages: plaintext, sent without the firmware
+    io_pages: int = 0  # of those, the I/O ring the guest rewrites in every interval it runs
     cpu: float = 0.0  # cores the vCPUs keep busy while they run unthrottled
     contiguous: bool = False  # True: the dirty pages are the working set's first, in order
     hot_pages: int = 0  # pages rewritten in every interval it runs (a database's log), apart
@@ -188,6 +189,8 @@ class SimWorld:
         self._ran_since_sync = False  # the guest ran since the last harvest (its hot pages are dirty)
         if self.guest.hot_pages + self.guest.working_set > self.guest.npages:
             raise ValueError("hot_pages + working_set exceed the guest's pages")
+        if self.guest.io_pages > self.guest.shared_pages:
+            raise ValueError("io_pages exceed the guest's shared pages")
 
     def guest_gap(self, p: Progress) -> float:
         """The pause as the guest sees it: from its last whole timeslice before the pause
@@ -275,6 +278,8 @@ class SimWorld:
             start = self.guest.npages - self.guest.working_set
             pfns = np.concatenate([np.arange(start - self.guest.hot_pages, start,
                                              dtype=np.int64), pfns])
+        if self._ran_since_sync and self.guest.io_pages:
+            pfns = np.union1d(np.arange(self.guest.io_pages, dtype=np.int64), pfns)
         self._ran_since_sync = False
         self.src_version[pfns] += 1
         return pfns
@@ -427,8 +432,23 @@ class SimWorld:
         # writes up to the acknowledgement still land in the last harvest
         self.clock += self.costs.stop.pause
         self._accrue()
+        before = self.contention()
         self.paused = True
+        self._uncrowd(before)
         self.log.append((self.clock, "pause"))
+
+    def _uncrowd(self, before: float) -> None:
+        """The frames still in flight were priced at the pace of a host the guest crowded;
+        the rest of their work now runs on the cores the paused guest gave back."""
+        f = self.contention() / before
+        if f >= 1.0:
+            return
+        t = self.clock
+        for i in range(len(self._dst_done) - 1, -1, -1):
+            if self._dst_done[i] <= t:
+                break
+            self._dst_done[i] = t + (self._dst_done[i] - t) * f
+        self._dst_free = t + max(self._dst_free - t, 0.0) * f
 
     def send_vcpu_state(self) -> Sent:
         n = self.guest.vcpus
