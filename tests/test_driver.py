@@ -479,3 +479,34 @@ def test_the_model_judges_when_frames_land_as_the_engines_sender_does() -> None:
     w.send_private(one + 1, np.array([0, 1]), queue=False)
     # the estimate is the last submission plus what the landed one took, not the truth
     assert w.landing_in() == pytest.approx(w._submitted[-1] + took - w.clock)
+
+
+def test_a_send_near_the_stop_keeps_its_time_when_a_cap_of_pages_would_not() -> None:
+    from cvmig.migration.driver import STOP_SEND_SHARE
+
+    # 2020 hardware, contig64: near the stop a command may carry 55 pages (within its
+    # share of the limit), but a uniform writer's pages are scattered, a command each:
+    # a chunk of 55 pages is 55 commands, 140 ms at the source and again at the
+    # destination, behind which the stop waits
+    slow = Costs(t_doorbell=0.0, t_cmd=2.1e-3, psp_bw=8.192e6, link_bw=2.5e9)
+    g = GuestModel(npages=4096, dirty_rate=180, working_set=4096, vcpus=2)
+    w = SimWorld(g, slow)
+    sends: list[tuple[int, float]] = []
+    real = w.send_private
+
+    def send(pfns: np.ndarray, bounds: np.ndarray, queue: bool) -> object:
+        t0 = w.now()
+        out = real(pfns, bounds, queue)
+        sends.append((d.progress.rounds[-1].index, w.now() - t0))
+        return out
+
+    w.send_private = send  # type: ignore[method-assign]
+    d = Driver(w, MigrationParams(batching=Batching.CONTIG, batch_cap=64, timeout_s=600.0))
+    d.run()
+    assert w.destination_matches()
+    target = STOP_SEND_SHARE * 0.3
+    # the first dirty round's first send still carries the bulk's chunk: from the next
+    # round on, every send (the stop's too) is a short one
+    near = [s for i, s in sends if i >= 2]
+    assert near and max(near) <= 2 * target  # MIN_CHUNK_PAGES: 16 one-page commands
+    assert d.progress.downtime * 1000 <= 300

@@ -173,8 +173,10 @@ def _model_bulk(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> floa
 def fit_rx_lag(costs: Costs, npages: int, mode: Mode, gap_s: float, cpu: float = 0.0) -> float:
     """The destination's lag that makes the model's frames in flight at the end of the
     bulk take as long to land as the engine's did (the wait before its stop)."""
+    # (without a lag of its own: a refit starts from the last fit's, which already met
+    # the gap, and read that as no lag at all)
     if mode.switchover is not Switchover.FIRMWARE or \
-            _model_idle(costs, npages, mode, cpu)[1] >= gap_s:
+            _model_idle(replace(costs, rx_lag=0.0), npages, mode, cpu)[1] >= gap_s:
         return 0.0  # (QEMU's rule does not wait for frames in flight: nothing to fit)
     # the wait ends as the frames land (`Driver._await_landed`): it is their drain, and a
     # destination may lag its source by the whole pipeline (window + slots frames)
