@@ -643,10 +643,14 @@ class Driver:
         if self.params.max_bandwidth:  # no burst larger than half a rate window's budget
             want = min(want, int(self.params.max_bandwidth * RATE_WINDOW_S / 2 / PAGE_SIZE))
         want = max(MIN_CHUNK_PAGES, min(MAX_CHUNK_PAGES, want))
-        # whole commands per chunk where it holds several; not a whole cap's worth where
-        # that outlasts the target: scattered pages take a command each, and a chunk of
-        # a cap's pages was then a 140 ms frame at 2020 prices (cap 55: a 340 ms stop)
-        self._chunk = want - want % cap if want >= cap else want
+        if want >= cap or not near_stop:
+            self._chunk = max(cap, want - want % cap)  # whole commands per chunk
+        else:
+            # near the stop a send keeps its time, not a cap's worth of pages: scattered
+            # pages take a command each, and 55 of them (contig64's cap there at 2020
+            # prices) made a 140 ms frame, a 340 ms stop behind it. (In the bulk the
+            # commands stay whole: fewer commands, the faster the round.)
+            self._chunk = want
 
     def _account(self, rnd: Round, sent: Sent) -> None:
         prog = self.progress
