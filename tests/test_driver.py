@@ -399,9 +399,9 @@ def test_a_send_of_small_scattered_commands_still_fits_its_transport_slot() -> N
 
 def test_after_the_frames_in_flight_land_the_one_more_rule_prices_the_stop_without_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # a slow destination (its import lags a frame's source time behind): at the syncs the
+    # a destination 10 % slower than its source: the window fills, at the syncs the
     # frames in flight are a good share of the stop, and the driver lets them land first
-    costs = Costs(t_doorbell=150e-6, t_cmd=30e-6, psp_bw=1e15, t_page=5e-6, rx_lag=1.0)
+    costs = Costs(t_doorbell=150e-6, t_cmd=30e-6, psp_bw=1e15, t_page=5e-6, rx_lag=0.1)
     guest = GuestModel(npages=32766, dirty_rate=4300, working_set=32766)
     seen: list[tuple[bool, float]] = []
     slept: list[float] = []
@@ -432,7 +432,7 @@ def test_the_driver_waits_for_the_frames_to_land_not_for_its_estimate_of_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # the same slow destination; its frames land before the driver's estimate (the sum of
     # the sends still unacknowledged) runs out: the wait ends when they have landed
-    costs = Costs(t_doorbell=150e-6, t_cmd=30e-6, psp_bw=1e15, t_page=5e-6, rx_lag=1.0)
+    costs = Costs(t_doorbell=150e-6, t_cmd=30e-6, psp_bw=1e15, t_page=5e-6, rx_lag=0.1)
     guest = GuestModel(npages=32766, dirty_rate=4300, working_set=32766)
     waits: list[tuple[float, float, int]] = []
     land = SimWorld.wait_landed
@@ -466,8 +466,9 @@ def test_the_driver_waits_for_the_frames_to_land_not_for_its_estimate_of_them(
 
 
 def test_the_model_judges_when_frames_land_as_the_engines_sender_does() -> None:
-    # a destination that lags: frames take longer to be acknowledged than to send
-    costs = Costs(t_doorbell=0.0, t_cmd=1e-3, psp_bw=1e15, rx_lag=1.0)
+    # a destination that lags (the slower end): frames take longer to be acknowledged
+    # than to send
+    costs = Costs(t_doorbell=0.0, t_cmd=1e-3, psp_bw=1e15, rx_lag=0.1)
     w = SimWorld(GuestModel(npages=64, dirty_rate=0, working_set=0), costs)
     assert w.landing_in() == 0.0  # nothing in flight
     one = np.arange(1, dtype=np.int64)

@@ -4,6 +4,7 @@ calibrate, what the model is held to (the runs' median), the engine's own spread
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,24 @@ def test_the_destinations_lag_is_one_for_the_hosts_modes() -> None:
     for mode in ("page", "sg", "contig64"):  # and each bulk still lasts what the engine's did
         costs = C.costs_from_cell(cells[f"none/{mode}"], C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
         assert C._model_bulk(costs, NPAGES, MODES[mode]) == pytest.approx(0.6, rel=0.02)
+
+
+def test_a_destination_a_little_slower_than_its_source_is_what_the_drain_shows() -> None:
+    # the model's own idle migration, its destination 5 % slower than its source: over
+    # the bulk the window fills, and the frames in it drain at the end (the wait before
+    # the stop). A calibration on that run finds the 5 % again, and the bulk's pace.
+    mode = MODES["page"]
+    psp = {C.psp_key(mode): PSP["none"]["page"]}
+    probe = C.calibration_cell(_run("idle", 700, 8, 20, 0.6)["report"], mode, psp)
+    truth = C.costs_from_cell(probe, C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
+    slow = replace(truth, rx_lag=0.05)
+    bulk, gap = C._model_idle(slow, NPAGES, mode)
+    bulk0, gap0 = C._model_idle(replace(truth, rx_lag=0.0), NPAGES, mode)
+    assert gap > 1.5 * gap0  # a full window drains, not the last frame alone
+    assert bulk < bulk0 * 1.06  # ... while the bulk's pace is barely the slower end's
+    rep = _run("idle", 700, 8, 20, bulk)["report"]
+    rep["rounds"][1]["start"] = 0.01 + bulk + gap
+    cell = C.calibration_cell(rep, mode, psp)
+    assert cell["rx_lag"] == pytest.approx(0.05, abs=0.01)
+    got = C.costs_from_cell(cell, C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
+    assert C._model_idle(got, NPAGES, mode) == pytest.approx((bulk, gap), rel=0.03)

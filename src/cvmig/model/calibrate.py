@@ -5,9 +5,9 @@ Per cost profile and batching mode: `cvmig bench psp` gives each secure processo
 per command by its pages (SEND and RECEIVE); the medians of a few idle migrations give the
 stop costs the engine measured, its set-up and digest, how it shared the host's cores, and
 what makes the model's idle migration last as long as the engine's (the PSP's pace that
-day, the engine's own work per page, the destination's lag). What the modes share is
-settled once all are calibrated (a one-page command's price, the host's lag), and one busy
-guest's runs weigh a busy guest's demand on the cores.
+day, the engine's own work per page, the destination's extra work). What the modes share
+is settled once all are calibrated (a one-page command's price, the host's destination),
+and one busy guest's runs weigh a busy guest's demand on the cores.
 """
 
 from __future__ import annotations
@@ -102,12 +102,12 @@ def one_page_as_page(cells: dict[str, Any], profile: str) -> None:
 
 
 def pool_lag(cells: dict[str, Any], profile: str) -> None:
-    """The destination's lag is the host's, not a mode's: each mode's idle runs give one
-    view of it (the drain of the frames in flight at the end of their bulk, frames of that
-    mode's commands), and in the dirty rounds of a scattered writer every mode but sg sends
-    one-page commands anyway. The profile's modes under the default rule take the median
-    of their fits (a fit at 0 is a mode whose modelled drain was long enough already), and
-    their engine's own work per page is fitted again to it."""
+    """The destination's extra work is the host's, not a mode's: each mode's idle runs
+    give one view of it (the drain of the frames in flight at the end of their bulk, frames
+    of that mode's commands), and in the dirty rounds of a scattered writer every mode but
+    sg sends one-page commands anyway. The profile's modes under the default rule take the
+    median of their fits (here 1-11 %; a fit at 0 is a mode whose modelled drain was long
+    enough already), and their engine's own work per page is fitted again to it."""
     own = {name: cells[f"{profile}/{name}"] for name, mode in MODES.items()
            if f"{profile}/{name}" in cells and mode.switchover is Switchover.FIRMWARE
            and "rx_lag" in cells[f"{profile}/{name}"]}
@@ -171,16 +171,23 @@ def _model_bulk(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> floa
 
 
 def fit_rx_lag(costs: Costs, npages: int, mode: Mode, gap_s: float, cpu: float = 0.0) -> float:
-    """The destination's lag that makes the model's frames in flight at the end of the
-    bulk take as long to land as the engine's did (the wait before its stop)."""
+    """The destination's extra work (``rx_lag``) that makes the model's frames in flight
+    at the end of the bulk take as long to land as the engine's did (the wait before its
+    stop). A destination a few per cent slower than its source is the pipeline's slower
+    end: over a long bulk the window fills, and the frames in it drain at the end; the
+    engine's drains take 1-6 of its frames' time, as full windows do."""
     # (without a lag of its own: a refit starts from the last fit's, which already met
     # the gap, and read that as no lag at all)
     if mode.switchover is not Switchover.FIRMWARE or \
             _model_idle(replace(costs, rx_lag=0.0), npages, mode, cpu)[1] >= gap_s:
         return 0.0  # (QEMU's rule does not wait for frames in flight: nothing to fit)
-    # the wait ends as the frames land (`Driver._await_landed`): it is their drain, and a
-    # destination may lag its source by the whole pipeline (window + slots frames)
-    hi = float(costs.window + costs.slots)
+    # the wait ends as the frames land (`Driver._await_landed`): it is their drain. More
+    # work at the destination paces the bulk too, which its own fit already explains: the
+    # extra work is at most what leaves the bulk's pace as it is (within LAG_PACE)
+    bulk = _model_idle(replace(costs, rx_lag=0.0), npages, mode, cpu)[0]
+    hi = _solve(lambda lag: float(_model_idle(replace(costs, rx_lag=lag), npages, mode,
+                                              cpu)[0] > bulk * (1 + LAG_PACE)),
+                0.5, 0.0, float(costs.window + costs.slots), 12)
     return _solve(lambda lag: _model_idle(replace(costs, rx_lag=lag), npages, mode, cpu)[1],
                   gap_s, 0.0, hi, 25)
 
@@ -196,6 +203,7 @@ def fit_t_page(costs: Costs, npages: int, mode: Mode, bulk_s: float, cpu: float 
                   bulk_s, 0.0, 1e-3, 30)
 
 
+LAG_PACE = 0.01  # the most the destination's fitted extra work may slow the model's bulk
 BUSY = ("sqlite", "sg", "none")  # the busy-guest cell that calibrates guest_weight
 
 

@@ -56,9 +56,10 @@ class Costs:
     t_send: float = 0.0  # the engine's own work per send (plan, frame, hand-over), s
     t_page: float = 0.0  # ... and per page the destination receives for the first time
     latency: float = 0.0  # one way, s
-    rx_lag: float = 0.0  # a frame waits at the destination this share of its source time
-    # before its import begins (a small host's destination queued behind the others for
-    # the cores: the bigger the frame, the longer)
+    rx_lag: float = 0.0  # the destination's import takes this share of a frame's source
+    # time more than its own costs say (receiving, checking, writing the pages in,
+    # acknowledging): a few per cent make it the pipeline's slower end, so in a long round
+    # the window fills and frames wait their turn, as the engine's acknowledgements show
     cores: float = 0.0  # the host's CPUs the migration shares with its guest (0: no sharing)
     pipeline_cores: float = 0.0  # cores the migration's processes keep busy on their own
     psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
@@ -339,8 +340,8 @@ class SimWorld:
     def _frame(self, src_cost: float, nbytes: int, dst_cost: float,
                lag_base: float | None = None) -> float:
         """Move one frame through the pipeline; return the seconds the source spent on it
-        (waiting for a free slot, then its secure processor). The destination's lag is
-        ``rx_lag`` of ``lag_base`` (default: ``src_cost``)."""
+        (waiting for a free slot, then its secure processor). The destination works
+        ``rx_lag`` of ``lag_base`` (default: ``src_cost``) longer on it than ``dst_cost``."""
         c, k = self.costs, len(self._wire_done)
         t0 = self.clock
         start = max(self.clock, self._wire_done[k - c.slots] if k >= c.slots else 0.0)
@@ -349,7 +350,7 @@ class SimWorld:
         wire = max(self.clock, self._link_free, acked) + nbytes / c.link_bw
         self._link_free = wire
         lag = c.rx_lag * (src_cost if lag_base is None else lag_base)
-        done = max(wire + c.latency + lag, self._dst_free) + dst_cost
+        done = max(wire + c.latency, self._dst_free) + dst_cost + lag
         self._dst_free = done
         self._wire_done.append(wire)
         self._dst_done.append(done)
@@ -403,7 +404,7 @@ class SimWorld:
         # engine take little more than their firmware time)
         fresh = int(np.count_nonzero(self.dst_version[pfns] < 0))
         own = (c.t_send + fresh * c.t_page) * k
-        # the destination's lag is the share of a frame's own time, not of the time a
+        # the destination's extra work is a share of a frame's own time, not of the time a
         # crowded host stretched it to (it was measured on idle runs)
         spent = self._frame(psp + own, nbytes, dst + own, psp / kp + own / k)
         self._ran(spent)
