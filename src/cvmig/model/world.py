@@ -10,8 +10,9 @@ engine's data path (migration/source.py, sender.py, receiver.py, destination.py)
   per send and per page new to the destination (the bulk's first touch of its memory);
 - the frame goes on the link (``link_bw`` bytes/s, ``latency`` one way) once it is within
   the destination's ``window`` of unacknowledged frames, and frees its slot;
-- the destination's secure processor imports it (``rx_t_cmd``, ``rx_psp_bw``), one frame
-  at a time, and acknowledges it. Each PSP serves one command at a time, as hardware does;
+- the destination's secure processor imports it (``rx_t_cmd``, ``rx_psp_bw``, and the
+  destination's own work beyond them, ``rx_lag``), one frame at a time, and acknowledges
+  it. Each PSP serves one command at a time, as hardware does;
   the three stages overlap, so a round costs its slowest stage;
 - the stop: the measured fixed costs (`cvmig.migration.stopcost.StopCosts`) at the points
   where the engine pays them, the FINISH waiting behind every frame still in flight;
