@@ -106,7 +106,7 @@ def pool_lag(cells: dict[str, Any], profile: str) -> None:
     give one view of it (the drain of the frames in flight at the end of their bulk, frames
     of that mode's commands), and in the dirty rounds of a scattered writer every mode but
     sg sends one-page commands anyway. The profile's modes under the default rule take the
-    median of their fits (here 1-11 %; a fit at 0 is a mode whose modelled drain was long
+    median of their fits (here 0-15 %; a fit at 0 is a mode whose modelled drain was long
     enough already), and their engine's own work per page is fitted again to it."""
     own = {name: cells[f"{profile}/{name}"] for name, mode in MODES.items()
            if f"{profile}/{name}" in cells and mode.switchover is Switchover.FIRMWARE
@@ -176,15 +176,16 @@ def fit_rx_lag(costs: Costs, npages: int, mode: Mode, gap_s: float, cpu: float =
     stop). A destination a few per cent slower than its source is the pipeline's slower
     end: over a long bulk the window fills, and the frames in it drain at the end; the
     engine's drains take 1-6 of its frames' time, as full windows do."""
-    # (without a lag of its own: a refit starts from the last fit's, which already met
-    # the gap, and read that as no lag at all)
-    if mode.switchover is not Switchover.FIRMWARE or \
-            _model_idle(replace(costs, rx_lag=0.0), npages, mode, cpu)[1] >= gap_s:
+    if mode.switchover is not Switchover.FIRMWARE:
         return 0.0  # (QEMU's rule does not wait for frames in flight: nothing to fit)
+    # without a lag of its own: a refit starts from the last fit's, which already met the
+    # gap, and read that as no lag at all
+    bulk, gap = _model_idle(replace(costs, rx_lag=0.0), npages, mode, cpu)
+    if gap >= gap_s:
+        return 0.0
     # the wait ends as the frames land (`Driver._await_landed`): it is their drain. More
     # work at the destination paces the bulk too, which its own fit already explains: the
     # extra work is at most what leaves the bulk's pace as it is (within LAG_PACE)
-    bulk = _model_idle(replace(costs, rx_lag=0.0), npages, mode, cpu)[0]
     hi = _solve(lambda lag: float(_model_idle(replace(costs, rx_lag=lag), npages, mode,
                                               cpu)[0] > bulk * (1 + LAG_PACE)),
                 0.5, 0.0, float(costs.window + costs.slots), 12)
@@ -398,7 +399,6 @@ def describe(key: str, cell: dict[str, Any]) -> str:
 
 def psp_modes(modes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted({psp_key(MODES[m]) for m in modes}))
-
 
 
 def pace_of(reports: list[dict[str, Any]]) -> list[float]:
