@@ -511,3 +511,41 @@ def test_a_send_near_the_stop_keeps_its_time_when_a_cap_of_pages_would_not() -> 
     near = [s for i, s in sends if i >= 2]
     assert near and max(near) <= 2 * target  # MIN_CHUNK_PAGES: 16 one-page commands
     assert d.progress.downtime * 1000 <= 300
+
+
+def test_the_dirty_rate_counts_the_wait_for_frames_to_land() -> None:
+    # a destination 10 % slower than its source: the driver waits for frames in flight
+    # at its syncs, and the guest writes meanwhile. Its rate is the pages dirtied since the
+    # last harvest over the time since it (QEMU's), not over the round alone: a round
+    # after a wait read the wait's pages as a guest writing half as fast again
+    costs = Costs(t_doorbell=150e-6, t_cmd=30e-6, psp_bw=1e15, t_page=5e-6, rx_lag=0.1)
+    guest = GuestModel(npages=32766, dirty_rate=4300, working_set=32766)
+    w = SimWorld(guest, costs)
+    rates: list[float] = []
+    d = Driver(w, MigrationParams(queue=True),
+               observer=lambda ev, p: rates.append(p.dirty_pages_rate) if ev == "sync" else None)
+    d.run()
+    assert any(r.kind == "iterative" for r in d.progress.rounds)
+    # (the first sync's pages include the bulk's; a uniform writer over the whole guest
+    # rewrites few of its pages within a round, so the rate is the guest's, nearly)
+    later = rates[1:]
+    assert later, "the scenario made no dirty round"
+    assert all(0.8 * guest.dirty_rate < r < 1.1 * guest.dirty_rate for r in later), rates
+
+
+def test_extra_rounds_go_on_while_each_shortens_the_stop() -> None:
+    # a guest writing half as fast as the pipeline sends: each round halves the dirty
+    # set. Once the stop fits, rounds go on while each buys a fifth off it, down to where
+    # the fixed costs dominate, not for a set number of rounds from wherever the first
+    # fit fell (three of them left this stop at 40 % of the limit)
+    costs = Costs(t_doorbell=0.0, t_cmd=120e-6, psp_bw=1e15)
+    guest = GuestModel(npages=32766, dirty_rate=4000, working_set=32766)
+    w, d = run(guest, costs, downtime_limit_ms=300)
+    p = d.progress
+    assert p.switchover == "converged"
+    assert d._extra_rounds > 3
+    fixed = d.stop.total() - d.stop.slice
+    assert p.downtime < fixed + 0.05, (p.downtime, fixed)
+    # and they are short: together less than a tenth of the migration
+    extra = p.rounds[-1 - d._extra_rounds:-1]
+    assert sum(r.duration for r in extra) < 0.1 * p.total_time

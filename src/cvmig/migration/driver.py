@@ -48,8 +48,10 @@ RATE_WINDOW_S = 0.1  # QEMU's BUFFER_DELAY: the max-bandwidth budget is per 100 
 # near the stop (iterative rounds, stop-and-copy), so that the last commands fit the budget:
 STOP_CMD_SHARE = 0.1  # one firmware command takes at most this share of downtime-limit
 STOP_SEND_SHARE = 1 / 12  # one send (a frame) at most this share: the frames in flight
-MAX_EXTRA_ROUNDS = 3  # rounds after the stop first fits, each only if it shortens it
-EXTRA_ROUND_S = 1.0  # ... and takes at most this long
+MAX_EXTRA_ROUNDS = 12  # rounds after the stop first fits, each only if it shortens it ...
+EXTRA_ROUND_S = 1.0  # ... takes at most this long ...
+EXTRA_ROUND_GAIN = 0.8  # ... leaves a stop at most this share of the one it puts off ...
+EXTRA_ROUND_PAID = 0.9  # ... and the one before it did (its stop is this much shorter)
 UNKEEPABLE_SHARE = 0.25  # a limit the fixed costs exceed: the pages' share allowed
 PIPELINE_FRAMES = 2  # frames in flight at the switch: one being imported, one on the wire
 LANDING_BOUND = 2.0  # a wait for the frames in flight to land: at most this x their estimate
@@ -303,6 +305,7 @@ class Driver:
         self._sent_at = 0.0  # when the last send returned
         self._in_flight = 0.0  # seconds of sent frames not yet through, at the last sync
         self._extra_rounds = 0  # rounds made after the stop first fitted
+        self._put_off = math.inf  # the stop (less frames in flight) the last of them put off
         get = getattr(world, "stop_costs", None)
         self.stop: StopCosts = get() if callable(get) else StopCosts()
         self.pipeline_frames = int(getattr(world, "pipeline_frames", PIPELINE_FRAMES))
@@ -322,6 +325,7 @@ class Driver:
         prog.start = w.now()
         self._status("setup")
         w.start_dirty_log()
+        last_sync = w.now()
         pages = w.all_pages()
         prog.total_pages = len(pages)
         prog.remaining_pages = len(pages)
@@ -336,7 +340,11 @@ class Driver:
             sync_time = w.now()
             prog.dirty_sync_count += 1
             prog.remaining_pages = len(dirty)
-            period = max(sync_time - (prog.start + rnd.start), 1e-9)
+            # since the last harvest (QEMU's time_last_bitmap_sync), not since the round
+            # began: a wait for frames to land in between dirties pages too, and a rate
+            # over the round alone read them as a guest writing half as fast again
+            period = max(sync_time - last_sync, 1e-9)
+            last_sync = sync_time
             prog.dirty_pages_rate = len(dirty) / period
             remaining = len(dirty) * PAGE_SIZE
             bw = max(rnd.bandwidth, 1.0)
@@ -345,15 +353,25 @@ class Driver:
                 expected = self.expected_downtime(dirty)
                 fits = self._fits(expected)
                 # frames in flight in the way, or a good share of the stop? let them land
-                # while the guest still runs (no empty rounds spinning); what it writes
-                # meanwhile joins the last harvest
+                # while the guest still runs (no empty rounds spinning)
                 wait = self._in_flight
                 later = expected - wait + prog.dirty_pages_rate * wait * self._page_cost()
                 shorter = later < expected - STOP_SEND_SHARE * p.downtime_limit_ms / 1000
                 if wait > 0 and self._fits(later) and (not fits or shorter):
+                    before = sync_time - period  # the harvest before this one
                     self._await_landed(wait)
-                    expected, fits = later, True
-                    self._in_flight = 0.0  # landed: the rest of the stop is the send
+                    # what the guest wrote meanwhile is harvested now, so that the stop
+                    # or the round that comes next, and its price, see the whole dirty
+                    # set (priced by the rate, it went uncounted in a round's send and
+                    # made the round after it look no shorter)
+                    dirty = np.union1d(dirty, w.harvest())
+                    sync_time = last_sync = w.now()
+                    prog.dirty_sync_count += 1
+                    prog.remaining_pages = len(dirty)
+                    prog.dirty_pages_rate = len(dirty) / max(sync_time - before, 1e-9)
+                    remaining = len(dirty) * PAGE_SIZE
+                    expected = self.expected_downtime(dirty)
+                    fits = self._fits(expected)
             else:
                 expected = remaining / bw
                 fits = remaining <= rnd.threshold_bytes
@@ -545,15 +563,27 @@ class Driver:
         when sending the dirty set takes a fraction of a second and the guest dirties so
         few pages meanwhile that the stop after it would be at least a fifth shorter.
         (Batching makes rounds short: without this, a mode whose rounds are fast would
-        stop at the first fit like the slowest, and gain no downtime from its speed.)"""
+        stop at the first fit like the slowest, and gain no downtime from its speed.)
+
+        Rounds go on while each pays, down to the floor where the fixed costs dominate,
+        not a set number of them: a set number leaves the stop wherever the first fit
+        happened to fall below the limit (from a few ms to the whole limit, run to run),
+        halved that many times. A round that did not shorten the stop it put off ends
+        them (the guest writes faster than the prediction assumed)."""
         if self._extra_rounds >= MAX_EXTRA_ROUNDS or len(dirty) == 0:
             return False
         fixed = self._fixed()
-        send = expected - fixed - self._in_flight
+        now = expected - self._in_flight
+        if self._extra_rounds and now > EXTRA_ROUND_PAID * self._put_off:
+            return False
+        send = now - fixed
         if send <= 0 or send > EXTRA_ROUND_S:
             return False
         after = fixed + self.progress.dirty_pages_rate * send * self._page_cost()
-        return after < 0.8 * (expected - self._in_flight)
+        if after >= EXTRA_ROUND_GAIN * now:
+            return False
+        self._put_off = now
+        return True
 
     def _page_cost(self) -> float:
         """Seconds one more scattered page adds to the stop (a command of its own unless
