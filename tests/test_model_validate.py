@@ -194,3 +194,26 @@ def test_a_destination_a_little_slower_than_its_source_is_what_the_drain_shows()
     assert cell["rx_lag"] == pytest.approx(0.05, abs=0.01)
     got = C.costs_from_cell(cell, C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
     assert C._model_idle(got, NPAGES, mode) == pytest.approx((bulk, gap), rel=0.03)
+
+
+def test_the_rest_of_a_stop_beyond_its_measured_parts_is_what_the_idle_downtime_shows() -> None:
+    # the model's own idle migration, with 1.5 ms of stop no part holds (CONFIRM's way,
+    # the source's wake): its downtime, as an engine report would give it, calibrates
+    # that rest again, and the calibrated model stops as long; QEMU's rule, whose idle
+    # stops hold frames in flight too, takes its twin's
+    mode = MODES["page"]
+    psp = {C.psp_key(mode): PSP["none"]["page"]}
+    probe = C.calibration_cell(_run("idle", 700, 8, 20, 0.6)["report"], mode, psp)
+    truth = replace(C.costs_from_cell(probe, C.LOOPBACK_BW, C.LOOPBACK_LATENCY), stop_rest=0.0)
+    bare = C._model_idle_run(truth, NPAGES, mode).downtime
+    downtime = C._model_idle_run(replace(truth, stop_rest=1.5e-3), NPAGES, mode).downtime
+    assert downtime == pytest.approx(bare + 1.5e-3)
+    rep = _run("idle", 700, downtime * 1000, 20, 0.6)["report"]
+    cell = C.calibration_cell(rep, mode, psp)
+    assert cell["stop_rest_ms"] == pytest.approx(1.5, abs=0.05)
+    got = C.costs_from_cell(cell, C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
+    assert C._model_idle_run(got, NPAGES, mode).downtime == pytest.approx(downtime, abs=1e-4)
+    cells = {"none/contig": {**cell, "stop_rest_ms": 1.5},
+             "none/contig-qemu": {**cell, "stop_rest_ms": 90.0}}
+    C.lag_from_twin(cells, "none")
+    assert cells["none/contig-qemu"]["stop_rest_ms"] == 1.5

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cvmig.bench.paper import MODES, Mode
-from cvmig.migration.driver import Driver, MigrationParams, Switchover
+from cvmig.migration.driver import Driver, MigrationParams, Progress, Switchover
 from cvmig.model.costs import (
     LOOPBACK_BW,
     LOOPBACK_LATENCY,
@@ -124,8 +124,9 @@ def pool_lag(cells: dict[str, Any], profile: str) -> None:
 
 def lag_from_twin(cells: dict[str, Any], profile: str) -> None:
     """QEMU's rule does not wait for the frames in flight before it stops, so its idle
-    runs cannot show the destination's lag; the mode with the same data path under the
-    default rule can, and the lag is the data path's, not the rule's."""
+    runs cannot show the destination's lag, nor the rest of a stop beyond its parts (their
+    drain is in it); the mode with the same data path under the default rule can, and
+    both are the data path's, not the rule's."""
     for name, mode in MODES.items():
         cell = cells.get(f"{profile}/{name}")
         if cell is None or mode.switchover is Switchover.FIRMWARE:
@@ -135,6 +136,7 @@ def lag_from_twin(cells: dict[str, Any], profile: str) -> None:
             if t is not None and twin.switchover is Switchover.FIRMWARE and \
                     (twin.batching, twin.cap, twin.queue) == (mode.batching, mode.cap, mode.queue):
                 cell["rx_lag"] = t.get("rx_lag", 0.0)
+                cell["stop_rest_ms"] = t.get("stop_rest_ms", 0.0)
 
 
 def psp_key(mode: Mode) -> str:
@@ -154,14 +156,19 @@ def _solve(f: Callable[[float], float], target: float, lo: float, hi: float,
     return (lo + hi) / 2
 
 
-def _model_idle(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> tuple[float, float]:
-    """The model's idle migration: its bulk round, and the wait between the bulk's end
-    and the stop (its frames in flight landing), in seconds."""
+def _model_idle_run(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> Progress:
+    """The model's idle migration."""
     w = SimWorld(GuestModel(npages=npages, dirty_rate=0, working_set=0, vcpus=VCPUS, cpu=cpu),
                  costs)
     d = Driver(w, mode.params(MigrationParams()))
-    d.run()
-    bulk, nxt = d.progress.rounds[0], d.progress.rounds[1]
+    return d.run()
+
+
+def _model_idle(costs: Costs, npages: int, mode: Mode, cpu: float = 0.0) -> tuple[float, float]:
+    """The model's idle migration: its bulk round, and the wait between the bulk's end
+    and the stop (its frames in flight landing), in seconds."""
+    rounds = _model_idle_run(costs, npages, mode, cpu).rounds
+    bulk, nxt = rounds[0], rounds[1]
     return bulk.duration, nxt.start - bulk.start - bulk.duration
 
 
@@ -281,6 +288,10 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
                                         mode, gap, cpu)
             base = replace(base, rx_lag=cell["rx_lag"])
             cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"], cpu)
+    # what the engine's stop took beyond the parts it measured and the model's own way
+    # through them (FINISH's and CONFIRM's way, the source's wake: ~1 ms here)
+    run = _model_idle_run(replace(base, t_page=cell["t_page"]), bulk["pages"], mode, cpu)
+    cell["stop_rest_ms"] = round(max(0.0, rep["downtime"] - run.downtime * 1000), 3)
     cell["bulk_pages_per_s"] = bulk["pages"] / bulk["duration"]
     cell["bulk"] = {"pages": bulk["pages"], "seconds": bulk["duration"], "cpu": cpu}
     cell["calibration_run"] = {"memory_mib": rep["ram"]["total"] // MiB + 1,

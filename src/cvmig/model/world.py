@@ -61,6 +61,9 @@ class Costs:
     # time more than its own costs say (receiving, checking, writing the pages in,
     # acknowledging): a few per cent make it the pipeline's slower end, so in a long round
     # the window fills and frames wait their turn, as the engine's acknowledgements show
+    stop_rest: float = 0.0  # the part of a stop no measured part holds (FINISH's and
+    # CONFIRM's way between the engines, the source's wake on CONFIRM), s: the idle runs'
+    # downtime beyond the model's
     cores: float = 0.0  # the host's CPUs the migration shares with its guest (0: no sharing)
     pipeline_cores: float = 0.0  # cores the migration's processes keep busy on their own
     psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
@@ -468,7 +471,7 @@ class SimWorld:
         arrive = max(self.clock, self._link_free) + c.latency
         confirm = max(arrive, self._dst_free) + s.finish
         self.resumed_at = confirm + s.grant
-        running_at = confirm + c.latency
+        running_at = confirm + c.latency + c.stop_rest
         self.clock = running_at + self.guest.npages * c.digest_page
         self.log.append((self.clock, "complete"))
         return running_at
