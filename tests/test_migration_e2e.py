@@ -43,6 +43,7 @@ def _assert_good(rep: dict, memory: int) -> None:
     assert rep["rounds"][0]["kind"] == "bulk"
     assert rep["rounds"][-1]["kind"] == "stop-and-copy"
     assert rep["downtime"] <= rep["total-time"]
+    assert rep["downtime"] == int(rep["x-downtime-ms"])  # QEMU's whole ms, and the fraction
     assert rep["guest"]["ops-per-s-after"] > 0 or "idle" in rep["guest"]["workload"]
 
 

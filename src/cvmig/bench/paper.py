@@ -24,6 +24,7 @@ import click
 from cvmig.bench.claims import Key, by_config, check, echo_claims
 from cvmig.bench.machine import machine_info, machine_line
 from cvmig.migration.driver import MigrationParams, Switchover, TimeoutAction
+from cvmig.migration.report import downtime_ms
 from cvmig.migration.throttle import ThrottleKind, ThrottleParams
 from cvmig.psp.api import PAGE_SIZE, Batching
 
@@ -106,7 +107,7 @@ def _run(workload: str, mode: Mode, throttle: str, profile: str, memory: int,
         status=rep_["status"],
         switchover=rep_["x-switchover"],
         total_ms=rep_["total-time"],
-        downtime_ms=rep_["downtime"],
+        downtime_ms=downtime_ms(rep_),
         rounds=rep_["ram"]["dirty-sync-count"],
         transferred_mib=round(rep_["ram"]["transferred"] / MiB, 2),
         mbps=rep_["ram"]["mbps"],

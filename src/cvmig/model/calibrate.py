@@ -28,6 +28,7 @@ import numpy as np
 
 from cvmig.bench.paper import MODES, Mode
 from cvmig.migration.driver import Driver, MigrationParams, Progress, Switchover
+from cvmig.migration.report import downtime_ms
 from cvmig.model.costs import (
     LOOPBACK_BW,
     LOOPBACK_LATENCY,
@@ -291,11 +292,11 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
     # what the engine's stop took beyond the parts it measured and the model's own way
     # through them (FINISH's and CONFIRM's way, the source's wake: ~1 ms here)
     run = _model_idle_run(replace(base, t_page=cell["t_page"]), bulk["pages"], mode, cpu)
-    cell["stop_rest_ms"] = round(max(0.0, rep["downtime"] - run.downtime * 1000), 3)
+    cell["stop_rest_ms"] = round(max(0.0, downtime_ms(rep) - run.downtime * 1000), 3)
     cell["bulk_pages_per_s"] = bulk["pages"] / bulk["duration"]
     cell["bulk"] = {"pages": bulk["pages"], "seconds": bulk["duration"], "cpu": cpu}
     cell["calibration_run"] = {"memory_mib": rep["ram"]["total"] // MiB + 1,
-                               "total_ms": rep["total-time"], "downtime_ms": rep["downtime"]}
+                               "total_ms": rep["total-time"], "downtime_ms": downtime_ms(rep)}
     return cell
 
 
@@ -356,6 +357,7 @@ def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "destination-start-cpu-s": statistics.median(
                 h["destination-start-cpu-s"] for h in hosts)}
     base["downtime"] = med(lambda r: r["downtime"])
+    base["x-downtime-ms"] = med(downtime_ms)
     return base
 
 
