@@ -184,7 +184,6 @@ class SimWorld:
     _dst_done: list[float] = field(default_factory=list)
     _submitted: list[float] = field(default_factory=list)  # when the source handed it over
     _link_free: float = 0.0
-    _dst_free: float = 0.0
 
     def __post_init__(self) -> None:
         self._start_left = self.costs.start_cpu
@@ -355,20 +354,19 @@ class SimWorld:
         self._link_free = wire
         lag = c.rx_lag * (src_cost if lag_base is None else lag_base)
         done = max(wire + c.latency, self._dst_free) + dst_cost + lag
-        self._dst_free = done
         self._wire_done.append(wire)
         self._dst_done.append(done)
         self._submitted.append(self.clock)
         return self.clock - t0
 
+    @property
+    def _dst_free(self) -> float:
+        """When the destination's secure processor is free: it imports in order."""
+        return self._dst_done[-1] if self._dst_done else 0.0
+
     def frames_in_flight(self) -> int:
         """Frames the destination has not imported yet (the engine: not acknowledged)."""
-        n = 0
-        for done in reversed(self._dst_done):
-            if done <= self.clock:
-                break
-            n += 1
-        return n
+        return len(self._dst_done) - bisect_right(self._dst_done, self.clock)
 
     def landing_in(self) -> float | None:
         """Seconds until the frames in flight should have landed, judged as the engine's
@@ -390,7 +388,7 @@ class SimWorld:
 
     def wait_landed(self, timeout: float) -> None:
         """Until the destination has acknowledged every frame, at most ``timeout``."""
-        landed = (self._dst_done[-1] if self._dst_done else 0.0) + self.costs.latency
+        landed = self._dst_free + self.costs.latency
         self.clock = min(self.clock + max(timeout, 0.0), max(self.clock, landed))
 
     def send_private(self, pfns: np.ndarray, bounds: np.ndarray, queue: bool) -> Sent:
@@ -453,7 +451,6 @@ class SimWorld:
             if self._dst_done[i] <= t:
                 break
             self._dst_done[i] = t + (self._dst_done[i] - t) * f
-        self._dst_free = t + max(self._dst_free - t, 0.0) * f
 
     def send_vcpu_state(self) -> Sent:
         n = self.guest.vcpus
