@@ -43,7 +43,8 @@ def _assert_good(rep: dict, memory: int) -> None:
     assert rep["rounds"][0]["kind"] == "bulk"
     assert rep["rounds"][-1]["kind"] == "stop-and-copy"
     assert rep["downtime"] <= rep["total-time"]
-    assert rep["downtime"] == int(rep["x-downtime-ms"])  # QEMU's whole ms, and the fraction
+    # QEMU's whole ms, cut down, and the fraction (to the µs: 8.9996 ms reads 9.0 and 8)
+    assert rep["downtime"] <= rep["x-downtime-ms"] < rep["downtime"] + 1.001
     assert rep["guest"]["ops-per-s-after"] > 0 or "idle" in rep["guest"]["workload"]
 
 

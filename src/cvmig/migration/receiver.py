@@ -70,9 +70,14 @@ class Receiver:
             try:
                 got = self._items.get(timeout=POLL_S)
             except queue.Empty:
-                if not self._thread.is_alive():
+                if self._thread.is_alive():
+                    continue
+                # the reader may have put its last frame and ended after our wait ran
+                # out: what it left is read before its end is taken for a loss
+                try:
+                    got = self._items.get_nowait()
+                except queue.Empty:
                     raise ProtocolError("the receiver stopped without a final frame") from None
-                continue
             if isinstance(got, BaseException):
                 raise got
             return got
