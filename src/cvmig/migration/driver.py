@@ -337,16 +337,8 @@ class Driver:
         while True:
             p = self._take_updates()
             dirty = w.harvest()
-            sync_time = w.now()
-            prog.dirty_sync_count += 1
-            prog.remaining_pages = len(dirty)
-            # since the last harvest (QEMU's time_last_bitmap_sync), not since the round
-            # began: a wait for frames to land in between dirties pages too, and a rate
-            # over the round alone read them as a guest writing half as fast again
-            period = max(sync_time - last_sync, 1e-9)
-            last_sync = sync_time
-            prog.dirty_pages_rate = len(dirty) / period
-            remaining = len(dirty) * PAGE_SIZE
+            prev_sync = last_sync
+            sync_time = last_sync = self._synced(dirty, prev_sync)
             bw = max(rnd.bandwidth, 1.0)
             rnd.threshold_bytes = bw * p.downtime_limit_ms / 1000
             if p.switchover is Switchover.FIRMWARE:
@@ -358,21 +350,17 @@ class Driver:
                 later = expected - wait + prog.dirty_pages_rate * wait * self._page_cost()
                 shorter = later < expected - STOP_SEND_SHARE * p.downtime_limit_ms / 1000
                 if wait > 0 and self._fits(later) and (not fits or shorter):
-                    before = sync_time - period  # the harvest before this one
                     self._await_landed(wait)
                     # what the guest wrote meanwhile is harvested now, so that the stop
                     # or the round that comes next, and its price, see the whole dirty
                     # set (priced by the rate, it went uncounted in a round's send and
                     # made the round after it look no shorter)
                     dirty = np.union1d(dirty, w.harvest())
-                    sync_time = last_sync = w.now()
-                    prog.dirty_sync_count += 1
-                    prog.remaining_pages = len(dirty)
-                    prog.dirty_pages_rate = len(dirty) / max(sync_time - before, 1e-9)
-                    remaining = len(dirty) * PAGE_SIZE
+                    sync_time = last_sync = self._synced(dirty, prev_sync)
                     expected = self.expected_downtime(dirty)
                     fits = self._fits(expected)
             else:
+                remaining = len(dirty) * PAGE_SIZE
                 expected = remaining / bw
                 fits = remaining <= rnd.threshold_bytes
             prog.expected_downtime_ms = expected * 1000
@@ -393,7 +381,7 @@ class Driver:
                 if p.timeout_action is TimeoutAction.CANCEL:
                     raise MigrationCancelled(
                         f"timeout: not converged after {p.timeout_s:g} s "
-                        f"({remaining / 2**20:.1f} MiB still dirty, threshold "
+                        f"({len(dirty) * PAGE_SIZE / 2**20:.1f} MiB still dirty, threshold "
                         f"{rnd.threshold_bytes / 2**20:.1f} MiB). Try: {self._advice()}"
                     )
                 prog.switchover = "timeout"
@@ -423,6 +411,17 @@ class Driver:
         prog.remaining_pages = 0
         self._status("completed")
         return prog
+
+    def _synced(self, dirty: np.ndarray, since: float) -> float:
+        """Count a harvest that found ``dirty``; return when. Its rate is over the time
+        since the harvest at ``since`` (QEMU's time_last_bitmap_sync), not since the round
+        began: a wait for frames to land in between dirties pages too, and a rate over the
+        round alone read them as a guest writing half as fast again."""
+        prog, now = self.progress, self.world.now()
+        prog.dirty_sync_count += 1
+        prog.remaining_pages = len(dirty)
+        prog.dirty_pages_rate = len(dirty) / max(now - since, 1e-9)
+        return now
 
     def _take_updates(self) -> MigrationParams:
         """Adopt parameters changed mid-migration, if any (checked by whoever put them;

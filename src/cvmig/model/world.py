@@ -447,9 +447,7 @@ class SimWorld:
         if f >= 1.0:
             return
         t = self.clock
-        for i in range(len(self._dst_done) - 1, -1, -1):
-            if self._dst_done[i] <= t:
-                break
+        for i in range(bisect_right(self._dst_done, t), len(self._dst_done)):
             self._dst_done[i] = t + (self._dst_done[i] - t) * f
 
     def send_vcpu_state(self) -> Sent:
