@@ -11,14 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cvmig.bench.paper import MODES
+from cvmig.guest.vcpu import SLICE
 from cvmig.migration.stopcost import StopCosts
 from cvmig.model import calibrate as C
 from cvmig.model import validate as V
 from cvmig.model.workload import (
     DirtyCurve,
+    IoRing,
     dirty_samples,
     fit_dirty_curve,
     guest_from_reports,
+    hot_runs,
+    io_ring,
     run_length,
     workload_stop,
 )
@@ -226,29 +230,75 @@ def test_the_engines_own_work_per_page_is_paid_on_a_pages_first_arrival_only() -
 
 def test_a_guests_io_ring_is_the_shared_pages_its_page_rounds_sent_without_commands() -> None:
     # page mode: one command a page, so what the rounds after the bulk sent without one
-    # is shared; contig's rounds cannot tell (a command holds several pages)
-    page = _report([(0.0, 1.0, NPAGES, NPAGES - 16), (1.5, 0.1, 180, 164), (1.7, 0.02, 50, 34)],
+    # is shared; contig's rounds cannot tell (a command holds several pages). The 0.02 s
+    # interval was too short to fill the ring: 8 records in it, 400 a second
+    page = _report([(0.0, 1.0, NPAGES, NPAGES - 16), (1.5, 0.1, 180, 164), (1.52, 0.02, 50, 42)],
                    batching="page", cap=1)
     contig = _report([(0.0, 1.0, NPAGES, 600), (1.5, 0.1, 170, 10)])
     g = guest_from_reports("dirtier:rate=500,pattern=uniform", 128 << 20, [page, contig], 2)
     assert (g.io_pages, g.shared_pages) == (16, 16)
+    assert g.io_rate == pytest.approx(400.0)
+    assert io_ring([page], 2).written(0.01) == 4 and io_ring([page], 2).written(1.0) == 16
+    # never short enough: a record per vCPU timeslice
+    full = _report([(0.0, 1.0, NPAGES, NPAGES - 16), (1.5, 0.1, 180, 164)], batching="page", cap=1)
+    assert io_ring([full], 2) == IoRing(16, 2 / SLICE)
     assert guest_from_reports("dirtier:rate=500", 128 << 20, [contig], 2).io_pages == 0
     assert guest_from_reports("idle", 128 << 20, [page], 2).io_pages == 0
 
 
-def test_the_io_ring_is_dirty_after_any_interval_the_guest_ran_and_goes_as_shared() -> None:
-    g = GuestModel(npages=1000, dirty_rate=0.5, working_set=500, shared_pages=16, io_pages=16)
+def test_the_io_ring_is_written_in_turn_at_its_rate_and_goes_as_shared() -> None:
+    g = GuestModel(npages=1000, dirty_rate=0.5, working_set=500, shared_pages=16, io_pages=16,
+                   io_rate=200.0)
     w = SimWorld(g, Costs())
     w.start_dirty_log()
-    w.sleep(0.01)  # no write to RAM yet, but the guest ran
+    w.sleep(0.025)  # five records, no write to RAM yet
+    assert w.harvest().tolist() == [0, 1, 2, 3, 4]
+    w.sleep(0.061)  # twelve more (and a fifth carried): the ring wraps round
     pfns = w.harvest()
-    assert pfns.tolist() == list(range(16))
+    assert pfns.tolist() == [0] + list(range(5, 16))  # 5..15, then 0
     assert w.shared_mask(pfns).all()
+    w.sleep(1.0)
+    assert w.harvest().tolist() == list(range(16))  # a long interval: all of it
+    w.set_throttle(50)
+    w.sleep(0.04)  # half the timeslices: four records
+    assert len(w.harvest()) == 4
     w.pause_guest()
     w.harvest()
+    w.sleep(1.0)
     assert len(w.harvest()) == 0  # paused: the ring rests too
     with pytest.raises(ValueError, match="io_pages"):
         SimWorld(GuestModel(npages=100, dirty_rate=0.0, working_set=0, io_pages=4), Costs())
+
+
+def test_a_databases_samples_leave_out_its_io_ring_and_its_hot_pages_lie_in_runs() -> None:
+    # page mode tells the ring's pages exactly; contig's are taken off at the ring's rate
+    page = _report([(0.0, 1.0, NPAGES, NPAGES - 16), (1.5, 0.02, 30, 24)], batching="page",
+                   cap=1)
+    ring = IoRing(16, 300.0)
+    contig = _report([(0.0, 1.0, NPAGES, 600), (1.05, 0.01, 30, 12), (1.07, 0.01, 12, 5)],
+                     cap=64)
+    # a full ring after the bulk's second; 6 of its pages in the 20 ms after
+    assert dirty_samples([page, contig], ring) == [(1.5, 24), (1.05, 14), (pytest.approx(0.02), 6)]
+    # a stop 20 ms after a sync: 4 ring pages, 26 private in 11 commands (2 of them the
+    # VMSAs), 2 from the working set (a quarter of a run): the hot pages lie in 9 runs.
+    # The round a second after the bulk is left out: its working set's pages swamp them
+    stop = {"start": 1.07, "duration": 0.02, "pages": 32, "dirty_pages": 30, "commands": 11,
+            "kind": "stop-and-copy", "throttle_pct": 0}
+    ended = _report([(0.0, 1.0, NPAGES, 600), (1.05, 0.01, 120, 40)], cap=64)
+    ended["rounds"].append(stop)
+    curve = DirtyCurve(hot=26, ws=200, rate=100.0)
+    assert hot_runs([ended], curve, run=8) == 9
+    assert hot_runs([page], curve, run=8) == 1  # no contiguous round: one run
+    w = SimWorld(GuestModel(npages=1000, dirty_rate=0.0, working_set=200, hot_pages=26,
+                            hot_runs=9), Costs())
+    w.start_dirty_log()
+    w.sleep(0.01)
+    hot = w.harvest()
+    assert len(hot) == 26 and hot.max() == 799  # just below the working set
+    assert np.count_nonzero(np.diff(hot) > 1) + 1 == 9  # in nine runs
+    with pytest.raises(ValueError, match="hot_runs"):
+        SimWorld(GuestModel(npages=1000, dirty_rate=0.0, working_set=200, hot_pages=4,
+                            hot_runs=5), Costs())
 
 
 def test_frames_in_flight_at_the_pause_finish_at_the_pace_of_the_cores_it_frees() -> None:

@@ -7,6 +7,10 @@ towards a working set. So its dirty set after ``t`` seconds is fitted, from the 
 log's syncs, as ``hot + ws (1 - exp(-rate t / ws))``. Its pages lie together, so they
 are dirtied in runs: their length is what the runs of contiguous commands show.
 
+Every guest also writes an I/O record per vCPU timeslice to its shared ring, a page
+after the other: an interval shorter than the ring's turn dirties only part of it. Its
+pages cost no firmware command, so the curve is fitted to the private pages alone.
+
 A busy guest also makes the stop dearer: its vCPUs ack the pause at the end of a
 timeslice, and its workload's state takes longer to export and restore. The engine
 measures each stop's parts; the model takes this workload's.
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cvmig.guest.vcpu import SLICE
 from cvmig.guest.workloads import parse_workload
 from cvmig.migration.stopcost import MEASURED_PARTS, StopCosts
 from cvmig.model.world import GuestModel
@@ -36,18 +41,26 @@ class DirtyCurve:
         return self.hot + self.ws * (1.0 - np.exp(-self.rate * t / max(self.ws, 1)))
 
 
-def dirty_samples(reports: list[dict[str, Any]]) -> list[tuple[float, int]]:
-    """(seconds between two syncs, pages the later found dirty), over the rounds in which
-    the guest ran unthrottled."""
+def dirty_samples(reports: list[dict[str, Any]], ring: IoRing | None = None
+                  ) -> list[tuple[float, int]]:
+    """(seconds between two syncs, private pages the later found dirty), over the rounds
+    in which the guest ran unthrottled. The I/O ring's pages are not counted: where one
+    page was one command (page batching), what went without one; elsewhere what the
+    ring's rate says it wrote in the interval."""
     out: list[tuple[float, int]] = []
     for rep in reports:
-        rounds = rep["rounds"]
+        rounds, page = rep["rounds"], _one_page_commands(rep)
         for a, b in zip(rounds, rounds[1:], strict=False):
             if a.get("throttle_pct", 0) or b.get("throttle_pct", 0):
                 continue
             dt = b["start"] - a["start"]
-            if dt > 0 and b.get("dirty_pages", 0) > 0:
-                out.append((dt, int(b["dirty_pages"])))
+            if page:
+                shared = b.get("pages", 0) - b.get("commands", 0)
+            else:
+                shared = ring.written(dt) if ring else 0
+            private = int(b.get("dirty_pages", 0)) - shared
+            if dt > 0 and private > 0:
+                out.append((dt, private))
     return out
 
 
@@ -97,14 +110,56 @@ def run_length(reports: list[dict[str, Any]]) -> int:
     return max(1, round(statistics.median(seen))) if seen else 1
 
 
-def io_ring(reports: list[dict[str, Any]]) -> int:
-    """Shared pages the guest rewrites in every interval (its I/O ring): what the rounds
-    after the bulk sent without a firmware command, where one page was one command (0
-    where no such round was seen)."""
-    seen = [rnd["pages"] - rnd["commands"] for rep in reports
-            if rep.get("params", {}).get("x-batching") == "page"
-            for rnd in rep["rounds"][1:] if rnd.get("pages")]
-    return max(0, round(statistics.median(seen))) if seen else 0
+@dataclass(frozen=True)
+class IoRing:
+    pages: int  # shared pages the guest writes its I/O records to, in turn
+    rate: float  # records a second while it runs unthrottled
+
+    def written(self, t: float) -> int:
+        """Ring pages dirty after ``t`` seconds of the guest running."""
+        return min(self.pages, round(self.rate * t))
+
+
+def _one_page_commands(rep: dict[str, Any]) -> bool:
+    return bool(rep.get("params", {}).get("x-batching") == "page")
+
+
+def hot_runs(reports: list[dict[str, Any]], curve: DirtyCurve, run: int) -> int:
+    """How many runs the hot pages lie in: the commands contiguous batching (uncapped by a
+    small cap) needed in the intervals too short for the working set to add many pages,
+    less the runs those few pages make (1 where no interval was that short)."""
+    seen = []
+    for rep in reports:
+        p = rep.get("params", {})
+        if p.get("x-batching") != "contig" or p.get("x-batch-cap", 0) < 64 or p.get("x-queue"):
+            continue
+        for a, b in zip(rep["rounds"], rep["rounds"][1:], strict=False):
+            dt = b["start"] - a["start"]
+            ws = float(curve.at(np.array([dt]))[0]) - curve.hot
+            if dt <= 0 or not b.get("commands") or ws > curve.hot / 2:
+                continue
+            # the stop's VMSAs: a command and a page each, beyond the dirty pages
+            vmsas = b["pages"] - b["dirty_pages"] if b.get("kind") == "stop-and-copy" else 0
+            seen.append(b["commands"] - vmsas - ws / run)
+    if not seen or not curve.hot:
+        return 1
+    return int(min(max(round(statistics.median(seen)), 1), curve.hot))
+
+
+def io_ring(reports: list[dict[str, Any]], vcpus: int) -> IoRing:
+    """The guest's I/O ring: what the rounds after the bulk sent without a firmware
+    command where one page was one command is shared. The ring is the most such a round
+    sent; its rate what the intervals too short to fill it show (a record per vCPU
+    timeslice, as the engine's guests write, where none was that short)."""
+    seen = [(b["start"] - a["start"], b["pages"] - b["commands"])
+            for rep in reports if _one_page_commands(rep)
+            for a, b in zip(rep["rounds"], rep["rounds"][1:], strict=False)
+            if b.get("pages") and b["start"] > a["start"]]
+    pages = max((n for _, n in seen), default=0)
+    if not pages:
+        return IoRing(0, 0.0)
+    short = [n / dt for dt, n in seen if 0 < n < pages]
+    return IoRing(pages, statistics.median(short) if short else vcpus / SLICE)
 
 
 def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]],
@@ -115,10 +170,10 @@ def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]]
     npages = memory // PAGE_SIZE - vcpus  # the VMSA pages move apart
     spec = parse_workload(workload)
     cpu = [float(r["guest"].get("cpu-cores-before") or 0.0) for r in reports]
-    io = io_ring(pooled or reports) if spec.kind != "idle" else 0
+    ring = io_ring(pooled or reports, vcpus) if spec.kind != "idle" else IoRing(0, 0.0)
     guest = GuestModel(npages=npages, dirty_rate=0.0, working_set=0, vcpus=vcpus,
-                       cpu=statistics.median(cpu) if cpu else 0.0, shared_pages=io,
-                       io_pages=io)
+                       cpu=statistics.median(cpu) if cpu else 0.0, shared_pages=ring.pages,
+                       io_pages=ring.pages, io_rate=ring.rate)
     if spec.kind == "dirtier":
         rate = float(spec.get("rate"))
         before = [float(r["guest"]["ops-per-s-before"]) for r in reports
@@ -130,13 +185,13 @@ def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]]
         return replace(guest, dirty_rate=rate, working_set=npages if rate else 0)
     if spec.kind == "idle":
         return guest
-    curve = fit_dirty_curve(dirty_samples(pooled or reports), npages)
+    curve = fit_dirty_curve(dirty_samples(pooled or reports, ring), npages)
     if curve is None:
         return guest
-    # the fitted pages rewritten every interval include the I/O ring's
-    return replace(guest, dirty_rate=curve.rate, working_set=curve.ws,
-                   hot_pages=max(curve.hot - io, 0),
-                   run_pages=min(run_length(pooled or reports), curve.ws), rate_under_load=True)
+    run = min(run_length(pooled or reports), curve.ws)
+    return replace(guest, dirty_rate=curve.rate, working_set=curve.ws, hot_pages=curve.hot,
+                   hot_runs=hot_runs(pooled or reports, curve, run), run_pages=run,
+                   rate_under_load=True)
 
 
 def stop_samples(reports: list[dict[str, Any]]) -> dict[str, list[float]]:

@@ -152,11 +152,14 @@ class GuestModel:
     working_set: int  # pages the writes fall on
     vcpus: int = 1
     shared_pages: int = 0  # the first pages: plaintext, sent without the firmware
-    io_pages: int = 0  # of those, the I/O ring the guest rewrites in every interval it runs
+    io_pages: int = 0  # of those, the I/O ring: the guest writes its pages in turn,
+    io_rate: float = 0.0  # ... this many a second while it runs unthrottled (a record per
+    # vCPU timeslice: the engine's guests, guest.vcpu.VcpuContext.io_write)
     cpu: float = 0.0  # cores the vCPUs keep busy while they run unthrottled
     contiguous: bool = False  # True: the dirty pages are the working set's first, in order
     hot_pages: int = 0  # pages rewritten in every interval it runs (a database's log), apart
-    # from the working set, just below it
+    # from the working set, just below it,
+    hot_runs: int = 1  # ... in this many runs a page apart (its tables' roots, its header)
     run_pages: int = 1  # the writes dirty runs of this many pages (a database's lie together)
     rate_under_load: bool = False  # dirty_rate was seen while a migration shared the host's
     # cores with it (not before): the model slows it only by what contention adds to that
@@ -175,6 +178,8 @@ class SimWorld:
     _last_accrue: float = 0.0
     _writes: float = 0.0  # writes since the last harvest
     _carry: float = 0.0  # fractional page left over from the last harvest
+    _io_writes: float = 0.0  # I/O records since the last harvest (a fraction carried over)
+    _io_next: int = 0  # the ring's page the next record goes to
     log: list[tuple[float, str]] = field(default_factory=list)
     # page versions on each side: a write bumps the source's, a send copies it across
     src_version: np.ndarray = field(init=False)
@@ -191,8 +196,13 @@ class SimWorld:
         self.dst_version = np.full(self.guest.npages, -1, dtype=np.int64)
         self._rng = np.random.default_rng(self.guest.seed)
         self._ran_since_sync = False  # the guest ran since the last harvest (its hot pages are dirty)
-        if self.guest.hot_pages + self.guest.working_set > self.guest.npages:
-            raise ValueError("hot_pages + working_set exceed the guest's pages")
+        g = self.guest
+        if not 1 <= g.hot_runs <= max(g.hot_pages, 1):
+            raise ValueError(f"hot_runs must be 1..hot_pages ({g.hot_pages}), got {g.hot_runs}")
+        if g.hot_pages + g.hot_runs - 1 + g.working_set > g.npages:
+            raise ValueError("hot_pages (and the gaps between their runs) + working_set "
+                             "exceed the guest's pages")
+        self._hot = self._hot_layout()
         if self.guest.io_pages > self.guest.shared_pages:
             raise ValueError("io_pages exceed the guest's shared pages")
 
@@ -228,12 +238,16 @@ class SimWorld:
         self.clock += self.costs.setup
         self._last_accrue = self.clock
         self._writes = 0.0
+        self._io_writes = 0.0
 
     def _accrue(self) -> None:
         """Account the writes done at the current rate since the last change of rate."""
         if self.clock > self._last_accrue and not self.paused:
             self._ran_since_sync = True
-        self._writes += self.write_rate() * (self.clock - self._last_accrue)
+        dt = self.clock - self._last_accrue
+        self._writes += self.write_rate() * dt
+        if not self.paused:  # a record per timeslice the vCPUs run
+            self._io_writes += self.guest.io_rate * (1.0 - self.throttle) * dt
         self._last_accrue = self.clock
 
     def write_rate(self) -> float:
@@ -279,14 +293,30 @@ class SimWorld:
         self._carry = writes - n_writes
         pfns = self._harvest_ws(n_writes)
         if self._ran_since_sync and self.guest.hot_pages:
-            start = self.guest.npages - self.guest.working_set
-            pfns = np.concatenate([np.arange(start - self.guest.hot_pages, start,
-                                             dtype=np.int64), pfns])
-        if self._ran_since_sync and self.guest.io_pages:
-            pfns = np.union1d(np.arange(self.guest.io_pages, dtype=np.int64), pfns)
+            pfns = np.concatenate([self._hot, pfns])
+        if self.guest.io_pages:
+            pfns = np.union1d(self._harvest_io(), pfns)
         self._ran_since_sync = False
         self.src_version[pfns] += 1
         return pfns
+
+    def _hot_layout(self) -> np.ndarray:
+        """The hot pages: ``hot_runs`` runs as even as can be, a page between each two,
+        ending just below the working set."""
+        g = self.guest
+        if not g.hot_pages:
+            return np.zeros(0, dtype=np.int64)
+        i = np.arange(g.hot_pages, dtype=np.int64)
+        run = i * g.hot_runs // g.hot_pages  # which run each page is in
+        end = g.npages - g.working_set
+        return end - (g.hot_pages + g.hot_runs - 1) + i + run
+
+    def _harvest_io(self) -> np.ndarray:
+        """The ring's pages the I/O records since the last harvest went to, in turn."""
+        m, n = self.guest.io_pages, int(self._io_writes)
+        self._io_writes -= n
+        first, self._io_next = self._io_next, (self._io_next + n) % m
+        return (first + np.arange(min(n, m), dtype=np.int64)) % m
 
     def _harvest_ws(self, n_writes: int) -> np.ndarray:
         """The working-set pages ``n_writes`` uniform writes dirtied."""
