@@ -45,6 +45,11 @@ def _assert_good(rep: dict, memory: int) -> None:
     assert rep["downtime"] <= rep["total-time"]
     # QEMU's whole ms, cut down, and the fraction (to the µs: 8.9996 ms reads 9.0 and 8)
     assert rep["downtime"] <= rep["x-downtime-ms"] < rep["downtime"] + 1.001
+    # each sync's own time (a harvest, a decision), the stop's last: within the round gaps
+    syncs, rounds = rep["x-sync-ms"], rep["rounds"]
+    assert len(syncs) >= 2 and all(t > 0 for t in syncs)
+    assert syncs[-1] <= rep["x-downtime-ms"]
+    assert syncs[0] / 1000 <= rounds[1]["start"] - rounds[0]["start"] - rounds[0]["duration"]
     assert rep["guest"]["ops-per-s-after"] > 0 or "idle" in rep["guest"]["workload"]
 
 

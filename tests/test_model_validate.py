@@ -16,8 +16,10 @@ from cvmig.migration.driver import Driver, MigrationParams
 from cvmig.model import calibrate as C
 from cvmig.model import validate as V
 from cvmig.model.cli import model
+from cvmig.model.costs import STOP_SYNC_PAGE_S, SYNC_PAGE_S
 from cvmig.model.workload import guest_from_reports
-from cvmig.model.world import GuestModel, SimWorld
+from cvmig.model.world import Costs, GuestModel, SimWorld
+from cvmig.psp.api import PAGE_SIZE
 
 PSP = {"none": {"page": {"send": {"t_cmd": 100e-6, "bw": 1e15},
                          "receive": {"t_cmd": 100e-6, "bw": 1e15}}}}
@@ -217,3 +219,29 @@ def test_the_rest_of_a_stop_beyond_its_measured_parts_is_what_the_idle_downtime_
              "none/contig-qemu": {**cell, "stop_rest_ms": 90.0}}
     C.lag_from_twin(cells, "none")
     assert cells["none/contig-qemu"]["stop_rest_ms"] == 1.5
+
+
+def test_a_sync_takes_its_time_while_the_guest_writes_on_and_the_stops_is_downtime() -> None:
+    # the engine measures each sync (x-sync-ms): its calibration takes the fixed part of
+    # those before the pause and the stop's; the model's clock runs on by them, the guest
+    # writing meanwhile into the next harvest, and the stop's harvest lands in the downtime
+    rep = _run("idle", 700, 8, 20, 0.6)["report"]
+    rep["x-sync-ms"] = [1.4, 1.0, 0.6]
+    npages = rep["ram"]["total"] // PAGE_SIZE
+    got = C.sync_cost(rep)
+    assert got["sync_s"] == pytest.approx(1.2e-3 - npages * SYNC_PAGE_S)
+    assert got["stop_sync_s"] == pytest.approx(0.6e-3 - npages * STOP_SYNC_PAGE_S)
+    assert C.sync_cost(_run("idle", 700, 8, 20, 0.6)["report"]) == {}  # older: none
+    guest = GuestModel(npages=1000, dirty_rate=1000.0, working_set=1000)
+    w = SimWorld(guest, Costs(sync=2e-3, sync_page=1e-6, stop_sync=1e-3))
+    w.start_dirty_log()
+    w.sleep(0.01)
+    assert len(w.harvest()) == 10 and w.now() == pytest.approx(0.013)  # 2 ms + 1000 x 1 µs
+    assert len(w.harvest()) == 3  # what the guest wrote while the driver took its time
+    w.pause_guest()
+    t = w.now()
+    w.harvest()
+    assert w.now() - t == pytest.approx(1e-3)
+    bare = C._model_idle_run(Costs(), NPAGES, MODES["page"])
+    timed = C._model_idle_run(Costs(sync=2e-3, stop_sync=1e-3), NPAGES, MODES["page"])
+    assert timed.downtime == pytest.approx(bare.downtime + 1e-3)

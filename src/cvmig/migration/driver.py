@@ -266,6 +266,9 @@ class Progress:
     stop_costs: dict[str, float] = field(default_factory=dict)  # ms, counted by the rule
     stop_costs_measured: dict[str, float] = field(default_factory=dict)  # ms, this stop
     stop_cap: int = 0  # pages per command in stop-and-copy
+    # each sync's own time: harvesting the dirty log and deciding on it, a wait for frames
+    # to land left out (the model's `Costs.sync`); the last is the stop's, after the pause
+    sync_seconds: list[float] = field(default_factory=list)
 
 
 # (event, progress): "round", "chunk", "status", "sync", "paused"; the source adds
@@ -336,6 +339,7 @@ class Driver:
         rnd = self._send_round(0, "bulk", pages, dirty=len(pages))
         while True:
             p = self._take_updates()
+            began, waited = w.now(), 0.0
             dirty = w.harvest()
             prev_sync = last_sync
             sync_time = last_sync = self._synced(dirty, prev_sync)
@@ -350,7 +354,9 @@ class Driver:
                 later = expected - wait + prog.dirty_pages_rate * wait * self._page_cost()
                 shorter = later < expected - STOP_SEND_SHARE * p.downtime_limit_ms / 1000
                 if wait > 0 and self._fits(later) and (not fits or shorter):
+                    landing = w.now()
                     self._await_landed(wait)
+                    waited = w.now() - landing
                     # what the guest wrote meanwhile is harvested now, so that the stop
                     # or the round that comes next, and its price, see the whole dirty
                     # set (priced by the rate, it went uncounted in a round's send and
@@ -368,6 +374,7 @@ class Driver:
             if fits and p.switchover is Switchover.FIRMWARE and self._one_more(dirty, expected):
                 fits = False  # a short round now buys a clearly shorter stop
                 self._extra_rounds += 1
+            prog.sync_seconds.append(w.now() - began - waited)
             if fits:
                 prog.switchover = "converged"
                 break
@@ -395,10 +402,12 @@ class Driver:
         prog.pause_time = w.now()
         self.observe("paused", prog)  # the vCPUs have stopped: STOP's moment
         # what the last sync found is still unsent: it goes now, with what came since
+        began = w.now()
         final = np.union1d(dirty, w.harvest())
         prog.dirty_sync_count += 1
         a, b = self._fit()
         prog.stop_cap = self._stop_cap(len(final), a, b)
+        prog.sync_seconds.append(w.now() - began)
         last = self._send_round(rnd.index + 1, "stop-and-copy", final, dirty=len(final),
                                 rate_limited=False, cap=prog.stop_cap)
         state = w.send_vcpu_state()

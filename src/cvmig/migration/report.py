@@ -85,6 +85,9 @@ def full_report(
         # QEMU's `downtime` is whole ms, cut down: 8.9 ms reads 8. A stop of a few ms
         # (most here) wants the fraction: a model's error, a claim's spread
         rep["x-downtime-ms"] = round(p.downtime * 1000, 3)
+    # each sync's own time, ms: the dirty log's harvest and the decision on it (the last:
+    # the stop's, in the downtime); what the model counts per sync (`Costs.sync`)
+    rep["x-sync-ms"] = [round(t * 1000, 3) for t in p.sync_seconds]
     rep["x-stop"] = {"expected-downtime-ms": round(p.expected_downtime_ms, 1),
                      "costs-counted-ms": p.stop_costs, "costs-measured-ms": p.stop_costs_measured,
                      "cap": p.stop_cap}  # the switch-over rule's view (migration/stopcost.py)

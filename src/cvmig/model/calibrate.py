@@ -32,6 +32,8 @@ from cvmig.migration.report import downtime_ms
 from cvmig.model.costs import (
     LOOPBACK_BW,
     LOOPBACK_LATENCY,
+    STOP_SYNC_PAGE_S,
+    SYNC_PAGE_S,
     costs_from_calibration,
     costs_from_cell,
 )
@@ -269,6 +271,7 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
                             "setup_s": rep.get("setup-time", 0) / 1000,
                             "digest_page": max(rep["total-time"] / 1000 - running_at, 0.0)
                             / rep["ram"]["total"] * PAGE_SIZE}
+    cell.update(sync_cost(rep))
     cpu = float(rep["guest"].get("cpu-cores-before") or 0.0)
     base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
     if cell["host"].get("psp_cpu", True) and \
@@ -317,6 +320,17 @@ def host_share(rep: dict[str, Any]) -> dict[str, Any]:
             "psp_cpu": parse(rep["psp"]["profile"]).is_free}
 
 
+def sync_cost(rep: dict[str, Any]) -> dict[str, float]:
+    """A sync's own time less its per-page part, before the pause (the median of those a
+    report measured) and after it: nothing where it measured none (older than x-sync-ms)."""
+    x = rep.get("x-sync-ms", [])
+    if len(x) < 2:
+        return {}
+    npages = rep["ram"]["total"] // PAGE_SIZE
+    return {"sync_s": max(statistics.median(x[:-1]) / 1000 - npages * SYNC_PAGE_S, 0.0),
+            "stop_sync_s": max(x[-1] / 1000 - npages * STOP_SYNC_PAGE_S, 0.0)}
+
+
 def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """An idle migration made of the medians of several: its bulk, the wait before its
     stop, its stop costs, set-up, digest and host shares (what one run alone would set
@@ -347,6 +361,11 @@ def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
             r["x-stop"]["costs-measured-ms"].get(part, 0.0) for r in reports))
     base["x-stop"]["costs-measured-ms"] = stop
     base["guest"]["cpu-cores-before"] = med(lambda r: r["guest"].get("cpu-cores-before") or 0)
+    pre = [t for r in reports for t in r.get("x-sync-ms", [])[:-1]]
+    if pre:  # the syncs before the pause, and the stop's
+        base["x-sync-ms"] = [statistics.median(pre),
+                             statistics.median(r["x-sync-ms"][-1] for r in reports
+                                               if r.get("x-sync-ms"))]
     base["guest"]["cpu-cores-during"] = med(lambda r: r["guest"].get("cpu-cores-during") or 0)
     hosts = [r["x-host-cpu"] for r in reports if (r.get("x-host-cpu") or {}).get(
         "busy-cores-precopy") and r["x-host-cpu"].get("destination-start-cpu-s") is not None]

@@ -30,6 +30,11 @@ from cvmig.psp.cost import CostProfile, parse
 
 LOOPBACK_BW = 2.0e9  # bytes/s, Python over loopback here (shared/reference/platform.md §3)
 LOOPBACK_LATENCY = 50e-6  # s, one way (a 32 B ping-pong's median / 2, rounded up)
+# A sync's own time where no report measured it (x-sync-ms): idle guests here, 32, 128 and
+# 512 MiB, 3 runs each: 0.95-0.99, 1.11-1.24, 1.88-1.93 ms before the pause (the harvest
+# and the decision), 0.44-0.48, 0.60-0.72, 0.96-1.03 ms after it (the harvest alone)
+SYNC_S, SYNC_PAGE_S = 0.9e-3, 7.7e-9
+STOP_SYNC_S, STOP_SYNC_PAGE_S = 0.41e-3, 4.5e-9
 
 # Newer hardware: no public PSP timing exists for any SEV generation (sev-protocol.md §3).
 # What AMD plans for SNP (and IBM built for SEV) is a migration helper in a mirror VM that
@@ -46,9 +51,9 @@ def costs_from_profile(spec: str, link_gbit: float, vcpus: int = 2) -> Costs:
         raise ValueError("the model needs a cost profile with costs: sev-2020, "
                          "fixed_us:doorbell_us:mb_per_s measured with `cvmig bench psp`, or "
                          "--calibration FILE (this host, from `cvmig model --validate`)")
-    return Costs(t_doorbell=prof.t_doorbell, t_cmd=prof.t_fixed,
-                 psp_bw=prof.bandwidth or float("inf"), link_bw=link_gbit * 1e9 / 8,
-                 stop=hardware_stop(prof, vcpus))
+    return with_sync(Costs(t_doorbell=prof.t_doorbell, t_cmd=prof.t_fixed,
+                           psp_bw=prof.bandwidth or float("inf"), link_bw=link_gbit * 1e9 / 8,
+                           stop=hardware_stop(prof, vcpus)), {})
 
 
 def hardware_stop(prof: CostProfile, vcpus: int) -> StopCosts:
@@ -89,17 +94,27 @@ def costs_from_cell(cell: dict[str, Any], link_bw: float, latency: float) -> Cos
     stop = StopCosts.from_ms(cell["stop_ms"])
     stop.slice = cell["stop_ms"].get("slice", 10.0) / 1000
     send, recv, host = cell["send"], cell["receive"], cell.get("host", {})
-    return Costs(t_doorbell=send.get("t_doorbell", 0.0), t_cmd=send["t_cmd"],
-                 psp_bw=send["bw"], rx_t_cmd=recv["t_cmd"],
-                 rx_t_doorbell=recv.get("t_doorbell", 0.0), rx_psp_bw=recv["bw"],
-                 t_send=cell.get("t_send", 0.0), t_page=cell.get("t_page", 0.0),
-                 setup=cell.get("setup_s", 0.0), digest_page=cell.get("digest_page", 0.0),
-                 rx_lag=cell.get("rx_lag", 0.0), stop_rest=cell.get("stop_rest_ms", 0.0) / 1000,
-                 cmd_table=_table(send), rx_cmd_table=_table(recv),
-                 link_bw=link_bw, latency=latency, stop=stop,
-                 # how this host's cores were shared (cvmig.model.calibrate.host_share)
-                 cores=host.get("cores", 0.0), pipeline_cores=host.get("pipeline_cores", 0.0),
-                 psp_cpu=host.get("psp_cpu", True), start_cpu=host.get("start_cpu", 0.0))
+    costs = Costs(t_doorbell=send.get("t_doorbell", 0.0), t_cmd=send["t_cmd"],
+                  psp_bw=send["bw"], rx_t_cmd=recv["t_cmd"],
+                  rx_t_doorbell=recv.get("t_doorbell", 0.0), rx_psp_bw=recv["bw"],
+                  t_send=cell.get("t_send", 0.0), t_page=cell.get("t_page", 0.0),
+                  setup=cell.get("setup_s", 0.0), digest_page=cell.get("digest_page", 0.0),
+                  rx_lag=cell.get("rx_lag", 0.0),
+                  stop_rest=cell.get("stop_rest_ms", 0.0) / 1000,
+                  cmd_table=_table(send), rx_cmd_table=_table(recv),
+                  link_bw=link_bw, latency=latency, stop=stop,
+                  # how this host's cores were shared (cvmig.model.calibrate.host_share)
+                  cores=host.get("cores", 0.0), pipeline_cores=host.get("pipeline_cores", 0.0),
+                  psp_cpu=host.get("psp_cpu", True), start_cpu=host.get("start_cpu", 0.0))
+    return with_sync(costs, cell)
+
+
+def with_sync(c: Costs, cell: dict[str, Any]) -> Costs:
+    """A sync's own time, before the pause and after it: the cell's where its calibration
+    measured them (their fixed part), else this machine's."""
+    return replace(c, sync=cell.get("sync_s", SYNC_S), sync_page=SYNC_PAGE_S,
+                   stop_sync=cell.get("stop_sync_s", STOP_SYNC_S),
+                   stop_sync_page=STOP_SYNC_PAGE_S)
 
 
 def _table(direction: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

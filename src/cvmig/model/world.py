@@ -64,6 +64,12 @@ class Costs:
     stop_rest: float = 0.0  # the part of a stop no measured part holds (FINISH's and
     # CONFIRM's way between the engines, the source's wake on CONFIRM), s: the idle runs'
     # downtime beyond the model's
+    sync: float = 0.0  # a dirty-log sync's own time, s: the harvest and the driver's decision
+    # on it (the engine's x-sync-ms); the guest runs on meanwhile, and its writes go to the
+    # next harvest
+    sync_page: float = 0.0  # ... and per guest page (the harvest scans the whole log)
+    stop_sync: float = 0.0  # the stop's, after the pause (a harvest, no decision): in the
+    stop_sync_page: float = 0.0  # downtime
     cores: float = 0.0  # the host's CPUs the migration shares with its guest (0: no sharing)
     pipeline_cores: float = 0.0  # cores the migration's processes keep busy on their own
     psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
@@ -298,6 +304,11 @@ class SimWorld:
             pfns = np.union1d(self._harvest_io(), pfns)
         self._ran_since_sync = False
         self.src_version[pfns] += 1
+        c, n = self.costs, self.guest.npages
+        own = c.stop_sync + n * c.stop_sync_page if self.paused else c.sync + n * c.sync_page
+        took = own * self.contention()
+        self.clock += took
+        self._ran(took)
         return pfns
 
     def _hot_layout(self) -> np.ndarray:
