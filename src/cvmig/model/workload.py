@@ -66,18 +66,21 @@ def dirty_samples(reports: list[dict[str, Any]], ring: IoRing | None = None
 
 def fit_dirty_curve(samples: list[tuple[float, int]], npages: int) -> DirtyCurve | None:
     """The curve closest to the samples in relative terms: a grid search over the three
-    parameters, then a finer one around the best (a few dozen samples: cheap)."""
+    parameters, then a finer one around the best (a few dozen samples: cheap). The hot
+    pages are at most what a short interval finds, but not the fewest any did: a vCPU
+    left off the cores for a timeslice wrote less than its transaction's pages."""
     if not samples:
         return None
     t = np.array([s[0] for s in samples])
     d = np.array([s[1] for s in samples], dtype=float)
-    hots = np.linspace(0, d.min(), 24)
+    top = float(np.percentile(d, 25))
+    hots = np.linspace(0, top, 24)
     wss, rates = np.geomspace(1, npages, 48), np.geomspace(1.0, 1e6, 72)
     best = _search(t, d, hots, wss, rates, npages)
     for _ in range(2):  # each pass: a step of the last grid either side, finer
         h, ws, r = best
         dh, kw, kr = hots[1] - hots[0] if len(hots) > 1 else 1.0, wss[1] / wss[0], rates[1] / rates[0]
-        hots = np.linspace(max(h - dh, 0), min(h + dh, d.min()), 9)
+        hots = np.linspace(max(h - dh, 0), min(h + dh, top), 9)
         wss = np.geomspace(max(ws / kw, 1), min(ws * kw, npages), 15)
         rates = np.geomspace(r / kr, r * kr, 15)
         best = _search(t, d, hots, wss, rates, npages)
