@@ -45,6 +45,15 @@ def test_a_dirty_set_curve_is_recovered_from_its_own_samples(hot: int, ws: int,
     assert np.allclose(fit.at(t), d, rtol=0.12, atol=3)
 
 
+def test_one_short_interval_with_few_pages_does_not_cap_the_hot_pages() -> None:
+    # a vCPU that sat a timeslice out wrote less than its transaction: one sample of 11
+    truth = DirtyCurve(20, 200, 200.0)
+    t = np.repeat([0.01, 0.02, 0.05, 0.1, 1.0, 3.0], 5)
+    samples = [(float(x), int(round(float(truth.at(np.array([x]))[0])))) for x in t]
+    fit = fit_dirty_curve([*samples, (0.014, 11)], NPAGES)
+    assert fit is not None and 17 <= fit.hot <= 22
+
+
 def _report(rounds: list[tuple[float, float, int, int]], throttle: int = 0,
             batching: str = "contig", cap: int = 64,
             stop: dict[str, float] | None = None, cpu: float = 2.0) -> dict[str, Any]:
