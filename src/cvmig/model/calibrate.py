@@ -361,12 +361,12 @@ def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
             r["x-stop"]["costs-measured-ms"].get(part, 0.0) for r in reports))
     base["x-stop"]["costs-measured-ms"] = stop
     base["guest"]["cpu-cores-before"] = med(lambda r: r["guest"].get("cpu-cores-before") or 0)
+    base["guest"]["cpu-cores-during"] = med(lambda r: r["guest"].get("cpu-cores-during") or 0)
     pre = [t for r in reports for t in r.get("x-sync-ms", [])[:-1]]
     if pre:  # the syncs before the pause, and the stop's
         base["x-sync-ms"] = [statistics.median(pre),
                              statistics.median(r["x-sync-ms"][-1] for r in reports
                                                if r.get("x-sync-ms"))]
-    base["guest"]["cpu-cores-during"] = med(lambda r: r["guest"].get("cpu-cores-during") or 0)
     hosts = [r["x-host-cpu"] for r in reports if (r.get("x-host-cpu") or {}).get(
         "busy-cores-precopy") and r["x-host-cpu"].get("destination-start-cpu-s") is not None]
     if hosts:

@@ -106,9 +106,7 @@ def _search(t: np.ndarray, d: np.ndarray, hots: np.ndarray, wss: np.ndarray,
 def run_length(reports: list[dict[str, Any]]) -> int:
     """Pages per run of the dirty set: its pages per command where contiguous batching
     (uncapped by a small cap) followed them, after the bulk (1 where none did)."""
-    seen = [rnd["pages"] / rnd["commands"] for rep in reports
-            if rep.get("params", {}).get("x-batching") == "contig"
-            and rep["params"].get("x-batch-cap", 0) >= 64 and not rep["params"].get("x-queue")
+    seen = [rnd["pages"] / rnd["commands"] for rep in reports if _runs_whole(rep)
             for rnd in rep["rounds"][1:] if rnd.get("commands")]
     return max(1, round(statistics.median(seen))) if seen else 1
 
@@ -127,14 +125,20 @@ def _one_page_commands(rep: dict[str, Any]) -> bool:
     return bool(rep.get("params", {}).get("x-batching") == "page")
 
 
+def _runs_whole(rep: dict[str, Any]) -> bool:
+    """Contiguous batching whose cap does not cut a database's runs: a command a run."""
+    p = rep.get("params", {})
+    return bool(p.get("x-batching") == "contig" and p.get("x-batch-cap", 0) >= 64
+                and not p.get("x-queue"))
+
+
 def hot_runs(reports: list[dict[str, Any]], curve: DirtyCurve, run: int) -> int:
     """How many runs the hot pages lie in: the commands contiguous batching (uncapped by a
     small cap) needed in the intervals too short for the working set to add many pages,
     less the runs those few pages make (1 where no interval was that short)."""
     seen = []
     for rep in reports:
-        p = rep.get("params", {})
-        if p.get("x-batching") != "contig" or p.get("x-batch-cap", 0) < 64 or p.get("x-queue"):
+        if not _runs_whole(rep):
             continue
         for a, b in zip(rep["rounds"], rep["rounds"][1:], strict=False):
             dt = b["start"] - a["start"]
