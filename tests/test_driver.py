@@ -549,3 +549,18 @@ def test_extra_rounds_go_on_while_each_shortens_the_stop() -> None:
     # and they are short: together less than a tenth of the migration
     extra = p.rounds[-1 - d._extra_rounds:-1]
     assert sum(r.duration for r in extra) < 0.1 * p.total_time
+
+
+def test_a_big_guests_stop_harvest_is_counted_and_the_limit_kept() -> None:
+    from cvmig.migration.stopcost import StopCosts
+
+    # the dirty log's harvest walks all of memory: here 120 ms before the pause and as
+    # long after it (a big guest), on top of 100 ms of fixed stop costs
+    stop = StopCosts(pause=0.005, vcpu_state=0.01, trailer=0.005, finish=0.07, grant=0.01)
+    costs = Costs(stop=stop, sync=0.12, stop_sync=0.12)
+    w, d = _dirtier(costs)
+    p = d.progress
+    assert p.sync_seconds[-1] == pytest.approx(0.12)  # the stop's, inside the downtime
+    assert all(s >= 0.12 - 1e-9 for s in p.sync_seconds)
+    assert p.expected_downtime_ms >= 100 + 120  # counted
+    assert (w.resumed_at - (p.pause_time - stop.pause)) * 1000 <= 300
