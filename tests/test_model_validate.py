@@ -219,6 +219,11 @@ def test_the_rest_of_a_stop_beyond_its_measured_parts_is_what_the_idle_downtime_
              "none/contig-qemu": {**cell, "stop_rest_ms": 90.0}}
     C.lag_from_twin(cells, "none")
     assert cells["none/contig-qemu"]["stop_rest_ms"] == 1.5
+    # and the twin's own lag, not the host's pool: what QEMU's rule stops behind is the
+    # drain its twin waited out
+    cells["none/contig"].update(rx_lag=0.04, rx_lag_fit=0.0)
+    C.lag_from_twin(cells, "none")
+    assert cells["none/contig-qemu"]["rx_lag"] == 0.0
 
 
 def test_a_sync_takes_its_time_while_the_guest_writes_on_and_the_stops_is_downtime() -> None:
