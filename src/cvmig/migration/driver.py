@@ -341,8 +341,7 @@ class Driver:
         while True:
             p = self._take_updates()
             began, waited = w.now(), 0.0
-            dirty = w.harvest()
-            self._harvest_s = w.now() - began  # the stop harvests once more, paused
+            dirty = self._harvest()
             prev_sync = last_sync
             sync_time = last_sync = self._synced(dirty, prev_sync)
             bw = max(rnd.bandwidth, 1.0)
@@ -363,9 +362,7 @@ class Driver:
                     # or the round that comes next, and its price, see the whole dirty
                     # set (priced by the rate, it went uncounted in a round's send and
                     # made the round after it look no shorter)
-                    harvest = w.now()
-                    dirty = np.union1d(dirty, w.harvest())
-                    self._harvest_s = w.now() - harvest
+                    dirty = np.union1d(dirty, self._harvest())
                     sync_time = last_sync = self._synced(dirty, prev_sync)
                     expected = self.expected_downtime(dirty)
                     fits = self._fits(expected)
@@ -424,6 +421,14 @@ class Driver:
         prog.remaining_pages = 0
         self._status("completed")
         return prog
+
+    def _harvest(self) -> np.ndarray:
+        """The dirty log's harvest, timed: the stop harvests once more, paused, and the
+        rule counts it as long as the last."""
+        began = self.world.now()
+        dirty = self.world.harvest()
+        self._harvest_s = self.world.now() - began
+        return dirty
 
     def _synced(self, dirty: np.ndarray, since: float) -> float:
         """Count a harvest that found ``dirty``; return when. Its rate is over the time

@@ -119,10 +119,16 @@ def pool_lag(cells: dict[str, Any], profile: str) -> None:
     lag = float(statistics.median(c["rx_lag"] for c in own.values()))
     for name, cell in own.items():
         cell["rx_lag_fit"], cell["rx_lag"] = cell["rx_lag"], lag
-        b = cell.get("bulk")
-        if b:
-            cell["t_page"] = fit_t_page(costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY),
-                                        b["pages"], MODES[name], b["seconds"], b["cpu"])
+        _refit_t_page(cell, MODES[name])
+
+
+def _refit_t_page(cell: dict[str, Any], mode: Mode) -> None:
+    """The engine's own work per page again, for a cell whose lag changed: the lag sets
+    the bulk's pace too (the window fills)."""
+    b = cell.get("bulk")
+    if b:
+        cell["t_page"] = fit_t_page(costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY),
+                                    b["pages"], mode, b["seconds"], b["cpu"])
 
 
 def lag_from_twin(cells: dict[str, Any], profile: str) -> None:
@@ -143,11 +149,7 @@ def lag_from_twin(cells: dict[str, Any], profile: str) -> None:
                     (twin.batching, twin.cap, twin.queue) == (mode.batching, mode.cap, mode.queue):
                 cell["rx_lag"] = t.get("rx_lag_fit", t.get("rx_lag", 0.0))
                 cell["stop_rest_ms"] = t.get("stop_rest_ms", 0.0)
-                bulk = cell.get("bulk")
-                if bulk:  # the lag sets the bulk's pace too (the window fills)
-                    cell["t_page"] = fit_t_page(
-                        costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY), bulk["pages"],
-                        mode, bulk["seconds"], bulk["cpu"])
+                _refit_t_page(cell, mode)
 
 
 def psp_key(mode: Mode) -> str:

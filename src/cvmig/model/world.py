@@ -209,7 +209,7 @@ class SimWorld:
             raise ValueError("hot_pages (and the gaps between their runs) + working_set "
                              "exceed the guest's pages")
         self._hot = self._hot_layout()
-        if self.guest.io_pages > self.guest.shared_pages:
+        if g.io_pages > g.shared_pages:
             raise ValueError("io_pages exceed the guest's shared pages")
 
     def guest_gap(self, p: Progress) -> float:
@@ -248,11 +248,11 @@ class SimWorld:
 
     def _accrue(self) -> None:
         """Account the writes done at the current rate since the last change of rate."""
-        if self.clock > self._last_accrue and not self.paused:
-            self._ran_since_sync = True
         dt = self.clock - self._last_accrue
         self._writes += self.write_rate() * dt
-        if not self.paused:  # a record per timeslice the vCPUs run
+        if not self.paused:
+            self._ran_since_sync |= dt > 0
+            # an I/O record per timeslice the vCPUs run
             self._io_writes += self.guest.io_rate * (1.0 - self.throttle) * dt
         self._last_accrue = self.clock
 
