@@ -94,6 +94,26 @@ def test_the_calibration_makes_the_models_bulk_last_as_long_as_the_engines() -> 
             0.700 - (0.010 + bulk_s + 0.010), rel=0.01)
 
 
+def test_the_firmwares_pace_is_what_the_engine_timed_in_its_bulk() -> None:
+    """The engine times its firmware calls (a round's ``psp_seconds``): the calibration
+    prices the firmware at that pace, in both directions, and leaves the bulk's rest to
+    the engine's own work per page, so that the dirty rounds (old pages, no such work)
+    move at the firmware's measured pace, not the bench's."""
+    priced = NPAGES * 100e-6  # the bulk's commands at PSP's price
+    for pace in (1.3, 0.8):
+        rep = _run("idle", 700, 8, 20, 0.6)["report"]
+        rep["rounds"][0]["psp_seconds"] = pace * priced
+        cell = C.calibration_cell(rep, MODES["page"], PSP["none"])
+        assert cell["psp_scale"] == pytest.approx(pace, rel=1e-3)
+        costs = C.costs_from_cell(cell, C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
+        assert costs.t_cmd == pytest.approx(pace * 100e-6, rel=1e-3)
+        assert costs.rx_t_cmd == pytest.approx(pace * 100e-6, rel=1e-3)
+        assert C._model_bulk(costs, NPAGES, MODES["page"]) == pytest.approx(0.6, rel=0.01)
+        assert cell["t_page"] > 0  # 0.6 s against 0.41 or 0.33 s of firmware
+    # the bench's prices themselves stay as measured
+    assert PSP["none"]["page"]["send"]["t_cmd"] == 100e-6
+
+
 def test_a_busy_guest_on_the_small_host_lengthens_the_predicted_migration(tmp_path: Path) -> None:
     cal = {"cells": {"none/page": C.calibration_cell(
         _run("idle", 700, 8, 20, 0.6, busy=2.0)["report"], MODES["page"], PSP["none"])}}
