@@ -137,6 +137,41 @@ def test_validate_options_are_checked(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "not a `cvmig bench paper` runs.json" in r.output
     r = CliRunner().invoke(model, ["--validate", "--from-bench", str(bad), "--reps", "2"])
     assert r.exit_code == 2 and "do not apply" in r.output
+    r = CliRunner().invoke(model, ["--validate", "--calibrate-on", str(bad)])
+    assert r.exit_code == 2 and "goes with --from-bench" in r.output
+    r = CliRunner().invoke(model, ["--validate", "--from-bench", str(bad),
+                                   "--calibrate-on", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "--calibrate-on: no runs.json" in r.output
+
+
+def test_a_grid_predicted_from_another_runs_calibration_beside_that_grids_own_medians(
+        tmp_path: Path) -> None:
+    """Calibrated on one grid, the model predicts another's every cell (its idle ones
+    too: held out), and that grid's own median stands beside it: the engine's
+    reproducibility, the floor under any model's error."""
+    (tmp_path / "a").mkdir()
+    first = _bench(tmp_path / "a")
+    data = json.loads(first.read_text())
+    for r in data["runs"]:  # the second grid: every run 10 % longer, its stops 20 % longer
+        r["row"] = {**r["row"], "total_ms": r["row"]["total_ms"] * 1.1,
+                    "downtime_ms": r["row"]["downtime_ms"] * 1.2}
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(data))
+    res = V.from_bench(second, tmp_path / "out", lambda s: None, PSP, calibrate_on=first)
+    cells = {c["workload"]: c for c in res["cells"]}
+    assert set(cells) == {"idle", "d0.5"}  # the idle cell is held out, not calibrated on
+    c = cells["d0.5"]
+    assert c["twin"]["total_ms"] == 1000 and c["engine"]["total_ms"] == pytest.approx(1100)
+    assert c["err_twin_total"] == pytest.approx(1000 / 1100 - 1, abs=1e-3)
+    assert c["err_twin_downtime"] == pytest.approx(1 / 1.2 - 1, abs=1e-3)
+    s = res["summary"]
+    assert s["twinned"]["cells"] == 2
+    assert s["err_twin_downtime"]["median_abs"] == pytest.approx(1 - 1 / 1.2, abs=1e-3)
+    # the calibration is the first grid's: the same cell predicted as when it is its own
+    own = V.from_bench(first, tmp_path / "own", lambda s: None, PSP)["cells"][0]
+    assert c["model"]["total_ms"] == pytest.approx(own["model"]["total_ms"], rel=1e-6)
+    assert (tmp_path / "out" / "model-validation-heldout.json").is_file()
+    assert not (tmp_path / "out" / "model-calibration.json").exists()  # not this host's
 
 
 def test_a_modes_calibration_takes_the_medians_of_its_idle_runs() -> None:

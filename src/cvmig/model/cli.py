@@ -60,24 +60,33 @@ def predict(guest: GuestModel, costs: Costs, params: MigrationParams,
 MODE_NAMES = ("page", "contig", "sg", "aead", "queue")
 
 
+def _runs_json(option: str, path: Path) -> Path:
+    runs = path / "runs.json" if path.is_dir() else path
+    if not runs.is_file():
+        raise click.UsageError(f"{option}: no runs.json at {runs} (give the folder "
+                               "`cvmig bench paper --out` wrote, or its runs.json)")
+    return runs
+
+
 def _validate(quick: bool, reps: int | None, from_bench: Path | None,
-              calibration: Path | None, out: Path, samples: int = 1) -> None:
+              calibration: Path | None, out: Path, samples: int = 1,
+              calibrate_on: Path | None = None) -> None:
     from cvmig.model import validate as V
 
+    if calibrate_on is not None and from_bench is None:
+        raise click.UsageError("--calibrate-on goes with --from-bench (the grid it predicts)")
     if from_bench is not None:
-        runs = from_bench / "runs.json" if from_bench.is_dir() else from_bench
-        if not runs.is_file():
-            raise click.UsageError(f"--from-bench: no runs.json at {runs} (give the folder "
-                                   "`cvmig bench paper --out` wrote, or its runs.json)")
+        runs = _runs_json("--from-bench", from_bench)
+        other = _runs_json("--calibrate-on", calibrate_on) if calibrate_on else None
         if reps or quick:
             raise click.UsageError("--from-bench takes the grid and its repetitions from the "
                                    "bench: --quick and --reps do not apply")
         try:
             psp = load_calibration(calibration).get("psp") if calibration else None
-            res = V.from_bench(runs, out, click.echo, psp, samples)
+            res = V.from_bench(runs, out, click.echo, psp, samples, other)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-        name = "model-validation-bench"
+        name = "model-validation-bench" if other is None else "model-validation-heldout"
     else:
         grid = V.QUICK if quick else V.FULL
         res = V.run(replace(grid, reps=reps) if reps else grid, out, click.echo, samples)
@@ -94,12 +103,22 @@ def _validate(quick: bool, reps: int | None, from_bench: Path | None,
                f"{s['spread_total']['max_abs']:.1%}, downtime "
                f"{s['spread_downtime']['median_abs']:.1%} / "
                f"{s['spread_downtime']['max_abs']:.1%}")
+    if "twinned" in s:
+        t = s["twinned"]
+        click.echo(f"the other grid's medians against this one's ({t['cells']} cells), "
+                   f"median / max: total time {s['err_twin_total']['median_abs']:.1%} / "
+                   f"{s['err_twin_total']['max_abs']:.1%}, downtime "
+                   f"{s['err_twin_downtime']['median_abs']:.1%} / "
+                   f"{s['err_twin_downtime']['max_abs']:.1%}; the model on those cells: "
+                   f"{t['err_total']['median_abs']:.1%} / {t['err_total']['max_abs']:.1%}, "
+                   f"{t['err_downtime']['median_abs']:.1%} / "
+                   f"{t['err_downtime']['max_abs']:.1%}")
     if "within_downtime" in s:
         click.echo(f"the engine's median within the model's 10th-90th percentiles "
                    f"({samples} samples): total time in {s['within_total']:.0%} of the cells, "
                    f"downtime in {s['within_downtime']:.0%}")
-    click.echo(f"wrote {out / (name + '.json')}, {out / (name + '.png')}, "
-               f"{out / 'model-calibration.json'}")
+    kept = "" if calibrate_on else f", {out / 'model-calibration.json'}"
+    click.echo(f"wrote {out / (name + '.json')}, {out / (name + '.png')}{kept}")
 
 
 @click.command()
@@ -138,6 +157,10 @@ def _validate(quick: bool, reps: int | None, from_bench: Path | None,
 @click.option("--from-bench", "from_bench", type=click.Path(path_type=Path), default=None,
               help="With --validate: instead of migrating, hold the model to a `cvmig bench "
                    "paper` grid already run (its --out folder or runs.json).")
+@click.option("--calibrate-on", "calibrate_on", type=click.Path(path_type=Path), default=None,
+              help="With --from-bench: calibrate on another run of the grid (its idle "
+                   "runs), hold every cell of --from-bench out, and set that grid's own "
+                   "medians beside the model's (how well one grid predicts another).")
 @click.option("--samples", type=click.IntRange(1, 200), default=1, show_default=True,
               help="With --validate: migrate each cell's model this many times, at the "
                    "paces and stop costs the engine's runs showed; held by its median, and "
@@ -151,7 +174,7 @@ def model(memory: int, dirty_rate: float, working_set: int, pattern: str, vcpus:
           modes: str, throttle: str, downtime_limit: int, switchover: str, psp_profile: str,
           calibration: Path | None, link_gbit: float, timeout: float, json_path: Path | None,
           validate: bool, quick: bool, reps: int | None, from_bench: Path | None,
-          samples: int, scale: bool, out: Path) -> None:
+          calibrate_on: Path | None, samples: int, scale: bool, out: Path) -> None:
     """Predict migration time and downtime with the engine's own driver, simulated."""
     if scale:
         from cvmig.model.validate import scale as run_scale
@@ -165,10 +188,11 @@ def model(memory: int, dirty_rate: float, working_set: int, pattern: str, vcpus:
         (out / "model-scale.json").write_text(json.dumps(rows, indent=1) + "\n")
         click.echo(f"wrote {out / 'model-scale.json'}")
         return
-    if (reps or from_bench or samples > 1) and not validate:
-        raise click.UsageError("--reps, --from-bench and --samples go with --validate")
+    if (reps or from_bench or calibrate_on or samples > 1) and not validate:
+        raise click.UsageError("--reps, --from-bench, --calibrate-on and --samples go with "
+                               "--validate")
     if validate:
-        _validate(quick, reps, from_bench, calibration, out, samples)
+        _validate(quick, reps, from_bench, calibration, out, samples, calibrate_on)
         return
     names = [m.strip() for m in modes.split(",") if m.strip()]
     try:

@@ -262,27 +262,37 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
     return _result(rows, {"grid": grid.__dict__}, out, "model-validation", t0, load0)
 
 
-def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
-               psp: dict[str, Any] | None = None, samples: int = 1) -> dict[str, Any]:
-    """The model against a `cvmig bench paper` grid already run (its runs.json): each
-    mode's idle runs calibrate it (their medians; the idle cell without a throttle is
-    left out of the error), `cvmig bench psp` prices the firmware (``psp``:
-    reuse a calibration's), and every other cell is predicted."""
-    t0 = time.monotonic()
-    load0 = os.getloadavg()[0]
+Group = tuple[str, int, str, str, str]  # profile, MiB, workload spec, mode, throttle
+
+
+def _load_grid(runs_json: Path) -> tuple[dict[Group, list[dict[str, Any]]], dict[str, Any]]:
+    """A `cvmig bench paper` grid's runs by cell (the modes the model knows), and its meta."""
     try:
         data = json.loads(runs_json.read_text())
         runs, meta = data["runs"], data["meta"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{runs_json} is not a `cvmig bench paper` runs.json: {e}") from None
-    groups: dict[tuple[str, int, str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[Group, list[dict[str, Any]]] = {}
     for r in runs:
         row = r["row"]
         if row["mode"] not in MODES:
             continue
         key = (row["profile"], row["memory_mib"], row["workload"], row["mode"], row["throttle"])
         groups.setdefault(key, []).append(r)
-    psp = dict(psp or {})
+    return groups, meta
+
+
+def _wname(key: Group, runs: list[dict[str, Any]]) -> str:
+    """A cell's workload as the grids name it alike (a dirtier's rate is a share of the
+    grid's own baseline, which moves with the machine's pace)."""
+    wl = key[2]
+    frac = runs[0]["row"].get("dirty_fraction", 0.0)
+    return f"d{frac:g}" if wl.startswith("dirtier") else wl.split(":")[0]
+
+
+def _calibrate_grid(groups: dict[Group, list[dict[str, Any]]], psp: dict[str, Any],
+                    echo: Callable[[str], None]) -> dict[str, Any]:
+    """Each mode calibrated on its idle runs in a grid; a busy guest's weight on its cell."""
     cal: dict[str, Any] = {"cells": {}, "psp": psp, "vcpus": VCPUS, "link_bw": LOOPBACK_BW,
                            "latency": LOOPBACK_LATENCY}
     for profile in sorted({k[0] for k in groups}):
@@ -311,37 +321,90 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
             reps = [r["report"] for r in rs if r["report"]]
             if reps:
                 weigh_busy(cal, profile, reps, echo)
+    return cal
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    rows = [r["row"] for r in runs if r["report"] is not None]
+    if not rows:
+        return None
+    return {key: float(statistics.median(float(r[key]) for r in rows)) for _, key in METRICS}
+
+
+def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
+               psp: dict[str, Any] | None = None, samples: int = 1,
+               calibrate_on: Path | None = None) -> dict[str, Any]:
+    """The model against a `cvmig bench paper` grid already run (its runs.json): each
+    mode's idle runs calibrate it (their medians; the idle cell without a throttle is
+    left out of the error), `cvmig bench psp` prices the firmware (``psp``:
+    reuse a calibration's), and every other cell is predicted.
+
+    ``calibrate_on``: another grid of the same bench, whose idle runs calibrate the model
+    instead (this grid's every cell is then held out, its idle ones too); each cell also
+    gets that grid's own median beside it (``twin``): how well one run of the grid predicts
+    another, the floor under any model's error."""
+    t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
+    groups, meta = _load_grid(runs_json)
+    psp = dict(psp or {})
+    twins: dict[tuple[str, int, str, str, str], dict[str, float]] = {}
+    if calibrate_on is None:
+        cal = _calibrate_grid(groups, psp, echo)
+    else:
+        other, _ = _load_grid(calibrate_on)
+        cal = _calibrate_grid(other, psp, echo)
+        for key, rs in other.items():
+            med = _medians(rs)
+            if med is not None:
+                twins[(key[0], key[1], _wname(key, rs), key[3], key[4])] = med
     timeout = float(meta["grid"]["timeout_s"])
     pools: dict[tuple[str, int, str], Workload] = {}
     for (profile, mem_mib, wl, _, thr), rs in groups.items():
         pools.setdefault((profile, mem_mib, wl), Workload([], [])).add(rs, thr)
     rows: list[dict[str, Any]] = []
-    for (profile, mem_mib, wl, mode, thr), rs in groups.items():
-        if f"{profile}/{mode}" not in cal["cells"] or (wl == "idle" and thr == "none") \
-                or (wl.split(":")[0], mode, thr) == BUSY:
-            continue  # uncalibrated, or the calibration itself
-        frac = rs[0]["row"].get("dirty_fraction", 0.0)
-        wname = f"d{frac:g}" if wl.startswith("dirtier") else wl.split(":")[0]
+    for key, rs in groups.items():
+        profile, mem_mib, wl, mode, thr = key
+        if f"{profile}/{mode}" not in cal["cells"]:
+            continue  # uncalibrated
+        if calibrate_on is None and ((wl == "idle" and thr == "none")
+                                     or (wl.split(":")[0], mode, thr) == BUSY):
+            continue  # the calibration itself
+        wname = _wname(key, rs)
         cell = make_cell(cal, profile, mem_mib, wname, wl, mode, thr,
                          timeout * (4 if profile != "none" else 1), rs,
                          pools[(profile, mem_mib, wl)], samples)
-        if cell is not None:
-            rows.append(cell)
-            _echo_cell(echo, cell)
+        if cell is None:
+            continue
+        twin = twins.get((profile, mem_mib, wname, mode, thr))
+        if twin is not None:
+            cell["twin"] = twin
+            for name, k in METRICS:
+                cell[f"err_twin_{name}"] = _err(twin[k], cell["engine"][k])
+        rows.append(cell)
+        _echo_cell(echo, cell)
     out.mkdir(parents=True, exist_ok=True)
-    # this host's latest calibration (what `cvmig model --calibration` and --scale take)
-    (out / "model-calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
-    return _result(rows, {"bench": str(runs_json), "calibration": cal}, out,
-                   "model-validation-bench", t0, load0)
+    extra: dict[str, Any] = {"bench": str(runs_json), "calibration": cal}
+    if calibrate_on is None:
+        # this host's latest calibration (what `cvmig model --calibration` and --scale take)
+        (out / "model-calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
+        return _result(rows, extra, out, "model-validation-bench", t0, load0)
+    extra["calibrated_on"] = str(calibrate_on)
+    return _result(rows, extra, out, "model-validation-heldout", t0, load0)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"cells": len(rows)}
     for k in ("err_total", "err_downtime", "err_gap", "spread_total", "spread_downtime",
-              "spread_gap"):
-        xs = [abs(r[k]) for r in rows]
+              "spread_gap", "err_twin_total", "err_twin_downtime", "err_twin_gap"):
+        xs = [abs(r[k]) for r in rows if k in r]
         if xs:
             out[k] = {"median_abs": round(statistics.median(xs), 4), "max_abs": round(max(xs), 4)}
+    twinned = [r for r in rows if "twin" in r]
+    if twinned:  # the model on the cells the other grid has too, beside the other grid
+        out["twinned"] = {"cells": len(twinned), **{
+            f"err_{name}": {"median_abs": round(statistics.median(xs), 4),
+                            "max_abs": round(max(xs), 4)}
+            for name, _ in METRICS for xs in [[abs(r[f"err_{name}"]) for r in twinned]]}}
     for name, _ in METRICS:
         inside = [r[f"within_{name}"] for r in rows if f"within_{name}" in r]
         if inside:  # the model sampled: how often the engine's median fell in its band
