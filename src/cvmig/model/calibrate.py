@@ -255,6 +255,13 @@ def _scaled(direction: dict[str, Any], f: float) -> dict[str, Any]:
     return out
 
 
+def _pace(cell: dict[str, Any], f: float) -> None:
+    """The cell's firmware (both directions) ``f`` times as long, ``psp_scale`` kept."""
+    cell["psp_scale"] = cell.get("psp_scale", 1.0) * f
+    for d in ("send", "receive"):
+        cell[d] = _scaled(cell[d], f)
+
+
 def fit_psp_scale(cell: dict[str, Any], npages: int, mode: Mode, bulk_s: float,
                   cpu: float) -> float:
     """The factor on the PSP's priced costs that makes the model's bulk last ``bulk_s``."""
@@ -293,19 +300,13 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
         priced = _model_idle_run(replace(base, cores=0.0), bulk["pages"], mode,
                                  cpu).rounds[0].psp_seconds
         if priced > 0:
-            f = min(max(measured_psp / priced, PSP_SCALE_MIN), PSP_SCALE_MAX)
-            cell["psp_scale"] = f
-            for d in ("send", "receive"):
-                cell[d] = _scaled(cell[d], f)
+            _pace(cell, min(max(measured_psp / priced, PSP_SCALE_MIN), PSP_SCALE_MAX))
             base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
     if cell["host"].get("psp_cpu", True) and \
             _model_bulk(base, bulk["pages"], mode, cpu) > bulk["duration"]:
         # the emulator ran faster during this run than when `bench psp` priced it (this
         # shared machine's pace drifts): the same shape, scaled to the run
-        f = fit_psp_scale(cell, bulk["pages"], mode, bulk["duration"], cpu)
-        cell["psp_scale"] = cell.get("psp_scale", 1.0) * f
-        for d in ("send", "receive"):
-            cell[d] = _scaled(cell[d], f)
+        _pace(cell, fit_psp_scale(cell, bulk["pages"], mode, bulk["duration"], cpu))
         base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
     cell["t_page"] = fit_t_page(base, bulk["pages"], mode, bulk["duration"], cpu)
     # the lag changes the pipeline's pace too (the window fills): fitted, then the pace again
