@@ -292,8 +292,9 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
     cell.update(sync_cost(rep))
     cpu = float(rep["guest"].get("cpu-cores-before") or 0.0)
     base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
+    emulated = cell["host"].get("psp_cpu", True)  # the firmware is CPU work here, its pace drifts
     measured_psp = float(bulk.get("psp_seconds") or 0.0)
-    if cell["host"].get("psp_cpu", True) and measured_psp > 0:
+    if emulated and measured_psp > 0:
         # the emulator's pace in this run, as the engine timed its firmware calls (the
         # bulk's commands at the bench's prices, on cores of their own): a queue's ran 12 %
         # slower in the grid than in the bench, in its bulk and its dirty rounds alike
@@ -302,8 +303,7 @@ def calibration_cell(rep: dict[str, Any], mode: Mode,
         if priced > 0:
             _pace(cell, min(max(measured_psp / priced, PSP_SCALE_MIN), PSP_SCALE_MAX))
             base = costs_from_cell(cell, LOOPBACK_BW, LOOPBACK_LATENCY)
-    if cell["host"].get("psp_cpu", True) and \
-            _model_bulk(base, bulk["pages"], mode, cpu) > bulk["duration"]:
+    if emulated and _model_bulk(base, bulk["pages"], mode, cpu) > bulk["duration"]:
         # the emulator ran faster during this run than when `bench psp` priced it (this
         # shared machine's pace drifts): the same shape, scaled to the run
         _pace(cell, fit_psp_scale(cell, bulk["pages"], mode, bulk["duration"], cpu))
