@@ -59,6 +59,7 @@ from cvmig.migration.source import (
 from cvmig.psp.api import Batching, GuestState, Policy
 from cvmig.wire.channel import parse_uri
 from cvmig.wire.frames import MAX_META, FrameType
+from cvmig.wire.protocol import LEASE_REQUEST_S
 from tests.netfault import (
     D2S,
     S2D,
@@ -370,6 +371,7 @@ FINISH = At(S2D, FrameType.FINISH, 0)
 CONFIRM0 = At(D2S, FrameType.CONFIRM, 0)
 RELEASED = At(S2D, FrameType.RELEASED, 0)
 CONFIRM1 = At(D2S, FrameType.CONFIRM, 1)
+RENEWAL = At(D2S, FrameType.HEARTBEAT, 0)  # lease request 1: the guest runs at D
 
 CASES = [
     # setup
@@ -465,6 +467,11 @@ CASES = [
     Case("end-drop-HEARTBEAT", fault("drop", At(S2D, FrameType.HEARTBEAT, 0)), ANY,
          "end-game"),
     Case("end-drop-OWNED", fault("drop", At(D2S, FrameType.OWNED, 0)), ANY, "end-game"),
+    # the destination's first renewal, asked as its vCPUs start: the source measures its
+    # own copy only after it (a lost one is stood in for by the next, a second later)
+    Case("end-drop-renewal", fault("drop", RENEWAL), COMPLETED, "end-game"),
+    Case("end-delay-renewal", fault("delay", RENEWAL, seconds=DELAY), COMPLETED, "end-game"),
+    Case("end-stall-renewal", fault("stall", RENEWAL, seconds=HOLD), ANY, "end-game"),
     Case("end-drop-CONFIRM2", fault("drop", CONFIRM1), COMPLETED, "end-game"),
     Case("end-stall-CONFIRM2", fault("stall", CONFIRM1, seconds=HOLD), COMPLETED, "end-game"),
 ]
@@ -907,6 +914,12 @@ def test_proxy_passes_a_clean_migration(src_host: Host) -> None:
         for t in ("HELLO", "CERTS", "ACK", "CONFIRM"):
             assert (D2S, t) in names, t
         assert proxy.confirms() and proxy.may_have_resumed()
+        # the destination asks its first renewal as soon as the grant starts its vCPUs,
+        # not on its once-a-second schedule: the source's measuring waits for it
+        asks = proxy.frames(D2S, "HEARTBEAT")
+        assert asks, "the destination asked no renewal once it ran the guest"
+        grant = proxy.frames(S2D, "HEARTBEAT")[0]
+        assert asks[0].t - grant.t < LEASE_REQUEST_S / 2, asks[0].t - grant.t
     finally:
         vm.shutdown()
         proxy.close()

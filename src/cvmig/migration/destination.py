@@ -339,6 +339,9 @@ class Lease:
                 self.until = max(self.until, stamp + self.lease_s)
                 if not resumed_at and time.monotonic() < self.until:
                     resumed_at = self.resume()  # the go-ahead: the downtime ends here
+                    # the first renewal goes out now: it tells the source the vCPUs run,
+                    # so its own measuring no longer takes the CPU our start needs
+                    next_request = resumed_at
                 continue
             if f.type is FrameType.RELEASED:
                 return resumed_at or self.resume()

@@ -216,6 +216,7 @@ class RealWorld:
         self.mig_id = secrets.token_hex(8)
         self.finish_sent = False  # FINISH may be on the wire: from here a break is in doubt
         self.granted_at = 0.0  # our last lease grant (0: none: the guest never ran there)
+        self.granted_n = -1  # the latest lease request granted
         self.measured = StopCosts()  # this migration's stop, part by part (stopcost.py)
 
     # -- clock --------------------------------------------------------------------------
@@ -380,6 +381,7 @@ class RealWorld:
         self._grant(confirm.get("lease"))  # the go-ahead: the destination resumes the guest
         running_at = time.monotonic()
         self.outcome.confirm = confirm
+        self._await_running()
         digest = self._digest_keeping_lease()
         self.outcome.source_digest = digest
         if confirm.get("digest") != digest:
@@ -387,6 +389,18 @@ class RealWorld:
                 f"destination memory digest {confirm.get('digest')} does not match the "
                 f"source's {digest}: refusing to release the guest")
         return running_at
+
+    def _await_running(self) -> None:
+        """Until the destination's first lease renewal, which it asks the moment its
+        vCPUs run: measuring our copy before then would take the CPU that start needs
+        where both hosts share cores. Bounded: an older destination asks a second later,
+        and a silent one fails the read (the lease we granted then runs its course)."""
+        deadline = time.monotonic() + ENDGAME_TIMEOUT_S
+        while self.granted_n < 1:
+            if time.monotonic() >= deadline:
+                raise PeerGone(f"the destination asked no lease renewal within "
+                               f"{ENDGAME_TIMEOUT_S:g} s of its go-ahead")
+            self._take_frame()
 
     def _digest_keeping_lease(self) -> str:
         """Our own digest (the vCPUs measure the paused memory) while heartbeats keep the
@@ -417,6 +431,7 @@ class RealWorld:
             raise ProtocolError(f"lease request {n!r} is not a number")
         self.chan.send_json(FrameType.HEARTBEAT, {"n": n})
         self.granted_at = time.monotonic()
+        self.granted_n = max(self.granted_n, n)
 
     def release(self) -> None:
         """The decision is made: tell the destination, and return once it acknowledges

@@ -19,6 +19,9 @@ Sequence (source S, destination D); every frame is `cvmig.wire.frames`' header +
                         request 0 (D stamps it with its clock)
     S -> D  HEARTBEAT   json {"n": 0}: the grant, and the go-ahead: D resumes the guest and
                         may run it until stamp(0) + LEASE_S
+    D -> S  HEARTBEAT   json {"n": 1}: lease request 1, the moment the vCPUs run at D;
+                        only then does S measure its own copy (it would take the CPU
+                        D's start needs where both share cores)
     D -> S  HEARTBEAT*  json {"n": k}: lease request k, once a second while S decides ...
     S -> D  HEARTBEAT*  ... each granted by echoing k: D runs on until stamp(k) + LEASE_S
     S -> D  RELEASED    digests matched and SEND_FINISH is done: the guest is D's
