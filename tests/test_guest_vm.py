@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from cvmig.guest import uffd
 from cvmig.guest.memory import PRIVATE, SHARED, GuestMemory
 from cvmig.guest.sqlitewl import CANARY
-from cvmig.guest.vcpu import share
+from cvmig.guest.vcpu import SLICE, share
 from cvmig.guest.vm import Guest, GuestConfig
 from cvmig.guest.workloads import parse_workload
 from cvmig.psp.api import Policy
@@ -207,6 +207,10 @@ def test_pause_resume_and_move(psp: Psp, workload: str) -> None:
                 gap = g2.max_heartbeat_gap(src_last_hb)
                 assert gap >= resumed - src_last_hb
                 assert gap < 30
+                # and it ends as the vCPU runs again (its first slice beats as it begins)
+                beats = g2.heartbeats(0)
+                first = beats[beats > src_last_hb][0]
+                assert first < resumed + SLICE, (first - resumed) * 1000
             finally:
                 g2.shutdown()
 
@@ -363,7 +367,7 @@ def _rate(g: Guest, window: float = 0.8) -> tuple[float, float]:
     wait_for(lambda: min(s.heartbeats for s in g.stats()) > 0)
     # let two full slices (and their throttle sleeps) pass under the new setting
     n0 = min(s.heartbeats for s in g.stats())
-    wait_for(lambda: min(s.heartbeats for s in g.stats()) >= n0 + 2, what="two slices")
+    wait_for(lambda: min(s.heartbeats for s in g.stats()) >= n0 + 3, what="two slices")
     s0, t0 = g.stats(), time.monotonic()
     time.sleep(window)  # a measurement window, not a wait for a condition
     s1, t1 = g.stats(), time.monotonic()

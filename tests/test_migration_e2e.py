@@ -51,6 +51,11 @@ def _assert_good(rep: dict, memory: int) -> None:
     assert syncs[-1] <= rep["x-downtime-ms"]
     assert syncs[0] / 1000 <= rounds[1]["start"] - rounds[0]["start"] - rounds[0]["duration"]
     assert rep["guest"]["ops-per-s-after"] > 0 or "idle" in rep["guest"]["workload"]
+    # the guest's own clock saw the whole pause, less at most the hosts' round trips to
+    # its vCPUs (pausing them; resuming them, in the grant)
+    m = rep["x-stop"]["costs-measured-ms"]
+    seen = rep["guest"]["observed-gap-ms"]
+    assert seen >= rep["x-downtime-ms"] - m["pause"] - m["grant"], (seen, rep["x-stop"])
 
 
 @pytest.mark.parametrize("mode", [Batching.PAGE, Batching.CONTIG, Batching.SG])

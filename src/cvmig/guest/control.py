@@ -28,7 +28,7 @@ VCPU_DTYPE = np.dtype(
         ("state", "<i8"),
         ("ops", "<u8"),  # workload operations (dirtier: page writes; sqlite: transactions; idle: slices)
         ("pages_written", "<u8"),  # page writes issued to guest memory
-        ("heartbeat", "<f8"),  # CLOCK_MONOTONIC of the last slice boundary
+        ("heartbeat", "<f8"),  # CLOCK_MONOTONIC of the last slice's start
         ("hb_count", "<i8"),  # heartbeats written into the ring so far
         ("throttle", "<f8"),  # set by the hypervisor: fraction p in [0, 0.99]
         ("dirty_limit", "<f8"),  # set by the hypervisor: pages/s, NO_LIMIT = none

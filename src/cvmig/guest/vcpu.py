@@ -454,6 +454,9 @@ class _Vcpu:
 
     def slice(self) -> None:
         t0 = time.monotonic()
+        # the beat is where the guest reads its clock to begin work: after a resume that
+        # is at once, so a switchover's gap ends when the vCPU runs, not a slice later
+        self._heartbeat(t0)
         paused0 = self.paused_time
         me = self.me[0]
         limit = float(me["dirty_limit"])
@@ -480,7 +483,6 @@ class _Vcpu:
         t1 = time.monotonic()
         ran = t1 - t0 - (self.paused_time - paused0)  # a pause inside the slice is not run time
         self.run_time += ran
-        self._heartbeat(t1)
         p = float(me["throttle"])
         if p != self.thr_p:
             self.thr_p, self.thr_run, self.thr_slept = p, 0.0, 0.0

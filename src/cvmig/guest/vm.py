@@ -103,7 +103,7 @@ class VcpuStats:
     ops: int
     pages_written: int
     heartbeat: float  # CLOCK_MONOTONIC (time.monotonic) of the last slice boundary
-    heartbeats: int  # slice boundaries passed (ring entries written)
+    heartbeats: int  # slices begun (ring entries written)
     throttle: float
     dirty_limit: float | None
     run_time: float

@@ -192,14 +192,14 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         if not in_doubt:
             chan.send_json(FrameType.OWNED, {})
             tell("owned")
-            vm.report = _verify(guest, resumed_at)
+            vm.report = _verify(guest, resumed_at, confirmed_at)
             vm.report["stop_costs"] = {"finish": round((confirmed_at - finish_in) * 1000, 3),
                                        "grant": round((resumed_at - confirmed_at) * 1000, 3)}
             vm.report["start_cpu_s"] = round(start_cpu_s, 3)
             with contextlib.suppress(PeerGone, OSError):
                 chan.send_json(FrameType.CONFIRM, vm.report)
         else:
-            vm.report = _verify(guest, resumed_at)
+            vm.report = _verify(guest, resumed_at, confirmed_at)
         return vm
     except IncomingInDoubt as e:
         e.vm = vm
@@ -386,8 +386,10 @@ def _await_resolution(decisions: Callable[[float], socket.socket | None] | None,
                 continue
 
 
-def _verify(guest: Guest, resumed_at: float, window_s: float = 0.5) -> dict[str, object]:
-    """The workload's own check, after it has run here for a measurement window."""
+def _verify(guest: Guest, resumed_at: float, held_at: float,
+            window_s: float = 0.5) -> dict[str, object]:
+    """The workload's own check, after it has run here for a measurement window.
+    ``held_at``: a moment the guest was still paused here, before it first ran."""
     deadline = resumed_at + VERIFY_WAIT_S
     base = guest_ops(guest)
     while guest_ops(guest) <= base and time.monotonic() < deadline:
@@ -395,8 +397,9 @@ def _verify(guest: Guest, resumed_at: float, window_s: float = 0.5) -> dict[str,
     t0, ops0 = time.monotonic(), guest_ops(guest)
     time.sleep(window_s)  # the "after" throughput is measured over this window
     t1, ops1 = time.monotonic(), guest_ops(guest)
-    # the ring continues the source's: its first gap is the switchover as the guest saw it
-    gap = guest.max_heartbeat_gap(resumed_at, t1)
+    # the ring continues the source's: its first gap is the switchover as the guest saw it.
+    # That gap spans held_at; it may end before resumed_at, stamped once the vCPUs answered
+    gap = guest.max_heartbeat_gap(held_at, t1)
     guest.pause()
     check = guest.check()
     guest.resume()

@@ -42,8 +42,9 @@ class StopCosts:
     trailer: float = 0.0  # the finish trailer, the shared-page digest, FINISH out
     finish: float = 0.0  # destination: FINISH in -> RECEIVE_FINISH, restore -> CONFIRM out
     grant: float = 0.0  # CONFIRM out -> the source's grant in -> the vCPUs running there
-    # not a cost but how the guest sees it: its gap runs from its last whole timeslice
-    # before the pause to its first after the resume (guest.vcpu.SLICE)
+    # not a cost but how the guest sees it: its gap runs from the start of its last
+    # timeslice before the pause (at most one slice, guest.vcpu.SLICE, before it) to its
+    # vCPUs running after the resume
     slice: float = 0.0
 
     def total(self) -> float:

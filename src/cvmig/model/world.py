@@ -213,8 +213,8 @@ class SimWorld:
             raise ValueError("io_pages exceed the guest's shared pages")
 
     def guest_gap(self, p: Progress) -> float:
-        """The pause as the guest sees it: from its last whole timeslice before the pause
-        to its destination's vCPUs running."""
+        """The pause as the guest sees it, at most: from the start of its last timeslice
+        before the pause to its destination's vCPUs running."""
         s = self.costs.stop
         return self.resumed_at - (p.pause_time - s.pause) + s.slice
 
