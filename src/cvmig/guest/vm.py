@@ -102,7 +102,7 @@ class VcpuStats:
     state: str
     ops: int
     pages_written: int
-    heartbeat: float  # CLOCK_MONOTONIC (time.monotonic) of the last slice boundary
+    heartbeat: float  # CLOCK_MONOTONIC (time.monotonic) of the last slice's start
     heartbeats: int  # slices begun (ring entries written)
     throttle: float
     dirty_limit: float | None
