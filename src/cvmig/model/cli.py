@@ -68,6 +68,10 @@ def _runs_json(option: str, path: Path) -> Path:
     return runs
 
 
+def _pair(stat: dict[str, float]) -> str:
+    return f"{stat['median_abs']:.1%} / {stat['max_abs']:.1%}"
+
+
 def _validate(quick: bool, reps: int | None, from_bench: Path | None,
               calibration: Path | None, out: Path, samples: int = 1,
               calibrate_on: Path | None = None) -> None:
@@ -95,24 +99,15 @@ def _validate(quick: bool, reps: int | None, from_bench: Path | None,
     if not s["cells"]:
         raise click.ClickException("no cell could be compared (every engine run failed?)")
     click.echo(f"{s['cells']} cells; |error| median / max: total time "
-               f"{s['err_total']['median_abs']:.1%} / {s['err_total']['max_abs']:.1%}, "
-               f"downtime {s['err_downtime']['median_abs']:.1%} / "
-               f"{s['err_downtime']['max_abs']:.1%}")
+               f"{_pair(s['err_total'])}, downtime {_pair(s['err_downtime'])}")
     click.echo(f"the engine's own spread (half the range of a cell's runs), median / max: "
-               f"total time {s['spread_total']['median_abs']:.1%} / "
-               f"{s['spread_total']['max_abs']:.1%}, downtime "
-               f"{s['spread_downtime']['median_abs']:.1%} / "
-               f"{s['spread_downtime']['max_abs']:.1%}")
+               f"total time {_pair(s['spread_total'])}, downtime {_pair(s['spread_downtime'])}")
     if "twinned" in s:
         t = s["twinned"]
         click.echo(f"the other grid's medians against this one's ({t['cells']} cells), "
-                   f"median / max: total time {s['err_twin_total']['median_abs']:.1%} / "
-                   f"{s['err_twin_total']['max_abs']:.1%}, downtime "
-                   f"{s['err_twin_downtime']['median_abs']:.1%} / "
-                   f"{s['err_twin_downtime']['max_abs']:.1%}; the model on those cells: "
-                   f"{t['err_total']['median_abs']:.1%} / {t['err_total']['max_abs']:.1%}, "
-                   f"{t['err_downtime']['median_abs']:.1%} / "
-                   f"{t['err_downtime']['max_abs']:.1%}")
+                   f"median / max: total time {_pair(s['err_twin_total'])}, downtime "
+                   f"{_pair(s['err_twin_downtime'])}; the model on those cells: "
+                   f"{_pair(t['err_total'])}, {_pair(t['err_downtime'])}")
     if "within_downtime" in s:
         click.echo(f"the engine's median within the model's 10th-90th percentiles "
                    f"({samples} samples): total time in {s['within_total']:.0%} of the cells, "

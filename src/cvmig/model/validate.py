@@ -392,19 +392,24 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
     return _result(rows, extra, out, "model-validation-heldout", t0, load0)
 
 
+def _abs_stats(xs: list[float]) -> dict[str, float]:
+    """Median and max of relative errors' magnitudes."""
+    mags = [abs(x) for x in xs]
+    return {"median_abs": round(statistics.median(mags), 4), "max_abs": round(max(mags), 4)}
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"cells": len(rows)}
     for k in ("err_total", "err_downtime", "err_gap", "spread_total", "spread_downtime",
               "spread_gap", "err_twin_total", "err_twin_downtime", "err_twin_gap"):
-        xs = [abs(r[k]) for r in rows if k in r]
+        xs = [r[k] for r in rows if k in r]
         if xs:
-            out[k] = {"median_abs": round(statistics.median(xs), 4), "max_abs": round(max(xs), 4)}
+            out[k] = _abs_stats(xs)
     twinned = [r for r in rows if "twin" in r]
     if twinned:  # the model on the cells the other grid has too, beside the other grid
         out["twinned"] = {"cells": len(twinned), **{
-            f"err_{name}": {"median_abs": round(statistics.median(xs), 4),
-                            "max_abs": round(max(xs), 4)}
-            for name, _ in METRICS for xs in [[abs(r[f"err_{name}"]) for r in twinned]]}}
+            f"err_{name}": _abs_stats([r[f"err_{name}"] for r in twinned])
+            for name, _ in METRICS}}
     for name, _ in METRICS:
         inside = [r[f"within_{name}"] for r in rows if f"within_{name}" in r]
         if inside:  # the model sampled: how often the engine's median fell in its band
