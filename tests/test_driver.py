@@ -551,6 +551,60 @@ def test_extra_rounds_go_on_while_each_shortens_the_stop() -> None:
     assert sum(r.duration for r in extra) < 0.1 * p.total_time
 
 
+class _StalledWorld(SimWorld):
+    """The simulated guest, whose dirty-log harvests after the driver's ``after``-th extra
+    round are held up ``stall`` s (frames in flight landing late): the guest writes on
+    meanwhile at its usual rate. Only the first such harvest (``every=False``), or all."""
+
+    driver: Driver
+    stall: float = 0.0
+    after: int = 4
+    every: bool = False
+    stalls: int = 0
+
+    def harvest(self) -> np.ndarray:
+        if self.driver._extra_rounds >= self.after and not self.paused \
+                and (self.every or not self.stalls):
+            self.stalls += 1
+            self.clock += self.stall
+        return super().harvest()
+
+
+def _stalled(every: bool) -> tuple[_StalledWorld, Driver]:
+    costs = Costs(t_doorbell=0.0, t_cmd=120e-6, psp_bw=1e15)
+    guest = GuestModel(npages=32766, dirty_rate=4000, working_set=32766)
+    w = _StalledWorld(guest, costs)
+    w.stall, w.every = 0.03, every
+    d = w.driver = Driver(w, MigrationParams(downtime_limit_ms=300))
+    d.run()
+    assert w.destination_matches()
+    assert w.stalls >= 1, "the scenario made too few extra rounds"
+    return w, d
+
+
+def test_one_round_that_did_not_shorten_the_stop_does_not_end_the_extra_rounds() -> None:
+    # a sync held up (frames in flight landing late) while the guest writes on: that
+    # round found more than it sent, at the rate the driver expects. Stopping then
+    # stopped on the larger set; the rounds go on instead, down to the floor again
+    w, d = _stalled(every=False)
+    p = d.progress
+    assert p.switchover == "converged"
+    assert d._extra_rounds > w.after + 1
+    grown = 0.03 * w.guest.dirty_rate
+    assert p.rounds[-1].dirty_pages < grown / 2
+    fixed = d.stop.total() - d.stop.slice
+    assert p.downtime < fixed + 0.025, (p.downtime, fixed)  # 52 ms on the grown set
+
+
+def test_two_rounds_in_a_row_that_did_not_shorten_the_stop_end_them() -> None:
+    # every sync from there on is held up: each round finds more than it put off, and
+    # the extra rounds end after two such (the stop, which fits, comes)
+    w, d = _stalled(every=True)
+    assert d.progress.switchover == "converged"
+    assert d._unpaid == 2
+    assert d._extra_rounds == w.after + 1
+
+
 def test_a_big_guests_stop_harvest_is_counted_and_the_limit_kept() -> None:
     from cvmig.migration.stopcost import StopCosts
 
