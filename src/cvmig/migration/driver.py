@@ -591,11 +591,11 @@ class Driver:
         happened to fall below the limit (from a few ms to the whole limit, run to run),
         halved that many times. Two rounds in a row that did not shorten the stop they put
         off end them (the guest writes faster than the prediction assumed). One alone
-        does not: a dirtier's writes come in bursts, a timeslice's at once, and the wait
-        for the frames in flight lets the guest write on, so a round may find a burst more
-        than its length's worth; stopping then stopped on the larger set, 2-3x the stop
-        its runs' others made (16 of 252 runs of the third grid). The next round prices
-        the stop afresh, from a rate that now counts the surprise."""
+        does not: its sync may have come late (the wait for the frames in flight lets the
+        guest write on, a dirtier a timeslice's pages at once), so the round found more
+        than it sent though the guest wrote at the rate predicted; stopping then stopped
+        on the larger set, 2-3x the stop its cell's other runs made (16 of 252 runs of the
+        third grid). The next round prices the stop afresh."""
         if self._extra_rounds >= MAX_EXTRA_ROUNDS or len(dirty) == 0:
             return False
         fixed = self._fixed()
