@@ -58,6 +58,22 @@ def descendants(root: int) -> dict[int, str]:
     return out
 
 
+def attached_vcpus(host: int) -> list[int]:
+    """vCPU processes under ``host`` that have a guest's memory mapped: a destination's
+    once a guest is coming in (the ones it starts ahead map nothing until then)."""
+    out = []
+    for pid, cmd in descendants(host).items():
+        if "cvmig.guest.vcpu" not in cmd:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if "/cvmig-guest-" in f.read():
+                    out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
 def alive(pid: int) -> bool:
     return _stat(pid) is not None
 

@@ -19,7 +19,7 @@ from cvmig.migration.destination import listen
 from cvmig.migration.listener import BUSY_MESSAGE, Listener
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import VERSION, FrameType
-from tests.proctree import descendants, finish_within, leftovers, wait_gone
+from tests.proctree import attached_vcpus, descendants, finish_within, leftovers, wait_gone
 
 HELLO = {"version": VERSION, "role": "source", "capabilities": ["page"]}
 
@@ -160,9 +160,10 @@ def test_a_second_source_to_a_busy_destination_is_refused() -> None:
     tree: dict[int, str] = {}
     first = _migrate(port, "--max-bandwidth", "2M")  # about 8 s of transfer
     try:
-        # wait until the destination receives (its vCPUs are up), then try a second one
+        # wait until the destination receives (its vCPUs have the guest's memory), then
+        # try a second one
         deadline = time.monotonic() + 60.0
-        while not any("cvmig.guest.vcpu" in c for c in descendants(dest.pid).values()):
+        while not attached_vcpus(dest.pid):
             assert time.monotonic() < deadline and first.poll() is None, "never started"
             time.sleep(0.05)
         tree = descendants(dest.pid)

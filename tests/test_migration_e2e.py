@@ -166,3 +166,29 @@ def test_cli_timeout_cancels_with_advice() -> None:
     assert "--throttle auto-converge" in r.stderr
     assert "nothing was lost" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("prestart", [True, False])
+def test_destination_starts_its_vcpus_before_the_migration_comes(prestart: bool) -> None:
+    """`cvmig vm --incoming` has its --vcpus vCPU processes up when it says it listens,
+    and the guest that comes runs on them (none is started while the pages stream);
+    --no-prestart starts them as it comes."""
+    from cvmig.migration.session import DestinationProcess
+    from tests.proctree import descendants
+
+    def vcpus(pid: int) -> set[int]:
+        return {p for p, cmd in descendants(pid).items() if "cvmig.guest.vcpu" in cmd}
+
+    dest = DestinationProcess(extra=["--vcpus", "3", "--run-after", "30"] if prestart
+                              else ["--no-prestart", "--run-after", "30"])
+    try:
+        ahead = vcpus(dest.pid)
+        assert len(ahead) == (3 if prestart else 0)
+        cfg = GuestConfig(memory=32 * MiB, vcpus=3, workload=parse_workload("idle"))
+        rep = migrate_local_or_remote(MigrateOptions(guest=cfg, warmup_s=0.2), uri=dest.uri)
+        assert rep["status"] == "completed" and rep["verify"]["memory"] == "match"
+        running = vcpus(dest.pid)
+        assert len(running) == 3
+        assert (running == ahead) is prestart
+    finally:
+        dest.close()

@@ -3,7 +3,7 @@ killed CLI, destination, vCPU or secure processor leaves no process and no name 
 
 Each case starts a real migration (a 32 MiB guest, the link limited to 2 MB/s so that it
 is still in progress when the signal comes), waits until the destination is receiving
-(its vCPUs have started), and then signals or kills."""
+(its vCPUs have the guest's memory mapped), and then signals or kills."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ import time
 
 import pytest
 
-from tests.proctree import cmdline, descendants, finish_within, leftovers, wait_for, wait_gone
+from tests.proctree import (
+    attached_vcpus,
+    cmdline,
+    descendants,
+    finish_within,
+    leftovers,
+    wait_for,
+    wait_gone,
+)
 
 MIGRATE = [sys.executable, "-m", "cvmig", "migrate", "-m", "32M", "--vcpus", "1",
            "-w", "dirtier:rate=500", "--max-bandwidth", "2M", "--timeout", "0",
@@ -39,8 +47,7 @@ def _start() -> tuple[subprocess.Popen[str], dict[int, str]]:
             return True
         tree = descendants(proc.pid)
         dests = [p for p, c in tree.items() if _is_destination(c)]
-        return any(tree.get(p) is not None and "cvmig.guest.vcpu" in c
-                   for p, c in descendants(dests[0]).items()) if dests else False
+        return bool(set(attached_vcpus(dests[0])) & set(tree)) if dests else False
 
     try:
         assert wait_for(receiving, 60.0), "the migration did not start within 60 s"
@@ -120,3 +127,33 @@ def test_kill_9_leaves_nothing_behind(victim: str) -> None:
         assert code != 0, err
         assert "Traceback" not in err, err
     _assert_clean(tree, [proc.pid])
+
+
+def test_ctrl_c_before_the_migration_starts_ends_at_once() -> None:
+    """Ctrl-C while the guest warms up, the destination up and listening but not yet
+    connected to: the CLI ends, and the destination with it, without waiting for a last
+    word from a destination that never heard from it."""
+    proc = subprocess.Popen([*MIGRATE, "--warmup", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    tree: dict[int, str] = {}
+
+    def listening() -> bool:
+        nonlocal tree
+        tree = descendants(proc.pid)
+        return proc.poll() is not None or any(_is_destination(c) for c in tree.values())
+
+    try:
+        assert wait_for(listening, 60.0) and proc.poll() is None, proc.communicate()
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        code, _, err = finish_within(proc, 30.0)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 130, err
+    assert "guest kept running on the source" in err, err
+    assert "Traceback" not in err, err
+    assert took < 10.0, f"cancelling took {took:.1f} s"
+    _assert_clean(descendants(proc.pid) | tree, [proc.pid])

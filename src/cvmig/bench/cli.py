@@ -9,6 +9,7 @@ from cvmig.cli import LazyGroup
 _BENCHES: dict[str, str] = {
     "psp": "cvmig.bench.psp:psp",
     "paper": "cvmig.bench.paper:paper",
+    "prestart": "cvmig.bench.prestart:prestart",
     "qemu": "cvmig.bench.qemu:qemu",
     "tls": "cvmig.bench.tls:tls",
 }

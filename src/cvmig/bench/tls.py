@@ -114,14 +114,15 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 
 
 def summarize(plain: list[dict[str, Any]], tls: list[dict[str, Any]],
-              keys: tuple[str, ...]) -> dict[str, Any]:
-    """Medians and their ratio, and the median of the per-rep ratios (each TLS run against
-    the plain run just before it: steadier when the machine's load drifts)."""
+              keys: tuple[str, ...], names: tuple[str, str] = ("plain", "tls")) -> dict[str, Any]:
+    """Medians and their ratio, and the median of the per-rep ratios (each second-kind run
+    against the first-kind run just before it: steadier when the machine's load drifts).
+    ``names``: the two kinds' keys in the result."""
     out: dict[str, Any] = {}
     for k in keys:
         p, t = _median(plain, k), _median(tls, k)
         pairs = [b[k] / a[k] for a, b in zip(plain, tls, strict=True) if a[k]]
-        out[k] = {"plain": round(p, 3), "tls": round(t, 3),
+        out[k] = {names[0]: round(p, 3), names[1]: round(t, 3),
                   "ratio": round(t / p, 3) if p else None,
                   "paired_ratio": round(statistics.median(pairs), 3) if pairs else None}
     return out

@@ -552,8 +552,7 @@ def _vcpu_main(spec: VcpuSpec, conn: Connection, parent: int) -> None:
         except BaseException as e:
             conn.send(("error", f"vCPU {spec.index} failed to attach: {type(e).__name__}: {e}"))
             return
-        # what "go" runs imports these: import them now, not in the downtime (~50 ms here)
-        import cvmig.psp.mailbox  # noqa: F401
+        # what "go" runs imports this: import it now, not in the downtime
         if spec.tracker == "uffd":
             import cvmig.guest.uffd  # noqa: F401
         conn.send(("standby", None))
@@ -593,7 +592,11 @@ if __name__ == "__main__":
     # the hypervisor's pid, from it: it may have died before we got here to ask
     _parent = int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid()
     _conn = Connection(int(sys.argv[1]))
+    # what every mode runs: imported before we say we are warm, so that a vCPU started
+    # ahead (cvmig.guest.pool) costs the migration that takes it nothing more
+    import cvmig.psp.mailbox  # noqa: F401
     try:
+        _conn.send(("warm", None))
         _spec = _conn.recv()
     except (EOFError, OSError, KeyboardInterrupt):
         sys.exit(0)  # the hypervisor was gone before it told us what to run

@@ -17,9 +17,7 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ import numpy as np
 
 from cvmig.guest import control as ctl
 from cvmig.guest.memory import PAGE_SIZE, GuestMemory, check_size
+from cvmig.guest.pool import VcpuPool, spawn_vcpu
 from cvmig.guest.vcpu import VcpuSpec, share
 from cvmig.guest.workloads import WorkloadSpec, parse_workload
 
@@ -122,6 +121,16 @@ def _release(control: ctl.ControlBlock, procs: list[subprocess.Popen[bytes]], co
     control.close()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time process ``pid`` has used (0 if it is gone)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # after the command name's closing parenthesis: utime is field 14
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return 0.0
+
+
 def choose_tracker(requested: str) -> str:
     """Resolve "auto"; raise RuntimeError if "uffd" was asked for and cannot work here."""
     if requested == "dmap":
@@ -139,7 +148,10 @@ def choose_tracker(requested: str) -> str:
 class Guest:
     """One guest: its vCPU processes over ``memory``, keyed by PSP guest ``handle``."""
 
-    def __init__(self, config: GuestConfig, memory: GuestMemory, psp_socket: str, handle: int) -> None:
+    def __init__(self, config: GuestConfig, memory: GuestMemory, psp_socket: str, handle: int,
+                 pool: VcpuPool | None = None) -> None:
+        """``pool``: where to take warm vCPU processes from (a destination's, started
+        before the migration); without one, or when it runs dry, they are started here."""
         config.validate()
         if memory.npages != config.npages:
             raise ValueError(f"memory has {memory.npages} pages, config says {config.npages}")
@@ -163,6 +175,8 @@ class Guest:
         # a Guest dropped without shutdown() still kills its vCPUs and unlinks its control shm
         self._finalizer = weakref.finalize(self, _release, self.control, self._procs, self._conns)
         self._standby = False
+        self._pool = pool
+        self._cpu_before = 0.0  # CPU-s the pooled vCPUs had used when taken
 
     # -- layout
     @property
@@ -205,25 +219,21 @@ class Guest:
         if self._procs:
             raise RuntimeError("vCPUs already started")
         try:
+            fresh = []
             for i in range(self.config.vcpus):
-                # a fresh interpreter per vCPU (python -m): no fork of the hypervisor's
-                # state, and no re-import of the caller's __main__ as spawn would do
-                ours, theirs = socket.socketpair()
-                with theirs:
-                    p = subprocess.Popen(
-                        [sys.executable, "-m", "cvmig.guest.vcpu", str(theirs.fileno()),
-                         str(os.getpid())],
-                        pass_fds=(theirs.fileno(),),
-                        stdin=subprocess.DEVNULL,
-                        # a terminal's Ctrl-C reaches the hypervisor only; a vCPU ends
-                        # with it all the same (its connection reads end of file)
-                        start_new_session=True,
-                    )
-                self._procs.append(p)
-                conn = Connection(ours.detach())
-                self._conns.append(conn)
+                v = self._pool.take() if self._pool is not None else spawn_vcpu()
+                self._procs.append(v.proc)
+                self._conns.append(v.conn)
                 self._owed.append(0)
-                conn.send(self._spec(i, mode))
+                if v.warm:  # its start (the imports) was before us: not ours to count
+                    self._cpu_before += _cpu_seconds(v.proc.pid)
+                else:
+                    fresh.append(i)
+                v.conn.send(self._spec(i, mode))
+            for i in fresh:
+                kind, info = self._recv(i, self._conns[i], _START_TIMEOUT)
+                if kind != "warm":
+                    raise RuntimeError(str(info))
             if mode == "standby":
                 for i, conn in enumerate(self._conns):
                     kind, info = self._recv(i, conn, _START_TIMEOUT)
@@ -492,15 +502,9 @@ class Guest:
 
     def cpu_seconds(self) -> float:
         """CPU time the vCPU processes have used so far (the kernel's count): what the
-        guest takes from the host's cores, which a small host shares with the migration."""
-        total = 0
-        for p in self._procs:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{p.pid}/stat", "rb") as f:
-                    # after the command name's closing parenthesis: utime is field 14
-                    fields = f.read().rsplit(b")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-        return total / _CLK_TCK
+        guest takes from the host's cores, which a small host shares with the migration.
+        A pooled vCPU's start, before this guest took it, is not counted."""
+        return sum(_cpu_seconds(p.pid) for p in self._procs) - self._cpu_before
 
     def heartbeats(self, vcpu: int) -> np.ndarray:
         """The last (up to ctl.RING) heartbeat times of one vCPU, oldest first."""

@@ -294,14 +294,20 @@ def _check_profile(name: str) -> None:
 @click.option("--io-timeout", type=click.FloatRange(1), default=IO_TIMEOUT_S, show_default=True,
               help="Seconds of silence from the source while pages stream before the "
                    "incoming migration fails (once the source has paused: 4 s).")
+@click.option("--prestart/--no-prestart", default=True, show_default=True,
+              help="As a destination: start the guest's vCPU processes (--vcpus of them) "
+                   "before the migration comes, not while its pages stream in.")
 @tls_options
 @guest_options
 def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner: str | None,
        once: bool, announce: bool, run_after: float, qmp: str | None,
        handshake_timeout: float, io_timeout: float, tls_creds: str | None,
-       tls_authz: str | None, tls_hostname: str | None, **guest: Any) -> None:
+       tls_authz: str | None, tls_hostname: str | None, prestart: bool,
+       **guest: Any) -> None:
     """Run a VM host: a destination waiting for an incoming migration, or (with --qmp)
-    a VM controlled through a QMP monitor. Guest options apply to a --qmp source only.
+    a VM controlled through a QMP monitor. Guest options apply to a --qmp source only,
+    but for --vcpus: a destination starts that many vCPU processes before the guest
+    comes (more if it has more), as QEMU's destination has with -smp and -incoming.
 
     SIGINT and SIGTERM end it cleanly (an incoming migration is abandoned: the source
     keeps the guest), with exit code 128 + the signal's number."""
@@ -330,7 +336,7 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
         tls_params = {"tls-creds": tls_creds or "", "tls-authz": tls_authz or "",
                       "tls-hostname": tls_hostname or ""}
         _vm_with_monitor(qmp, incoming, psp_profile, max_contig_pages, psp_owner, guest, say,
-                         handshake_timeout, tls_params)
+                         handshake_timeout, tls_params, prestart)
         return
     if incoming is None:
         raise click.UsageError("--incoming tcp:HOST:PORT or --qmp unix:PATH is required")
@@ -369,6 +375,8 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
             srv = listen(addr, port)
         except OSError as e:
             raise click.ClickException(f"cannot listen on {incoming}: {e.strerror or e}") from None
+        if prestart:
+            _prestart(host, guest["vcpus"])
         with Listener(srv, handshake_timeout, note, tls=tls) as front:
             say({"event": "listening", "port": front.port})
             while not stop.is_set():
@@ -384,11 +392,12 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
                         on_in_doubt=lambda m: say({"event": "in-doubt", "message": m}))
                 except IncomingFailed as e:
                     current[0] = None
-                    front.idle()
                     say({"event": "failed", "error": clean(e)})
                     if once:
                         code = 1
                         break
+                    front.idle()
+                    _prestart(host)  # a source that comes meanwhile is served once they are up
                     continue
                 current[0] = None
                 say({"event": "migrated", "report": incoming_vm.report})
@@ -397,10 +406,25 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
                 if once:
                     break
                 front.idle()
+                _prestart(host)
     if ending:
         click.echo(f"cvmig vm: terminating on {signal.Signals(ending[0]).name}", err=True)
         sys.exit(128 + ending[0])
     sys.exit(code)
+
+
+def _prestart(host: Any, vcpus: int | None = None) -> None:
+    """Start the vCPU processes of the guest to come before it comes, as QEMU's
+    destination has its vCPUs before the migration starts (cvmig.guest.pool). Without
+    ``vcpus``, as many as the last time, and a failure only means they start as it comes."""
+    try:
+        if vcpus is None:
+            host.vcpu_pool.refill()
+        else:
+            host.vcpu_pool.fill(vcpus)
+    except RuntimeError as e:
+        if vcpus is not None:
+            raise click.ClickException(f"cannot start vCPU processes: {e}") from None
 
 
 def _watch_lifeline(parent: Any, gone: Any) -> None:
@@ -420,7 +444,7 @@ def _watch_lifeline(parent: Any, gone: Any) -> None:
 def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_cap: int,
                      psp_owner: str | None, guest: dict[str, Any], say: Any,
                      handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-                     tls_params: dict[str, str] | None = None) -> None:
+                     tls_params: dict[str, str] | None = None, prestart: bool = True) -> None:
     """`cvmig vm --qmp`: a source (boots the guest) or, with --incoming, a destination."""
     from cvmig.monitor.run import StartError, parse_qmp_address, run_vm
     from cvmig.wire.channel import parse_uri
@@ -437,6 +461,6 @@ def _vm_with_monitor(qmp: str, incoming: str | None, psp_profile: str, contig_ca
     try:
         run_vm(path, psp_profile, say, guest=config, policy=policy, incoming=addr,
                contig_cap=contig_cap, psp_owner=psp_owner, handshake_timeout=handshake_timeout,
-               parameters=tls_params, defer=defer)
+               parameters=tls_params, defer=defer, prestart_vcpus=int(guest["vcpus"]) if prestart else 0)
     except StartError as e:
         raise click.ClickException(str(e)) from None

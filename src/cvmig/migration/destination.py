@@ -138,8 +138,9 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         handle = psp.receive_start(region, npages, SendSession(
             int(info["policy"]), bytes(sender_pdh), bytes(session)),  # type: ignore[call-overload]
             fmt)
-        # the vCPU processes start now, while the pages arrive, not in the downtime
-        guest = Guest(config, memory, hostobj.psp_socket, handle)
+        # the vCPU processes (warm from the host's pool, or started now) attach now,
+        # while the pages arrive, not in the downtime
+        guest = Guest(config, memory, hostobj.psp_socket, handle, pool=hostobj.vcpu_pool)
         guest.prepare()
         memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
         rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages, ENDGAME_TIMEOUT_S).start()

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import TracebackType
 
 from cvmig.guest.memory import GuestMemory
+from cvmig.guest.pool import VcpuPool
 from cvmig.migration.leftovers import sweep
 from cvmig.psp.api import PAGE_SIZE
 from cvmig.psp.mailbox import MailboxClient, PspProcess
@@ -63,6 +64,8 @@ class Host:
                                remove_dir=str(self._dir))
         self.psp: MailboxClient | None = None
         self.transport: Transport | None = None
+        # a destination's vCPU processes, started before a migration arrives (fill it)
+        self.vcpu_pool = VcpuPool()
 
     def start(self) -> Host:
         try:
@@ -79,6 +82,7 @@ class Host:
         return self
 
     def close(self) -> None:
+        self.vcpu_pool.close()
         if self.transport is not None:
             self.transport.shm.close()
             self.transport.shm.unlink()

@@ -43,6 +43,7 @@ class MigrateOptions:
     warmup_s: float = 1.0  # the guest runs this long before migration: "throughput before"
     io_timeout_s: float = IO_TIMEOUT_S  # silence from the destination while pages stream
     tls: TlsCreds | None = None  # mutual TLS; a local destination uses the same creds
+    prestart: bool = True  # a local destination starts its vCPU processes before we connect
 
 
 class DestinationProcess:
@@ -138,13 +139,18 @@ def migrate_local_or_remote(
     opts.params.validate()
     opts.guest.validate()
     dest: DestinationProcess | None = None
+    connected = False  # a destination we never connected to has no last word to wait for
     cap = contig_cap(opts.params)
     with Host("source", opts.psp_profile, contig_cap=cap) as host:
         vm = SourceVM.boot(host, opts.guest, opts.policy)
         try:
             if uri is None:
+                # its vCPU processes start before it says it listens: off the clock, as
+                # a QEMU destination started with -incoming before `migrate`
+                prestart = ["--vcpus", str(opts.guest.vcpus)] if opts.prestart else \
+                    ["--no-prestart"]
                 dest = DestinationProcess(opts.psp_profile, contig_cap=cap,
-                                          extra=tls_args(opts.tls))
+                                          extra=[*prestart, *tls_args(opts.tls)])
                 uri = dest.uri
             ops0, t0, cpu0 = guest_ops(vm.guest), time.monotonic(), vm.guest.cpu_seconds()
             _run_for(vm, opts.warmup_s, should_cancel)
@@ -152,6 +158,7 @@ def migrate_local_or_remote(
             busy1 = busy_cpu_seconds()
             if should_cancel():
                 raise MigrationFailed("migration cancelled before it started")
+            connected = True
             outcome = migrate_out(vm, uri, opts.params, observer, should_cancel,
                                   io_timeout=opts.io_timeout_s, tls=opts.tls)
         except MigrationInDoubt as e:
@@ -165,10 +172,11 @@ def migrate_local_or_remote(
         finally:
             dest_result: dict[str, Any] = {}
             if dest is not None:
-                try:
-                    dest_result = dest.result()
-                except Exception:  # noqa: BLE001 - a report without it is still a report
-                    dest_result = {}
+                if connected:
+                    try:
+                        dest_result = dest.result()
+                    except Exception:  # noqa: BLE001 - a report without it is still a report
+                        dest_result = {}
                 dest.close()
         tracker = vm.guest.tracker_kind
     return _report(opts, outcome, tracker, (ops0, t0, ops1, t1), (cpu0, cpu1, busy1),

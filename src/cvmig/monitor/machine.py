@@ -480,6 +480,9 @@ class Machine:
                             self._runstate("inmigrate", "STOP")
                         self.runstate = "inmigrate"
                     srv.idle()
+                    # a source that comes meanwhile is served once they are up
+                    with contextlib.suppress(RuntimeError):  # else started as it comes
+                        self.host.vcpu_pool.refill()
                     continue
                 with self.lock:
                     self._conn = None

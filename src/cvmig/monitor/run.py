@@ -44,12 +44,14 @@ class StartError(Exception):
 def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | None = None,
            policy: int = 0, incoming: tuple[str, int] | None = None, contig_cap: int = 4,
            psp_owner: str | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-           parameters: dict[str, Any] | None = None, defer: bool = False) -> None:
+           parameters: dict[str, Any] | None = None, defer: bool = False,
+           prestart_vcpus: int = 0) -> None:
     """Serve until quit. ``incoming``: a destination on (addr, port); ``defer``: a
     destination that listens once told where (migrate-incoming); else boot ``guest``.
     ``handshake_timeout``: seconds an incoming connection has to say HELLO as a source.
     ``parameters``: migration parameters set before anything starts (the --tls-* options),
-    as if by migrate-set-parameters."""
+    as if by migrate-set-parameters. ``prestart_vcpus``: a destination's vCPU processes
+    started before the migration comes (cvmig.guest.pool), as QEMU's -smp with -incoming."""
     folder = os.path.dirname(os.path.abspath(qmp_path))
     if not os.path.isdir(folder):  # say so before a guest boots for nothing
         raise StartError(f"cannot serve QMP on unix:{qmp_path}: no folder {folder}")
@@ -63,6 +65,11 @@ def run_vm(qmp_path: str, psp_profile: str, say: Say, *, guest: GuestConfig | No
                 except QMPError as e:
                     raise StartError(str(e)) from None
             port = None
+            if incoming is not None or defer:
+                try:
+                    host.vcpu_pool.fill(prestart_vcpus)
+                except RuntimeError as e:
+                    raise StartError(f"cannot start vCPU processes: {e}") from None
             if defer:
                 machine.defer(handshake_timeout)
             elif incoming is not None:
