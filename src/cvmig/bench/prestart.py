@@ -29,7 +29,7 @@ def migration_run(memory: int, workload: str, batching: str, prestart: bool) -> 
     from cvmig.migration.parameters import CLI_DEFAULTS, build
     from cvmig.migration.session import MigrateOptions, migrate_local_or_remote
 
-    params = build({**CLI_DEFAULTS, "batching": batching})
+    params = build({**CLI_DEFAULTS, "x-batching": batching})
     opts = MigrateOptions(guest=GuestConfig(memory=memory, vcpus=2,
                                             workload=parse_workload(workload)),
                           params=params, warmup_s=0.5, prestart=prestart)
@@ -38,6 +38,8 @@ def migration_run(memory: int, workload: str, batching: str, prestart: bool) -> 
     return {"total_ms": float(rep.get("total-time", 0)),
             "downtime_ms": float(rep.get("downtime", 0)),
             "start_cpu_s": float(host.get("destination-start-cpu-s") or 0.0),
+            "pages": sum(int(r["pages"]) for r in rep.get("rounds", [])),
+            "commands": sum(int(r["commands"]) for r in rep.get("rounds", [])),
             "verified": rep.get("verify", {}).get("memory") == "match"}
 
 
