@@ -109,10 +109,10 @@ def test_the_pooled_start_is_not_the_guests_cpu_time(psp: Psp, pool: VcpuPool) -
     """A destination reports what readying itself cost during the migration (the model's
     start contention): the interpreter start the pool paid before is not part of it."""
     pool.fill(2)
-    paid = sum(_cpu_seconds(v.proc.pid) for v in pool._warm)
+    paid = sum(_cpu_seconds(v.proc.pid) or 0.0 for v in pool._warm)
     assert paid > 0.1  # an interpreter and numpy, cryptography, ...: not free
     with _moved(psp, pool) as (pids, _, g2):
-        total = sum(_cpu_seconds(p) for p in pids)
+        total = sum(_cpu_seconds(p) or 0.0 for p in pids)
         assert g2.cpu_seconds() == pytest.approx(total - paid, abs=0.05)
         assert g2.cpu_seconds() < total - 0.05
 

@@ -19,7 +19,14 @@ from cvmig.migration.destination import listen
 from cvmig.migration.listener import BUSY_MESSAGE, Listener
 from cvmig.wire.channel import Channel, PeerGone, RemoteError
 from cvmig.wire.frames import VERSION, FrameType
-from tests.proctree import attached_vcpus, descendants, finish_within, leftovers, wait_gone
+from tests.proctree import (
+    attached_vcpus,
+    descendants,
+    finish_within,
+    leftovers,
+    wait_for,
+    wait_gone,
+)
 
 HELLO = {"version": VERSION, "role": "source", "capabilities": ["page"]}
 
@@ -197,3 +204,56 @@ def test_sigterm_ends_a_waiting_destination_cleanly() -> None:
     assert time.monotonic() - t0 < 5.0
     assert not wait_gone(tree, 10.0)
     assert not leftovers([dest.pid, *tree])
+
+
+def test_after_a_failed_migration_the_destination_starts_its_vcpus_again() -> None:
+    """A destination that serves more than one migration: the one that failed took a
+    prestarted vCPU process with it; the destination starts another before the next
+    source comes, and that source's guest runs on the refilled ones."""
+    proc = subprocess.Popen([sys.executable, "-m", "cvmig", "vm", "--incoming",
+                             "tcp:127.0.0.1:0", "--announce", "--vcpus", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    tree: dict[int, str] = {}
+
+    def vcpus() -> set[int]:
+        return {p for p, c in descendants(proc.pid).items() if "cvmig.guest.vcpu" in c}
+
+    try:
+        assert proc.stdout is not None
+        line = json.loads(proc.stdout.readline())
+        assert line["event"] == "listening", line
+        port = int(line["port"])
+        ahead = vcpus()
+        assert len(ahead) == 2 and not attached_vcpus(proc.pid)
+        # about 8 s of transfer, cancelled (Ctrl-C) once the guest is coming in
+        first = _migrate(port, "--max-bandwidth", "2M")
+        assert wait_for(lambda: bool(attached_vcpus(proc.pid)) or first.poll() is not None,
+                        60.0)
+        first.send_signal(signal.SIGINT)
+        code, _, err = finish_within(first, 60.0)
+        assert code == 130, err
+        assert json.loads(proc.stdout.readline())["event"] == "failed"
+        refilled: set[int] = set()
+
+        def back() -> bool:
+            nonlocal refilled
+            refilled = vcpus()
+            return len(refilled) == 2 and not attached_vcpus(proc.pid)
+
+        assert wait_for(back, 30.0), (ahead, vcpus())
+        assert len(refilled & ahead) == 1  # the one not taken stayed; the taken one is gone
+        code, _, err = finish_within(_migrate(port, "--vcpus", "2"), 60.0)
+        assert code == 0, err
+        assert json.loads(proc.stdout.readline())["event"] == "migrated"
+        assert set(attached_vcpus(proc.pid)) == refilled == vcpus()
+        tree = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        dcode, _, derr = finish_within(proc, 20.0)
+        assert dcode == 128 + signal.SIGTERM, derr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert not wait_gone(tree, 10.0)
+    assert not leftovers([proc.pid, *tree])

@@ -78,16 +78,26 @@ class VcpuPool:
 
     def fill(self, n: int, timeout: float = _WARM_TIMEOUT) -> None:
         """Start processes until ``n`` are warm; return when they are. Raises
-        RuntimeError if one dies or does not get warm within ``timeout`` (the others
-        stay pooled)."""
+        RuntimeError if one cannot be started, dies or does not get warm within
+        ``timeout`` (those warm already stay pooled)."""
         if self._closed:
             raise RuntimeError("the vCPU pool is closed")
         self.size = n
-        self._warm = [v for v in self._warm if v.proc.poll() is None]
-        new = [spawn_vcpu() for _ in range(max(0, n - len(self._warm)))]
+        for w in self._warm:
+            if w.proc.poll() is not None:
+                w.kill()  # died while pooled: reap it and close our end
+        self._warm = [w for w in self._warm if w.proc.poll() is None]
         deadline = time.monotonic() + timeout
-        pending = {v.conn: v for v in new}
+        pending: dict[Connection, VcpuProcess] = {}
+        v: VcpuProcess | None = None
         try:
+            for _ in range(max(0, n - len(self._warm))):
+                try:
+                    v = spawn_vcpu()
+                except OSError as e:  # out of processes or descriptors
+                    raise RuntimeError(f"cannot start a vCPU process: {e}") from None
+                pending[v.conn] = v
+                v = None
             while pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -104,9 +114,10 @@ class VcpuPool:
                         raise RuntimeError(f"a vCPU process said {msg!r} as it started")
                     v.warm = True
                     self._warm.append(v)
+                    v = None
         except BaseException:
-            for v in pending.values():
-                v.kill()
+            for u in [*pending.values(), *([v] if v is not None else [])]:
+                u.kill()
             raise
 
     def refill(self) -> None:

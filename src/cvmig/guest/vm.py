@@ -121,14 +121,14 @@ def _release(control: ctl.ControlBlock, procs: list[subprocess.Popen[bytes]], co
     control.close()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time process ``pid`` has used (0 if it is gone)."""
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time process ``pid`` has used (None if it is gone)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open(f"/proc/{pid}/stat", "rb") as f:
             # after the command name's closing parenthesis: utime is field 14
             fields = f.read().rsplit(b")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    return 0.0
+    return None
 
 
 def choose_tracker(requested: str) -> str:
@@ -176,7 +176,7 @@ class Guest:
         self._finalizer = weakref.finalize(self, _release, self.control, self._procs, self._conns)
         self._standby = False
         self._pool = pool
-        self._cpu_before = 0.0  # CPU-s the pooled vCPUs had used when taken
+        self._cpu_before: dict[int, float] = {}  # CPU-s each pooled vCPU had used when taken
 
     # -- layout
     @property
@@ -222,14 +222,23 @@ class Guest:
             fresh = []
             for i in range(self.config.vcpus):
                 v = self._pool.take() if self._pool is not None else spawn_vcpu()
+                try:
+                    v.conn.send(self._spec(i, mode))
+                except OSError:
+                    if not v.warm:
+                        v.kill()
+                        raise
+                    # a pooled one that died since it was taken: a fresh one will do
+                    v.kill()
+                    v = spawn_vcpu()
+                    v.conn.send(self._spec(i, mode))
                 self._procs.append(v.proc)
                 self._conns.append(v.conn)
                 self._owed.append(0)
                 if v.warm:  # its start (the imports) was before us: not ours to count
-                    self._cpu_before += _cpu_seconds(v.proc.pid)
+                    self._cpu_before[v.proc.pid] = _cpu_seconds(v.proc.pid) or 0.0
                 else:
                     fresh.append(i)
-                v.conn.send(self._spec(i, mode))
             for i in fresh:
                 kind, info = self._recv(i, self._conns[i], _START_TIMEOUT)
                 if kind != "warm":
@@ -403,6 +412,7 @@ class Guest:
         self._conns.clear()
         self._owed.clear()
         self._maps.clear()
+        self._cpu_before.clear()
 
     def __enter__(self) -> Guest:
         return self
@@ -504,7 +514,12 @@ class Guest:
         """CPU time the vCPU processes have used so far (the kernel's count): what the
         guest takes from the host's cores, which a small host shares with the migration.
         A pooled vCPU's start, before this guest took it, is not counted."""
-        return sum(_cpu_seconds(p.pid) for p in self._procs) - self._cpu_before
+        total = 0.0
+        for p in self._procs:
+            used = _cpu_seconds(p.pid)
+            if used is not None:
+                total += used - self._cpu_before.get(p.pid, 0.0)
+        return total
 
     def heartbeats(self, vcpu: int) -> np.ndarray:
         """The last (up to ctl.RING) heartbeat times of one vCPU, oldest first."""

@@ -378,7 +378,8 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
         if prestart:
             _prestart(host, guest["vcpus"])
         with Listener(srv, handshake_timeout, note, tls=tls) as front:
-            say({"event": "listening", "port": front.port})
+            if not stop.is_set():  # a signal during the prestart: never say we listen
+                say({"event": "listening", "port": front.port})
             while not stop.is_set():
                 conn = front.take(timeout=0.2)
                 if conn is None:

@@ -1,5 +1,6 @@
 """A host as the migration engine sees it: its secure processor process, a client to it,
-and a transport buffer the PSP writes packets into and the socket sends from."""
+a transport buffer the PSP writes packets into and the socket sends from, and (on a
+destination) vCPU processes started ahead of the guest to come."""
 
 from __future__ import annotations
 

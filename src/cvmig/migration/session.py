@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,18 @@ class DestinationProcess:
         self.pid = self.proc.pid
 
     def _read_event(self, timeout: float) -> dict[str, Any]:
+        """Its next event; if none comes within ``timeout`` s it is killed, and its end
+        is the event (readline has no timeout of its own)."""
+        assert self.proc.stdout is not None
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._next_event(timeout)
+        finally:
+            timer.cancel()
+
+    def _next_event(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
         while True:
             line = self.proc.stdout.readline()
@@ -139,7 +152,7 @@ def migrate_local_or_remote(
     opts.params.validate()
     opts.guest.validate()
     dest: DestinationProcess | None = None
-    connected = False  # a destination we never connected to has no last word to wait for
+    started = False
     cap = contig_cap(opts.params)
     with Host("source", opts.psp_profile, contig_cap=cap) as host:
         vm = SourceVM.boot(host, opts.guest, opts.policy)
@@ -158,7 +171,7 @@ def migrate_local_or_remote(
             busy1 = busy_cpu_seconds()
             if should_cancel():
                 raise MigrationFailed("migration cancelled before it started")
-            connected = True
+            started = True
             outcome = migrate_out(vm, uri, opts.params, observer, should_cancel,
                                   io_timeout=opts.io_timeout_s, tls=opts.tls)
         except MigrationInDoubt as e:
@@ -172,11 +185,11 @@ def migrate_local_or_remote(
         finally:
             dest_result: dict[str, Any] = {}
             if dest is not None:
-                if connected:
-                    try:
-                        dest_result = dest.result()
-                    except Exception:  # noqa: BLE001 - a report without it is still a report
-                        dest_result = {}
+                # one we never connected to has no last word to wait for
+                try:
+                    dest_result = dest.result() if started else {}
+                except Exception:  # noqa: BLE001 - a report without it is still a report
+                    dest_result = {}
                 dest.close()
         tracker = vm.guest.tracker_kind
     return _report(opts, outcome, tracker, (ops0, t0, ops1, t1), (cpu0, cpu1, busy1),

@@ -481,8 +481,9 @@ class Machine:
                         self.runstate = "inmigrate"
                     srv.idle()
                     # a source that comes meanwhile is served once they are up
-                    with contextlib.suppress(RuntimeError):  # else started as it comes
-                        self.host.vcpu_pool.refill()
+                    if not self._closing.is_set():
+                        with contextlib.suppress(RuntimeError):  # else started as it comes
+                            self.host.vcpu_pool.refill()
                     continue
                 with self.lock:
                     self._conn = None
