@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 
 from cvmig.migration.stopcost import ENV
+from cvmig.psp.mailbox import MailboxClient, PspProcess
+
+Psp = tuple[str, MailboxClient]  # a PSP process's socket and a client to it
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,3 +30,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _DIR = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="module")
+def psp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Psp]:
+    """A secure processor process for one test module, and a client to it."""
+    sock = str(tmp_path_factory.mktemp("psp") / "psp.sock")
+    with PspProcess(sock), MailboxClient(sock) as client:
+        yield sock, client

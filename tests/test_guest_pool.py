@@ -18,19 +18,11 @@ from cvmig.guest.pool import VcpuPool
 from cvmig.guest.vm import Guest, GuestConfig, _cpu_seconds
 from cvmig.guest.workloads import parse_workload
 from cvmig.psp.api import Policy
-from cvmig.psp.mailbox import MailboxClient, PspProcess
+from tests.conftest import Psp
 from tests.proctree import alive, cmdline, wait_for, wait_gone
 
 MiB = 1 << 20
 POLICY = int(Policy.NODBG | Policy.ES)
-Psp = tuple[str, MailboxClient]
-
-
-@pytest.fixture(scope="module")
-def psp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Psp]:
-    sock = str(tmp_path_factory.mktemp("psp") / "psp.sock")
-    with PspProcess(sock), MailboxClient(sock) as client:
-        yield sock, client
 
 
 @pytest.fixture

@@ -27,9 +27,10 @@ from cvmig.guest.vcpu import SLICE, share
 from cvmig.guest.vm import Guest, GuestConfig
 from cvmig.guest.workloads import parse_workload
 from cvmig.psp.api import Policy
-from cvmig.psp.mailbox import MailboxClient, PspProcess, fetch_memory_key
+from cvmig.psp.mailbox import fetch_memory_key
 from cvmig.psp.measure import compose, measure_digest, page_measure
 from cvmig.psp.memcrypt import MemoryCipher
+from tests.conftest import Psp
 
 MiB = 1 << 20
 POLICY = int(Policy.NODBG | Policy.ES)
@@ -42,14 +43,6 @@ WORKLOADS = [
     "sqlite:accounts=500",
 ]
 
-Psp = tuple[str, MailboxClient]
-
-
-@pytest.fixture(scope="module")
-def psp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Psp]:
-    sock = str(tmp_path_factory.mktemp("psp") / "psp.sock")
-    with PspProcess(sock), MailboxClient(sock) as client:
-        yield sock, client
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

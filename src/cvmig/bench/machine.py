@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 
 
 def _cpu_model() -> str:
@@ -45,3 +46,19 @@ def machine_line() -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
         f"Linux {m['kernel']}, Python {m['python']}"
     )
+
+
+def side_by_side_log(measures: str) -> tuple[Callable[[str], None], list[str]]:
+    """A side-by-side bench's ``say`` and the lines it said (for the .log beside its JSON):
+    each line echoed as it comes, the first two the machine and how to read ``measures``."""
+    import click
+
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        click.echo(line)
+        lines.append(line)
+
+    say(machine_line())
+    say(f"note: ratios are what counts here; absolute {measures} move with the machine's load")
+    return say, lines

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from cvmig.bench.machine import machine_info, machine_line
+from cvmig.bench.machine import machine_info, side_by_side_log
 from cvmig.bench.tls import summarize
 
 KINDS = ("at-start", "prestart")  # the vCPUs start when the migration comes / before
@@ -75,14 +75,7 @@ def prestart(memory: str, workload: str, modes: str, reps: int, json_path: Path)
     except ValueError as e:
         allowed = ", ".join(b.value for b in Batching)
         raise click.UsageError(f"{e} (batching modes: {allowed})") from None
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        click.echo(line)
-        lines.append(line)
-
-    say(machine_line())
-    say("note: ratios are what counts here; absolute times move with the machine's load")
+    say, lines = side_by_side_log("times")
     results: dict[str, Any] = {}
     for mode in batchings:
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}

@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from cvmig.bench.machine import machine_info, machine_line
+from cvmig.bench.machine import machine_info, side_by_side_log
 
 MiB = 1 << 20
 CHANNEL_FRAME = 1 * MiB
@@ -154,14 +154,7 @@ def tls(memory: str, workload: str, reps: int, channel_mib: int, json_path: Path
         parse_workload(workload)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        click.echo(line)
-        lines.append(line)
-
-    say(machine_line())
-    say("note: ratios are what counts here; absolute rates move with the machine's load")
+    say, lines = side_by_side_log("rates")
     with tempfile.TemporaryDirectory(prefix="cvmig-bench-tls-") as d:
         create(d, ["localhost"], days=1)
         creds = TlsCreds.load(Path(d) / "localhost")
