@@ -121,8 +121,10 @@ class VcpuPool:
             raise
 
     def refill(self) -> None:
-        """Make it as full as the last fill did (after a guest took from it)."""
-        self.fill(self.size)
+        """Make it as full as the last fill did (after a guest took from it). A failure
+        costs only the head start: the next guest starts what is missing as it comes."""
+        with contextlib.suppress(RuntimeError):
+            self.fill(self.size)
 
     def take(self) -> VcpuProcess:
         """A warm process if one lives, else a fresh one (its "warm" still to come)."""

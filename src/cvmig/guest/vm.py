@@ -225,12 +225,10 @@ class Guest:
                 try:
                     v.conn.send(self._spec(i, mode))
                 except OSError:
-                    if not v.warm:
-                        v.kill()
-                        raise
-                    # a pooled one that died since it was taken: a fresh one will do
                     v.kill()
-                    v = spawn_vcpu()
+                    if not v.warm:
+                        raise
+                    v = spawn_vcpu()  # the pooled one died since it was taken: a fresh one
                     v.conn.send(self._spec(i, mode))
                 self._procs.append(v.proc)
                 self._conns.append(v.conn)

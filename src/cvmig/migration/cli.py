@@ -398,7 +398,7 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
                         code = 1
                         break
                     front.idle()
-                    _prestart(host)  # a source that comes meanwhile is served once they are up
+                    host.vcpu_pool.refill()  # a source that comes meanwhile is served after
                     continue
                 current[0] = None
                 say({"event": "migrated", "report": incoming_vm.report})
@@ -407,25 +407,20 @@ def vm(incoming: str | None, psp_profile: str, max_contig_pages: int, psp_owner:
                 if once:
                     break
                 front.idle()
-                _prestart(host)
+                host.vcpu_pool.refill()
     if ending:
         click.echo(f"cvmig vm: terminating on {signal.Signals(ending[0]).name}", err=True)
         sys.exit(128 + ending[0])
     sys.exit(code)
 
 
-def _prestart(host: Any, vcpus: int | None = None) -> None:
+def _prestart(host: Any, vcpus: int) -> None:
     """Start the vCPU processes of the guest to come before it comes, as QEMU's
-    destination has its vCPUs before the migration starts (cvmig.guest.pool). Without
-    ``vcpus``, as many as the last time, and a failure only means they start as it comes."""
+    destination has its vCPUs before the migration starts (cvmig.guest.pool)."""
     try:
-        if vcpus is None:
-            host.vcpu_pool.refill()
-        else:
-            host.vcpu_pool.fill(vcpus)
+        host.vcpu_pool.fill(vcpus)
     except RuntimeError as e:
-        if vcpus is not None:
-            raise click.ClickException(f"cannot start vCPU processes: {e}") from None
+        raise click.ClickException(f"cannot start vCPU processes: {e}") from None
 
 
 def _watch_lifeline(parent: Any, gone: Any) -> None:

@@ -482,8 +482,7 @@ class Machine:
                     srv.idle()
                     # a source that comes meanwhile is served once they are up
                     if not self._closing.is_set():
-                        with contextlib.suppress(RuntimeError):  # else started as it comes
-                            self.host.vcpu_pool.refill()
+                        self.host.vcpu_pool.refill()
                     continue
                 with self.lock:
                     self._conn = None
