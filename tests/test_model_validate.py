@@ -126,6 +126,21 @@ def test_a_busy_guest_on_the_small_host_lengthens_the_predicted_migration(tmp_pa
     assert t_busy > 1.8 * t_idle  # the pipeline asked for both cores; now it gets half
 
 
+def test_a_live_grids_runs_are_kept_for_the_model_to_be_held_to_again(tmp_path: Path) -> None:
+    """`model --validate` keeps its runs as `bench paper` does: `--from-bench` then holds
+    the model to them without migrating, each profile at the timeout the grid ran it."""
+    runs = json.loads(_bench(tmp_path).read_text())["runs"]
+    V._keep_runs(tmp_path, replace(V.FULL, timeout_s=15.0, hw_timeout_s=40.0), runs)
+    kept = json.loads((tmp_path / "runs.json").read_text())
+    assert kept["meta"]["source"] == "model --validate" and len(kept["runs"]) == len(runs)
+    res = V.from_bench(tmp_path / "runs.json", tmp_path / "out", lambda s: None, PSP)
+    assert [c["workload"] for c in res["cells"]] == ["d0.5"]
+    assert V._timeout(kept["meta"], "none") == 15.0
+    assert V._timeout(kept["meta"], "sev-2020") == 40.0  # its own, not 4 x 15
+    assert V._timeout({"grid": {"timeout_s": 40.0}}, "sev-2020") == 160.0  # bench paper's
+    assert V._fraction("d1.5") == 1.5 and V._fraction("sqlite") == 0.0
+
+
 def test_validate_options_are_checked(tmp_path: Path) -> None:
     r = CliRunner().invoke(model, ["--reps", "2"])
     assert r.exit_code == 2 and "go with --validate" in r.output

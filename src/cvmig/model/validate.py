@@ -214,6 +214,7 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
         "vcpus": VCPUS, "link_bw": LOOPBACK_BW, "latency": LOOPBACK_LATENCY}
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []  # every run of the grid, as `cvmig bench paper` keeps them
     pools: dict[tuple[str, int, str], Workload] = {}
     for profile in grid.profiles:
         hw = profile != "none"
@@ -241,6 +242,10 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
                         timeout = grid.hw_timeout_s if hw else grid.timeout_s
                         runs = [_run(wl, MODES[mode], thr, profile, mem_mib * MiB, timeout, i)
                                 for i in range(grid.reps)]
+                        for r in runs:
+                            r["row"]["dirty_fraction"] = _fraction(wname)
+                        kept += runs
+                        _keep_runs(out, grid, kept)
                         # the workload as measured so far (the cells without a throttle
                         # come first)
                         pool = pools.setdefault((profile, mem_mib, wl), Workload([], []))
@@ -260,6 +265,28 @@ def run(grid: Grid, out: Path, echo: Callable[[str], None] = print,
                         _echo_cell(echo, cell)
     (out / "model-calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
     return _result(rows, {"grid": grid.__dict__}, out, "model-validation", t0, load0)
+
+
+def _fraction(wname: str) -> float:
+    return float(wname[1:]) if wname.startswith("d") else 0.0
+
+
+def _keep_runs(out: Path, grid: Grid, runs: list[dict[str, Any]]) -> None:
+    """The grid's runs in `cvmig bench paper`'s runs.json, rewritten after each cell: the
+    model can be held to them again (``--from-bench``) without migrating."""
+    from cvmig.bench.machine import machine_info
+
+    meta = {"machine": machine_info(), "grid": {**grid.__dict__}, "source": "model --validate"}
+    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+
+
+def _timeout(meta: dict[str, Any], profile: str) -> float:
+    """A cell's migration timeout as its grid ran it: `model --validate` keeps the hardware
+    profile's own; `bench paper` gives it four times the emulator's."""
+    g = meta["grid"]
+    if profile == "none":
+        return float(g["timeout_s"])
+    return float(g.get("hw_timeout_s") or 4 * float(g["timeout_s"]))
 
 
 Group = tuple[str, int, str, str, str]  # profile, MiB, workload spec, mode, throttle
@@ -357,7 +384,6 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
             med = _medians(rs)
             if med is not None:
                 twins[(key[0], key[1], _wname(key, rs), key[3], key[4])] = med
-    timeout = float(meta["grid"]["timeout_s"])
     pools: dict[tuple[str, int, str], Workload] = {}
     for (profile, mem_mib, wl, _, thr), rs in groups.items():
         pools.setdefault((profile, mem_mib, wl), Workload([], [])).add(rs, thr)
@@ -371,7 +397,7 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
             continue  # the calibration itself
         wname = _wname(key, rs)
         cell = make_cell(cal, profile, mem_mib, wname, wl, mode, thr,
-                         timeout * (4 if profile != "none" else 1), rs,
+                         _timeout(meta, profile), rs,
                          pools[(profile, mem_mib, wl)], samples)
         if cell is None:
             continue
