@@ -141,6 +141,34 @@ def test_a_live_grids_runs_are_kept_for_the_model_to_be_held_to_again(tmp_path: 
     assert V._fraction("d1.5") == 1.5 and V._fraction("sqlite") == 0.0
 
 
+def test_each_guest_size_of_a_grid_is_predicted_from_its_own_calibration(
+        tmp_path: Path) -> None:
+    """A grid of several guest sizes (`model --validate`'s) is calibrated size by size:
+    the 16 MiB cells come out as from a grid of the 16 MiB runs alone, though the larger
+    guest's idle runs moved their pages at another pace."""
+    small = json.loads(_bench(tmp_path).read_text())
+    large = json.loads(json.dumps(small))
+    for r in large["runs"]:
+        r["row"]["memory_mib"] = 64
+        if r["report"] is not None:
+            r["report"]["ram"]["total"] = 64 << 20
+            for rnd in r["report"]["rounds"]:
+                rnd["pages"] = rnd["dirty_pages"] = rnd["pages"] * 4 if rnd["kind"] == "bulk" \
+                    else rnd["pages"]
+            r["report"]["rounds"][0]["duration"] *= 8  # half the pace
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"meta": small["meta"], "runs": small["runs"] + large["runs"]}))
+    res = V.from_bench(both, tmp_path / "out", lambda s: None, PSP)
+    alone = V.from_bench(tmp_path / "runs.json", tmp_path / "alone", lambda s: None, PSP)
+    cells = {c["memory_mib"]: c for c in res["cells"]}
+    assert set(cells) == {16, 64}
+    assert cells[16]["model"]["total_ms"] == pytest.approx(
+        alone["cells"][0]["model"]["total_ms"], rel=1e-6)
+    assert set(res["calibration_by_mib"]) == {"16", "64"}
+    kept = json.loads((tmp_path / "out" / "model-calibration.json").read_text())
+    assert kept == res["calibration_by_mib"]["64"]  # the largest guest's is the host's
+
+
 def test_validate_options_are_checked(tmp_path: Path) -> None:
     r = CliRunner().invoke(model, ["--reps", "2"])
     assert r.exit_code == 2 and "go with --validate" in r.output

@@ -351,6 +351,18 @@ def _calibrate_grid(groups: dict[Group, list[dict[str, Any]]], psp: dict[str, An
     return cal
 
 
+def _calibrate_sizes(groups: dict[Group, list[dict[str, Any]]], psp: dict[str, Any],
+                     echo: Callable[[str], None]) -> dict[int, dict[str, Any]]:
+    """A calibration per guest size in the grid (`_calibrate_grid` on that size's runs)."""
+    sizes = sorted({k[1] for k in groups})
+    out = {}
+    for mem in sizes:
+        if len(sizes) > 1:
+            echo(f"calibrating on the {mem} MiB guests")
+        out[mem] = _calibrate_grid({k: v for k, v in groups.items() if k[1] == mem}, psp, echo)
+    return out
+
+
 def _medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
     rows = [r["row"] for r in runs if r["report"] is not None]
     if not rows:
@@ -362,9 +374,9 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
                psp: dict[str, Any] | None = None, samples: int = 1,
                calibrate_on: Path | None = None) -> dict[str, Any]:
     """The model against a `cvmig bench paper` grid already run (its runs.json): each
-    mode's idle runs calibrate it (their medians; the idle cell without a throttle is
-    left out of the error), `cvmig bench psp` prices the firmware (``psp``:
-    reuse a calibration's), and every other cell is predicted.
+    mode's idle runs at each guest size calibrate it there (their medians; the idle cell
+    without a throttle is left out of the error), `cvmig bench psp` prices the firmware
+    (``psp``: reuse a calibration's), and every other cell is predicted.
 
     ``calibrate_on``: another grid of the same bench, whose idle runs calibrate the model
     instead (this grid's every cell is then held out, its idle ones too); each cell also
@@ -375,11 +387,14 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
     groups, meta = _load_grid(runs_json)
     psp = dict(psp or {})
     twins: dict[tuple[str, int, str, str, str], dict[str, float]] = {}
+    # each guest size calibrated on its own idle runs, as `model --validate` calibrates
+    # each block before it: a small guest's migration is mostly its ends (the drain of
+    # the frames in flight, the stop), which a large one's calibration prices wrong
     if calibrate_on is None:
-        cal = _calibrate_grid(groups, psp, echo)
+        cals = _calibrate_sizes(groups, psp, echo)
     else:
         other, _ = _load_grid(calibrate_on)
-        cal = _calibrate_grid(other, psp, echo)
+        cals = _calibrate_sizes(other, psp, echo)
         for key, rs in other.items():
             med = _medians(rs)
             if med is not None:
@@ -390,7 +405,8 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
     rows: list[dict[str, Any]] = []
     for key, rs in groups.items():
         profile, mem_mib, wl, mode, thr = key
-        if f"{profile}/{mode}" not in cal["cells"]:
+        cal = cals.get(mem_mib)
+        if cal is None or f"{profile}/{mode}" not in cal["cells"]:
             continue  # uncalibrated
         if calibrate_on is None and ((wl == "idle" and thr == "none")
                                      or (wl.split(":")[0], mode, thr) == BUSY):
@@ -409,10 +425,14 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
         rows.append(cell)
         _echo_cell(echo, cell)
     out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {"bench": str(runs_json), "calibration": cal}
+    # the largest guest's: what `cvmig model --calibration` and --scale take
+    largest = cals[max(cals)] if cals else _calibrate_grid({}, psp, echo)
+    extra: dict[str, Any] = {"bench": str(runs_json), "calibration": largest}
+    if len(cals) > 1:
+        extra["calibration_by_mib"] = {str(k): v for k, v in cals.items()}
     if calibrate_on is None:
         # this host's latest calibration (what `cvmig model --calibration` and --scale take)
-        (out / "model-calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
+        (out / "model-calibration.json").write_text(json.dumps(largest, indent=1) + "\n")
         return _result(rows, extra, out, "model-validation-bench", t0, load0)
     extra["calibrated_on"] = str(calibrate_on)
     return _result(rows, extra, out, "model-validation-heldout", t0, load0)
