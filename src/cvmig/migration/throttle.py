@@ -77,6 +77,10 @@ class Sync:
     time: float  # seconds, the world's clock
     dirty_pages: int  # pages harvested by this sync
     transferred: int  # bytes sent since the migration began (all channels)
+    # bytes/s at which the migration sends dirty pages again, as it prices the stop (0:
+    # unknown). Below what the bulk moved where batching merged the bulk's contiguous
+    # pages and a writer's dirty pages lie scattered (contig: a command each)
+    resend_rate: float = 0.0
 
 
 class ThrottlePolicy:
@@ -94,6 +98,13 @@ class ThrottlePolicy:
 
     def on_sync(self, ctl: ThrottleControl, sync: Sync) -> None:
         """Called after every dirty-log sync of pre-copy."""
+
+    def share_after(self, sync: Sync) -> float:
+        """The share of the guest's present dirty rate it would keep if pre-copy went on
+        past ``sync`` (what `on_sync` would set, not set): the driver prices one more
+        round with it. 1: no change foreseen (QEMU's triggers wait on periods of a second
+        and more, which one short round does not make)."""
+        return 1.0
 
     def _set(self, ctl: ThrottleControl, pct: int) -> None:
         pct = max(0, min(pct, self.params.max_cpu_throttle))
@@ -167,22 +178,41 @@ class Precopy(ThrottlePolicy):
         fixed = self.params.precopy_throttle
         self._set(ctl, fixed if fixed is not None else self.params.cpu_throttle_initial)
 
-    def on_sync(self, ctl: ThrottleControl, sync: Sync) -> None:
+    def _want(self, sync: Sync) -> int | None:
+        """The throttle (%) that holds the guest to the target share of what the
+        migration sends, or None when this sync says nothing of it. What it sends is the
+        lower of what it sent since the last sync and what it sends dirty pages again at:
+        after a bulk of merged contiguous commands, the first would leave a scattered
+        writer unthrottled exactly when re-sending its pages slows to a command each."""
         if self.params.precopy_throttle is not None:
-            return
+            return None
         dt = sync.time - self._last_time
         if dt <= 0:
-            return
+            return None
         sent_rate = (sync.transferred - self._last_xfer) / dt
-        self._last_time, self._last_xfer = sync.time, sync.transferred
+        if sync.resend_rate > 0:
+            sent_rate = min(sent_rate, sync.resend_rate)
         if sent_rate <= 0:
-            return
+            return None
         dirty_rate = sync.dirty_pages * PAGE_SIZE / dt
         # what the guest would dirty unthrottled: it runs (1 - p) of the time
         free_rate = dirty_rate / max(1e-3, 1 - self.pct / 100)
         target = self.params.precopy_target_ratio * sent_rate
         want = 0 if free_rate <= target else round(100 * (1 - target / free_rate))
-        self._set(ctl, want)
+        return max(0, min(want, self.params.max_cpu_throttle))
+
+    def on_sync(self, ctl: ThrottleControl, sync: Sync) -> None:
+        want = self._want(sync)
+        if sync.time > self._last_time:
+            self._last_time, self._last_xfer = sync.time, sync.transferred
+        if want is not None:
+            self._set(ctl, want)
+
+    def share_after(self, sync: Sync) -> float:
+        want = self._want(sync)
+        if want is None:
+            return 1.0
+        return (1 - want / 100) / max(1e-3, 1 - self.pct / 100)
 
 
 def make_policy(kind: ThrottleKind | str, params: ThrottleParams) -> ThrottlePolicy:
