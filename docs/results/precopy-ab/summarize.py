@@ -1,0 +1,30 @@
+"""Medians of the A/B's runs (runs.jsonl beside this file), before -> after."""
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+rows = [json.loads(line) for line in (Path(__file__).parent / "runs.jsonl").open()]
+cells: dict[tuple[int, str, str], list[dict]] = defaultdict(list)
+for r in rows:
+    cells[(r["memory_mib"], r["mode"], r["version"])].append(r)
+
+
+def med(runs: list[dict], key: str) -> float:
+    return statistics.median(x[key] for x in runs)
+
+
+def span(runs: list[dict]) -> str:
+    xs = [x["downtime_ms"] for x in runs]
+    return f"{min(xs):.0f}-{max(xs):.0f}"
+
+
+for mem in (16, 64):
+    for m in ("page", "contig", "sg"):
+        b, a = cells[(mem, m, "before")], cells[(mem, m, "after")]
+        print(f"{mem} MiB {m:6}: downtime {med(b, 'downtime_ms'):6.1f} -> "
+              f"{med(a, 'downtime_ms'):6.1f} ms (runs {span(b)} -> {span(a)}), total "
+              f"{med(b, 'total_ms'):6.0f} -> {med(a, 'total_ms'):6.0f} ms, final throttle "
+              f"{med(b, 'final_throttle'):.0f} -> {med(a, 'final_throttle'):.0f} %, "
+              f"n={len(b)},{len(a)}, verified {all(x['verified'] for x in a + b)}")
