@@ -157,7 +157,8 @@ TABLE: tuple[Param, ...] = (
           engine="throttle_params.precopy_throttle",
           to_engine=lambda v: None if v == -1 else v),
     Param("x-precopy-target-ratio", "number", 0.5,
-          "adaptive precopy: hold the dirty rate to this share of the transfer rate.",
+          "adaptive precopy: hold the dirty rate to this share of the transfer rate (the "
+          "lower of what was sent since the last sync and what dirty pages go again at).",
           lo=0.0, hi=1.0, live=True, cli=("--precopy-target-ratio",),
           rule="expects a number above 0 and at most 1",
           engine="throttle_params.precopy_target_ratio", to_engine=float),

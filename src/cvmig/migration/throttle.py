@@ -8,7 +8,9 @@
   less, with cpu-throttle-tailslow), capped at max-cpu-throttle.
 - ``precopy``: the report's method: throttle applied from the start of pre-copy, either a
   fixed percentage or driven at each sync by the measured dirty rate against the transfer
-  rate, so that the guest dirties no more than a target share of what the link can carry.
+  rate, so that the guest dirties no more than a target share of what the migration can
+  send again (the lower of what it sent since the last sync and what it sends dirty pages
+  at: a bulk of merged contiguous commands says little of a scattered writer's pages).
 - ``dirty-limit``: per-vCPU dirty-rate quota (QEMU's dirty-limit): on the same trigger as
   auto-converge, each vCPU is held to vcpu-dirty-limit, so only the vCPUs that dirty
   memory are slowed.
@@ -41,7 +43,7 @@ class ThrottleParams:
     max_cpu_throttle: int = 99  # %
     vcpu_dirty_limit: int = 1  # MB/s per vCPU (QEMU's unit)
     precopy_throttle: int | None = None  # fixed % for the precopy policy; None = adaptive
-    precopy_target_ratio: float = 0.5  # adaptive precopy: dirty rate <= ratio x transfer rate
+    precopy_target_ratio: float = 0.5  # adaptive precopy: dirty rate <= ratio x re-send rate
 
     def validate(self) -> None:
         limits = {
