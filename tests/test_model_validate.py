@@ -166,7 +166,46 @@ def test_each_guest_size_of_a_grid_is_predicted_from_its_own_calibration(
         alone["cells"][0]["model"]["total_ms"], rel=1e-6)
     assert set(res["calibration_by_mib"]) == {"16", "64"}
     kept = json.loads((tmp_path / "out" / "model-calibration.json").read_text())
-    assert kept == res["calibration_by_mib"]["64"]  # the largest guest's is the host's
+    assert kept["cells"] == res["calibration_by_mib"]["64"]["cells"]  # the largest's
+
+
+def test_the_hosts_calibration_keeps_every_profile_a_grids_sizes_calibrated(
+        tmp_path: Path) -> None:
+    """A hardware profile runs small guests only: the host's calibration a multi-size grid
+    leaves takes each profile's cells from the largest guest that calibrated it, so
+    `cvmig model --calibration ... --psp-profile sev-2020` still finds them."""
+    data = json.loads(_bench(tmp_path).read_text())
+    large = json.loads(json.dumps(data["runs"]))
+    for r in large:
+        r["row"]["memory_mib"] = 64
+    hw = json.loads(json.dumps(data["runs"]))
+    for r in hw:
+        r["row"]["profile"] = "sev-2020"
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"meta": data["meta"], "runs": data["runs"] + large + hw}))
+    psp = {**PSP, "sev-2020": PSP["none"]}
+    res = V.from_bench(both, tmp_path / "out", lambda s: None, psp)
+    kept = json.loads((tmp_path / "out" / "model-calibration.json").read_text())
+    assert set(kept["cells"]) == {"none/page", "sev-2020/page"}
+    assert kept["cells"]["none/page"] == res["calibration_by_mib"]["64"]["cells"]["none/page"]
+    assert kept["cells"]["sev-2020/page"] == \
+        res["calibration_by_mib"]["16"]["cells"]["sev-2020/page"]
+
+
+def test_a_held_out_grid_of_another_size_is_calibrated_at_the_nearest(tmp_path: Path) -> None:
+    """Calibrated on a grid of 64 MiB guests, a 16 MiB grid is still predicted (by the
+    nearest size's calibration, and said so), not silently left out."""
+    small = json.loads(_bench(tmp_path).read_text())
+    large = json.loads(json.dumps(small))
+    for r in large["runs"]:
+        r["row"]["memory_mib"] = 64
+    other = tmp_path / "large.json"
+    other.write_text(json.dumps(large))
+    said: list[str] = []
+    res = V.from_bench(tmp_path / "runs.json", tmp_path / "out", said.append, PSP,
+                       calibrate_on=other)
+    assert res["summary"]["cells"] == 2  # the idle cell and the dirtier's, held out
+    assert any("16 MiB: no idle runs of that size" in line for line in said)
 
 
 def test_validate_options_are_checked(tmp_path: Path) -> None:

@@ -374,11 +374,12 @@ class Driver:
                 fits = remaining <= rnd.threshold_bytes
             prog.expected_downtime_ms = expected * 1000
             self.observe("sync", prog)
-            cost = self._page_cost()
-            sync = Sync(sync_time, len(dirty), prog.transferred,
-                        PAGE_SIZE / cost if cost > 0 else 0.0)
-            if fits and p.switchover is Switchover.FIRMWARE and \
-                    self._one_more(dirty, expected, self.policy.share_after(sync)):
+            sync = Sync(sync_time, len(dirty), prog.transferred, self._resend_rate(dirty))
+            # an extra round is a choice, not a failure to converge: where the round cap or
+            # the timeout comes first, the stop that fitted is taken
+            extra = fits and p.switchover is Switchover.FIRMWARE and \
+                self._one_more(dirty, expected, self.policy.share_after(sync))
+            if extra:
                 fits = False  # a short round now buys a clearly shorter stop
                 self._extra_rounds += 1
             prog.sync_seconds.append(w.now() - began - waited)
@@ -389,9 +390,12 @@ class Driver:
                 raise MigrationCancelled("migration cancelled")
             iterative = rnd.index  # rounds done after the bulk one
             if p.max_rounds and iterative >= p.max_rounds:
-                prog.switchover = "max-rounds"
+                prog.switchover = "converged" if extra else "max-rounds"
                 break  # QEMU has no cap; Cloud Hypervisor's old one paused regardless
             if p.timeout_s and sync_time - prog.start >= p.timeout_s:
+                if extra:
+                    prog.switchover = "converged"
+                    break
                 if p.timeout_action is TimeoutAction.CANCEL:
                     raise MigrationCancelled(
                         f"timeout: not converged after {p.timeout_s:g} s "
@@ -618,11 +622,29 @@ class Driver:
         send = now - fixed
         if send <= 0 or send > EXTRA_ROUND_S:
             return False
-        after = fixed + self.progress.dirty_pages_rate * share * send * self._page_cost()
+        # the pages written meanwhile, priced as this set goes where runs merge (contig:
+        # a contiguous writer's runs merge again, a scattered one's are a command a page)
+        cost = self._page_cost()
+        if self.params.batching not in SCATTERED:
+            resend = self._resend_rate(dirty)
+            cost = PAGE_SIZE / resend if resend > 0 else cost
+        after = fixed + self.progress.dirty_pages_rate * share * send * cost
         if after >= EXTRA_ROUND_GAIN * now:
             return False
         self._put_off = now
         return True
+
+    def _resend_rate(self, dirty: np.ndarray) -> float:
+        """Bytes/s at which this dirty set goes again in a round, by the commands its
+        pages make at the mode's cap (0: not yet known): a scattered set under contig is a
+        command a page, a contiguous one a few."""
+        if len(dirty) == 0:
+            return 0.0
+        a, b = self._fit()
+        cmds = len(plan_batches(dirty, self.params.batching, self.params.cap)) - 1
+        nbytes = len(dirty) * PAGE_SIZE
+        cost = self._slowdown() * (a * cmds + b * nbytes)
+        return nbytes / cost if cost > 0 else 0.0
 
     def _page_cost(self) -> float:
         """Seconds one more scattered page adds to the stop (a command of its own unless

@@ -277,7 +277,9 @@ def _keep_runs(out: Path, grid: Grid, runs: list[dict[str, Any]]) -> None:
     from cvmig.bench.machine import machine_info
 
     meta = {"machine": machine_info(), "grid": {**grid.__dict__}, "source": "model --validate"}
-    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+    tmp = out / "runs.json.tmp"  # an interrupt mid-write leaves the last whole one
+    tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+    os.replace(tmp, out / "runs.json")
 
 
 def _timeout(meta: dict[str, Any], profile: str) -> float:
@@ -353,7 +355,13 @@ def _calibrate_grid(groups: dict[Group, list[dict[str, Any]]], psp: dict[str, An
 
 def _calibrate_sizes(groups: dict[Group, list[dict[str, Any]]], psp: dict[str, Any],
                      echo: Callable[[str], None]) -> dict[int, dict[str, Any]]:
-    """A calibration per guest size in the grid (`_calibrate_grid` on that size's runs)."""
+    """A calibration per guest size in the grid (`_calibrate_grid` on that size's runs),
+    the firmware priced once for every size's modes."""
+    for profile in sorted({k[0] for k in groups}):
+        need = psp_modes(tuple(sorted({k[3] for k in groups if k[0] == profile})))
+        if not set(need) <= set(psp.get(profile, {})):
+            echo(f"pricing the firmware: cvmig bench psp --psp-profile {profile}")
+            psp[profile] = {**psp.get(profile, {}), **psp_costs(profile, need)}
     sizes = sorted({k[1] for k in groups})
     out = {}
     for mem in sizes:
@@ -361,6 +369,25 @@ def _calibrate_sizes(groups: dict[Group, list[dict[str, Any]]], psp: dict[str, A
             echo(f"calibrating on the {mem} MiB guests")
         out[mem] = _calibrate_grid({k: v for k, v in groups.items() if k[1] == mem}, psp, echo)
     return out
+
+
+def _host_calibration(cals: dict[int, dict[str, Any]], psp: dict[str, Any]) -> dict[str, Any]:
+    """This host's calibration from a grid's sizes (what `cvmig model --calibration` and
+    --scale take): each profile and mode's cell, and each profile's busy-guest weight, from
+    the largest guest that calibrated it (a hardware profile runs small guests only)."""
+    host: dict[str, Any] = {"cells": {}, "psp": psp, "vcpus": VCPUS, "link_bw": LOOPBACK_BW,
+                            "latency": LOOPBACK_LATENCY, "guest_weight": {}}
+    for mem in sorted(cals, reverse=True):
+        for key, cell in cals[mem]["cells"].items():
+            host["cells"].setdefault(key, cell)
+        for profile, w in cals[mem].get("guest_weight", {}).items():
+            host["guest_weight"].setdefault(profile, w)
+    return host
+
+
+def _nearest(cals: dict[int, dict[str, Any]], mem: int) -> int | None:
+    """The calibrated guest size nearest ``mem`` (a held-out grid may have others)."""
+    return min(cals, key=lambda m: (abs(m - mem), m)) if cals else None
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -403,11 +430,17 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
     for (profile, mem_mib, wl, _, thr), rs in groups.items():
         pools.setdefault((profile, mem_mib, wl), Workload([], [])).add(rs, thr)
     rows: list[dict[str, Any]] = []
+    unmatched: set[int] = set()
     for key, rs in groups.items():
         profile, mem_mib, wl, mode, thr = key
-        cal = cals.get(mem_mib)
+        near = _nearest(cals, mem_mib)
+        cal = cals[near] if near is not None else None
         if cal is None or f"{profile}/{mode}" not in cal["cells"]:
             continue  # uncalibrated
+        if near != mem_mib and mem_mib not in unmatched:
+            unmatched.add(mem_mib)
+            echo(f"  {mem_mib} MiB: no idle runs of that size to calibrate on; "
+                 f"calibrated at {near} MiB")
         if calibrate_on is None and ((wl == "idle" and thr == "none")
                                      or (wl.split(":")[0], mode, thr) == BUSY):
             continue  # the calibration itself
@@ -425,14 +458,13 @@ def from_bench(runs_json: Path, out: Path, echo: Callable[[str], None] = print,
         rows.append(cell)
         _echo_cell(echo, cell)
     out.mkdir(parents=True, exist_ok=True)
-    # the largest guest's: what `cvmig model --calibration` and --scale take
-    largest = cals[max(cals)] if cals else _calibrate_grid({}, psp, echo)
-    extra: dict[str, Any] = {"bench": str(runs_json), "calibration": largest}
+    host = _host_calibration(cals, psp)
+    extra: dict[str, Any] = {"bench": str(runs_json), "calibration": host}
     if len(cals) > 1:
         extra["calibration_by_mib"] = {str(k): v for k, v in cals.items()}
     if calibrate_on is None:
         # this host's latest calibration (what `cvmig model --calibration` and --scale take)
-        (out / "model-calibration.json").write_text(json.dumps(largest, indent=1) + "\n")
+        (out / "model-calibration.json").write_text(json.dumps(host, indent=1) + "\n")
         return _result(rows, extra, out, "model-validation-bench", t0, load0)
     extra["calibrated_on"] = str(calibrate_on)
     return _result(rows, extra, out, "model-validation-heldout", t0, load0)
