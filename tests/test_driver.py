@@ -284,20 +284,6 @@ def test_a_throttle_about_to_bite_buys_the_rounds_that_shorten_the_stop() -> Non
     assert max(r.throttle_pct for r in held.progress.rounds) > 20  # more than the initial
 
 
-def test_a_contiguous_writers_runs_merge_again_and_are_priced_so() -> None:
-    # under contig a contiguous writer's dirty pages go again in a few merged commands:
-    # the precopy policy leaves it unthrottled (priced a command a page, it was held at
-    # 62-68 %) and the extra rounds, priced as its set goes, take the stop down to tens
-    # of ms (before the policy asked for more than the bulk's pace, it stopped at 89)
-    g = GuestModel(npages=16384, dirty_rate=12000, working_set=16384, contiguous=True)
-    w = SimWorld(g, Costs(t_doorbell=0.0, t_cmd=120e-6, psp_bw=350e6, link_bw=2e9))
-    d = Driver(w, MigrationParams(batching=Batching.CONTIG, throttle=ThrottleKind.PRECOPY))
-    p = d.run()
-    assert w.destination_matches()
-    assert max(r.throttle_pct for r in p.rounds[1:]) <= 10
-    assert p.downtime < 0.05
-
-
 def test_a_stop_that_fitted_is_taken_when_the_round_cap_or_timeout_ends_the_extra_rounds(
         ) -> None:
     # the extra rounds are a choice made once the stop fits: where the round cap or the
