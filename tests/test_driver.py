@@ -170,42 +170,40 @@ def test_queue_shares_one_doorbell_per_chunk() -> None:
 # -- throttling ------------------------------------------------------------------------
 
 
+class _Ctl:
+    """What a policy did to the guest, recorded."""
+
+    def __init__(self) -> None:
+        self.throttles: list[int] = []
+        self.limits: list[float | None] = []
+
+    def set_throttle(self, pct: int) -> None:
+        self.throttles.append(pct)
+
+    def set_dirty_limit(self, pages_per_s: float | None) -> None:
+        self.limits.append(pages_per_s)
+
+
 def test_auto_converge_follows_qemus_schedule() -> None:
-    ctl_calls: list[int] = []
-
-    class Ctl:
-        def set_throttle(self, pct: int) -> None:
-            ctl_calls.append(pct)
-
-        def set_dirty_limit(self, pages_per_s: float | None) -> None:
-            raise AssertionError("auto-converge never sets a dirty limit")
-
     pol = AutoConverge(ThrottleParams())
-    ctl = Ctl()
+    ctl = _Ctl()
     pol.start(ctl, 0.0, 0)
     xfer = 0
     for t in range(1, 11):  # ten periods of 1.1 s
         xfer += 100 * PAGE_SIZE  # sent 100 pages per period, dirtied 80 (> 50 %)
         pol.on_sync(ctl, Sync(t * 1.1, 80, xfer))
     # every second period triggers: 20, 30, 40, 50, 60
-    assert ctl_calls == [20, 30, 40, 50, 60]
+    assert ctl.throttles == [20, 30, 40, 50, 60]
+    assert ctl.limits == [], "auto-converge never sets a dirty limit"
 
 
 def test_auto_converge_needs_one_second_periods_and_high_dirty_ratio() -> None:
-    calls: list[int] = []
-
-    class Ctl:
-        def set_throttle(self, pct: int) -> None:
-            calls.append(pct)
-
-        def set_dirty_limit(self, pages_per_s: float | None) -> None:
-            pass
-
     pol = AutoConverge(ThrottleParams())
-    pol.start(Ctl(), 0.0, 0)
+    ctl = _Ctl()
+    pol.start(ctl, 0.0, 0)
     for i in range(1, 20):  # syncs every 0.3 s: periods accumulate to >= 1 s
-        pol.on_sync(Ctl(), Sync(i * 0.3, 10, i * 100 * PAGE_SIZE))  # 10 dirty vs 100 sent
-    assert calls == [], "a dirty rate under 50 % of the transfer never throttles"
+        pol.on_sync(ctl, Sync(i * 0.3, 10, i * 100 * PAGE_SIZE))  # 10 dirty vs 100 sent
+    assert ctl.throttles == [], "a dirty rate under 50 % of the transfer never throttles"
 
 
 def test_auto_converge_makes_a_hopeless_guest_converge() -> None:
@@ -232,35 +230,29 @@ def test_precopy_holds_the_guest_to_what_its_dirty_pages_are_sent_again_at() -> 
     """After a bulk of merged contiguous commands, what was sent per second says little of
     how fast a scattered writer's pages go again (a command each): the policy throttles
     by the slower, and says what it would do without doing it."""
-    calls: list[int] = []
-
-    class Ctl:
-        def set_throttle(self, pct: int) -> None:
-            calls.append(pct)
-
-        def set_dirty_limit(self, pages_per_s: float | None) -> None:
-            raise AssertionError("precopy never sets a dirty limit")
+    ctl = _Ctl()
 
     def policy() -> Precopy:
         pol = Precopy(ThrottleParams())
-        pol.start(Ctl(), 0.0, 0)  # the initial 20 %
+        pol.start(ctl, 0.0, 0)  # the initial 20 %
         return pol
 
     # 1 s of bulk sent 4000 pages; the guest, throttled 20 %, dirtied 1600 of them
     bulk = Sync(1.0, 1600, 4000 * PAGE_SIZE)
     pol = policy()
     assert pol.share_after(bulk) == pytest.approx(1 / 0.8)  # 2000/s free < half of 4000/s
-    pol.on_sync(Ctl(), bulk)
-    assert calls[-1] == 0
+    pol.on_sync(ctl, bulk)
+    assert ctl.throttles[-1] == 0
     # the same, but its dirty pages go again at 1000/s: hold it to 500/s of 2000
     scattered = Sync(1.0, 1600, 4000 * PAGE_SIZE, resend_rate=1000 * PAGE_SIZE)
     pol = policy()
     before = dict(vars(pol))
     share = pol.share_after(scattered)
     assert vars(pol) == before and pol.share_after(scattered) == share, "it sets nothing"
-    pol.on_sync(Ctl(), scattered)
-    assert calls[-1] == 75
+    pol.on_sync(ctl, scattered)
+    assert ctl.throttles[-1] == 75
     assert share == pytest.approx(0.25 / 0.8)
+    assert ctl.limits == [], "precopy never sets a dirty limit"
 
 
 def test_a_throttle_about_to_bite_buys_the_rounds_that_shorten_the_stop() -> None:
