@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
-from collections.abc import Callable
+import time
+from pathlib import Path
+from typing import Any
 
 
 def _cpu_model() -> str:
@@ -48,17 +51,30 @@ def machine_line() -> str:
     )
 
 
-def side_by_side_log(measures: str) -> tuple[Callable[[str], None], list[str]]:
-    """A side-by-side bench's ``say`` and the lines it said (for the .log beside its JSON):
-    each line echoed as it comes, the first two the machine and how to read ``measures``."""
-    import click
+class SideBySideLog:
+    """A side-by-side bench's lines: each echoed as it comes (call it), the first two the
+    machine and how to read ``measures``; `write` keeps them in a .log beside its JSON."""
 
-    lines: list[str] = []
+    def __init__(self, measures: str) -> None:
+        self.lines: list[str] = []
+        self(machine_line())
+        self(f"note: ratios are what counts here; absolute {measures} move with the "
+             "machine's load")
 
-    def say(line: str) -> None:
+    def __call__(self, line: str) -> None:
+        import click
+
         click.echo(line)
-        lines.append(line)
+        self.lines.append(line)
 
-    say(machine_line())
-    say(f"note: ratios are what counts here; absolute {measures} move with the machine's load")
-    return say, lines
+    def write(self, json_path: Path, record: dict[str, Any]) -> None:
+        """``record`` as JSON at ``json_path`` (with the machine and the time), the lines
+        in the .log beside it."""
+        import click
+
+        full = {"machine": machine_info(), **record,
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(full, indent=2) + "\n")
+        json_path.with_suffix(".log").write_text("\n".join(self.lines) + "\n")
+        click.echo(f"wrote {json_path} and {json_path.with_suffix('.log')}")

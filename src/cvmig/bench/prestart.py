@@ -9,14 +9,12 @@ falls on both alike), medians compared as ratios.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cvmig.bench.machine import machine_info, side_by_side_log
+from cvmig.bench.machine import SideBySideLog
 from cvmig.bench.tls import summarize
 
 KINDS = ("at-start", "prestart")  # the vCPUs start when the migration comes / before
@@ -75,7 +73,7 @@ def prestart(memory: str, workload: str, modes: str, reps: int, json_path: Path)
     except ValueError as e:
         allowed = ", ".join(b.value for b in Batching)
         raise click.UsageError(f"{e} (batching modes: {allowed})") from None
-    say, lines = side_by_side_log("times")
+    say = SideBySideLog("times")
     results: dict[str, Any] = {}
     for mode in batchings:
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
@@ -101,10 +99,5 @@ def prestart(memory: str, workload: str, modes: str, reps: int, json_path: Path)
             f"{_r(t['paired_ratio'])}                {d['at-start']:8.0f} {d['prestart']:8.0f} "
             f"{_r(d['ratio'])}                  {c['at-start']:8.2f} {c['prestart']:8.2f}")
     say("ratio: prestart / at-start; paired: the median of each rep's ratio")
-    record = {"machine": machine_info(), "memory": mem, "workload": workload, "reps": reps,
-              "modes": results,
-              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
-    json_path.with_suffix(".log").write_text("\n".join(lines) + "\n")
-    click.echo(f"wrote {json_path} and {json_path.with_suffix('.log')}")
+    say.write(json_path, {"memory": mem, "workload": workload, "reps": reps,
+              "modes": results})

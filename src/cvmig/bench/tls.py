@@ -13,7 +13,6 @@ Credentials come from a throw-away `cvmig pki` CA made for the run.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 
 import click
 
-from cvmig.bench.machine import machine_info, side_by_side_log
+from cvmig.bench.machine import SideBySideLog
 
 MiB = 1 << 20
 CHANNEL_FRAME = 1 * MiB
@@ -154,7 +153,7 @@ def tls(memory: str, workload: str, reps: int, channel_mib: int, json_path: Path
         parse_workload(workload)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    say, lines = side_by_side_log("rates")
+    say = SideBySideLog("rates")
     with tempfile.TemporaryDirectory(prefix="cvmig-bench-tls-") as d:
         create(d, ["localhost"], days=1)
         creds = TlsCreds.load(Path(d) / "localhost")
@@ -189,11 +188,6 @@ def tls(memory: str, workload: str, reps: int, channel_mib: int, json_path: Path
         say(f"{label:16} {m['plain']:10.1f} {m['tls']:10.1f}   {m['ratio']:9.2f}  "
             f"{m['paired_ratio']:6.2f}")
     say("paired: the median of each rep's TLS/plain ratio")
-    record = {"machine": machine_info(), "memory": mem, "workload": workload, "reps": reps,
+    say.write(json_path, {"memory": mem, "workload": workload, "reps": reps,
               "channel_mib": channel_mib, "channel": channel, "migration": migration,
-              "runs": {"channel": chan, "migration": migr},
-              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
-    json_path.with_suffix(".log").write_text("\n".join(lines) + "\n")
-    click.echo(f"wrote {json_path} and {json_path.with_suffix('.log')}")
+              "runs": {"channel": chan, "migration": migr}})
