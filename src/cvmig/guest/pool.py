@@ -83,10 +83,13 @@ class VcpuPool:
         if self._closed:
             raise RuntimeError("the vCPU pool is closed")
         self.size = n
+        alive = []
         for w in self._warm:
-            if w.proc.poll() is not None:
+            if w.proc.poll() is None:
+                alive.append(w)
+            else:
                 w.kill()  # died while pooled: reap it and close our end
-        self._warm = [w for w in self._warm if w.proc.poll() is None]
+        self._warm = alive
         deadline = time.monotonic() + timeout
         pending: dict[Connection, VcpuProcess] = {}
         v: VcpuProcess | None = None
