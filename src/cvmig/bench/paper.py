@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import time
 from collections.abc import Iterable
@@ -154,9 +155,14 @@ def _workloads(grid: Grid, rate: float) -> list[str]:
     return out
 
 
-def _write_runs(out: Path, grid: Grid, quick: bool, results: list[dict[str, Any]]) -> None:
-    meta = {"machine": machine_info(), "grid": {**grid.__dict__}, "quick": quick}
-    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1) + "\n")
+def _write_runs(out: Path, grid: object, results: list[dict[str, Any]], **meta: Any) -> None:
+    """runs.json (every report; ``meta`` beside the machine and ``grid``, a dataclass) and
+    runs.csv (a row a run). Rewritten after each run: runs.json is replaced whole, so an
+    interrupt mid-write leaves the last one (`cvmig model --validate` keeps its runs so too)."""
+    doc = {"meta": {"machine": machine_info(), "grid": {**vars(grid)}, **meta}, "runs": results}
+    tmp = out / "runs.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out / "runs.json")
     _write_csv(out / "runs.csv", (r["row"] for r in results))
 
 
@@ -192,7 +198,7 @@ def run_grid(grid: Grid, out: Path, echo: Any = click.echo,
                         r["row"]["dirty_fraction"] = _fraction(workload, rate)
                         r["row"]["baseline_pages_per_s"] = round(rate, 1)
                         results.append(r)
-                        _write_runs(out, grid, quick, results)
+                        _write_runs(out, grid, results, quick=quick)
                         row = r["row"]
                         echo(f"  {profile:8} {workload:38} {mode:8} {throttle:13} "
                              f"total {row.get('total_ms', '-'):>6} ms  downtime "

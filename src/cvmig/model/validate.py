@@ -272,14 +272,12 @@ def _fraction(wname: str) -> float:
 
 
 def _keep_runs(out: Path, grid: Grid, runs: list[dict[str, Any]]) -> None:
-    """The grid's runs in `cvmig bench paper`'s runs.json, rewritten after each cell: the
-    model can be held to them again (``--from-bench``) without migrating."""
-    from cvmig.bench.machine import machine_info
+    """The grid's runs as `cvmig bench paper` keeps its own (runs.json, runs.csv),
+    rewritten after each cell: the model can be held to them again (``--from-bench``)
+    without migrating."""
+    from cvmig.bench.paper import _write_runs
 
-    meta = {"machine": machine_info(), "grid": {**grid.__dict__}, "source": "model --validate"}
-    tmp = out / "runs.json.tmp"  # an interrupt mid-write leaves the last whole one
-    tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
-    os.replace(tmp, out / "runs.json")
+    _write_runs(out, grid, runs, source="model --validate")
 
 
 def _timeout(meta: dict[str, Any], profile: str) -> float:
