@@ -688,3 +688,30 @@ def test_a_big_guests_stop_harvest_is_counted_and_the_limit_kept() -> None:
     assert all(s >= 0.12 - 1e-9 for s in p.sync_seconds)
     assert p.expected_downtime_ms >= 100 + 120  # counted
     assert (w.resumed_at - (p.pause_time - stop.pause)) * 1000 <= 300
+
+
+def test_a_fit_with_no_cost_per_command_does_not_stop_in_one_page_commands() -> None:
+    # sg priced by a table whose big commands cost more a page than its middle ones (as
+    # `bench psp` measured here): the least-squares line through the sends crosses zero,
+    # so the fit finds no cost per command. That is not cheap small commands: a 1-page
+    # command still costs 126 µs, and a stop in them took 25-55 ms where 5 commands took 8
+    table = ((1, 4, 16, 64, 256), (126e-6, 205e-6, 421e-6, 810e-6, 4800e-6))
+    costs = Costs(t_doorbell=0.0, t_cmd=126e-6, psp_bw=3.1e8, cmd_table=table,
+                  rx_cmd_table=table)
+    g = GuestModel(npages=16382, dirty_rate=9100, working_set=16382, vcpus=2)
+    fits: list[float] = []
+
+    class Recording(Driver):
+        def _stop_cap(self, n: int, a: float, b: float) -> int:
+            fits.append(a)
+            return super()._stop_cap(n, a, b)
+
+    w = SimWorld(g, costs)
+    d = Recording(w, MigrationParams(batching=Batching.SG, timeout_s=30.0))
+    p = d.run()
+    assert w.destination_matches()
+    assert fits[-1] == 0.0, "the case at hand: at the stop, no cost per command"
+    last = p.rounds[-1]
+    assert last.kind == "stop-and-copy" and last.dirty_pages > 32
+    assert p.stop_cap >= 16, "not below the smallest commands the fit was made of"
+    assert last.commands <= last.dirty_pages / 16 + 3  # + the VMSAs

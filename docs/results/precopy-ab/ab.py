@@ -1,4 +1,5 @@
 """A/B of the precopy change (f4529ad): the engine before and after, run by run in turn.
+(Also the stop cap's A/B, docs/results/stopcap-ab/, which added the stop's cap and size.)
 
 Each run is a real local migration (`cvmig.bench.paper._run`) in a fresh interpreter whose
 PYTHONPATH is one of two checkouts. Usage (from the repository root, with a checkout of
@@ -21,6 +22,9 @@ r = _run(sys.argv[1], MODES[sys.argv[2]], sys.argv[4], "none", int(sys.argv[3]) 
 row = r["row"]
 if r["report"]:
     row["throttles"] = [x["throttle_pct"] for x in r["report"]["rounds"]]
+    last = r["report"]["rounds"][-1]
+    row["stop_cap"] = r["report"]["x-stop"]["cap"]
+    row["stop_pages"], row["stop_commands"] = last["dirty_pages"], last["commands"]
 print(json.dumps(row))
 """
 

@@ -704,8 +704,23 @@ class Driver:
         last one at the destination, least at c = sqrt(n*a/b)."""
         cap, pb = self._round_cap(a, b), b * PAGE_SIZE
         if cap > 1 and pb > 0 and n > 0:
-            cap = min(cap, max(1, round(math.sqrt(n * a / pb))))
+            best = round(math.sqrt(n * a / pb))
+            if a <= 0:
+                # no cost per command in the fit is not cheap small commands but a cost
+                # that is not a line over the sizes sent (sg's 256-page commands cost
+                # more a page than its 32-page ones here, and a least-squares line through
+                # them crosses zero): not below the smallest command measured. At cap 1,
+                # sg stopped in 1-page commands at 120 µs each, 25-55 ms where the same
+                # cell's other runs stopped for 8-13 (7 of 63 runs of the issue's grid)
+                best = max(best, self._smallest_command())
+            cap = min(cap, max(1, best))
         return cap
+
+    def _smallest_command(self) -> int:
+        """The fewest pages per command among the sends the cost fit is made of."""
+        data = self._probes + self._costs
+        return min((int(c[1] // max(c[0], 1)) // PAGE_SIZE for c in data if c[0] > 0),
+                   default=1)
 
     def _send_target(self, near_stop: bool) -> float:
         """Seconds one send should take: short near the stop, so what is in flight at the
