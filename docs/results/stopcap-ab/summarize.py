@@ -27,7 +27,7 @@ for ver in ("before", "after"):
     rs = [r for r in rows if r["version"] == ver]
     one = [r for r in rs if r["stop_cap"] == 1 and r["stop_pages"] > 1]
     dts = sorted(r["downtime_ms"] for r in rs)
-    ones = ", ".join("%.0f ms" % r["downtime_ms"] for r in one) or "-"
+    ones = ", ".join(f"{r['downtime_ms']:.0f} ms" for r in one) or "-"
     print(f"{ver:6}: {len(rs)} runs, {len(one)} stopped in one-page commands ({ones}); "
           f"downtime median {statistics.median(dts):.1f}, 90th percentile "
           f"{dts[int(0.9 * len(dts))]:.1f}, max {dts[-1]:.1f} ms; "
