@@ -1,6 +1,13 @@
 """The stop cap's A/B (runs.jsonl beside this file, from ../precopy-ab/ab.py): sg on the
-dirtier, the engine before and after, run by run in turn. Per cell the median downtime
-and its runs' range, and, over all, the stops made in one-page commands and the longest."""
+dirtier, the engine before (a83a3bc) and after (4244eab), run by run in turn, on the 2-core
+VM of docs/results. Per cell the median downtime and its runs' range, and, over all, the
+stops made in one-page commands and the longest. summary.txt is its output; ab.log the
+runs as they went:
+
+    python docs/results/precopy-ab/ab.py BEFORE \
+        'dirtier:rate=3074,pattern=uniform;dirtier:rate=9223,pattern=uniform' 5 16,64,128 sg \
+        docs/results/stopcap-ab/runs.jsonl none,precopy
+"""
 
 import json
 import statistics
