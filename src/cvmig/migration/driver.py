@@ -708,10 +708,10 @@ class Driver:
             if a <= 0:
                 # no cost per command in the fit is not cheap small commands but a cost
                 # that is not a line over the sizes sent (sg's 256-page commands cost
-                # more a page than its 32-page ones here, and a least-squares line through
+                # more a page than its 64-page ones here, and a least-squares line through
                 # them crosses zero): not below the smallest command measured. At cap 1,
-                # sg stopped in 1-page commands at 120 µs each, 25-55 ms where the same
-                # cell's other runs stopped for 8-13 (7 of 63 runs of the issue's grid)
+                # sg stopped in 1-page commands at 120 µs each, 17-55 ms where the same
+                # cells' other runs stopped for 8-27 (6 of 63 runs of the issue's grid)
                 best = max(best, self._smallest_command())
             cap = min(cap, max(1, best))
         return cap
