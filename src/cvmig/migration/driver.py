@@ -613,7 +613,7 @@ class Driver:
         rounds send buys only a fifth off the stop in one round, so one round's priced
         gain sat on the rule's edge, and the price of a scattered page moving by a third
         run to run (101-155 µs, contig after its bulk) decided whether the stop came
-        straight after the bulk (147-176 ms) or rounds went on to 17-71 ms.
+        straight after the bulk (147-176 ms) or rounds went on (32-83 ms).
 
         ``share``: of its present rate, what the throttle policy would leave the guest in
         that round (`ThrottlePolicy.share_after`): a throttle about to bite makes a round
