@@ -625,7 +625,7 @@ def test_extra_rounds_go_on_while_each_shortens_the_stop() -> None:
 def test_a_round_is_judged_by_where_the_next_rounds_lead(t_cmd: float) -> None:
     # a guest writing 0.75-0.85 of what the rounds send: one round buys less than a fifth
     # off a stop the sending dominates, three buy half. Judged by the next round alone,
-    # the stop came at the first fit (240 ms at 0.85) or after a few rounds (113 ms at
+    # the stop came at the first fit (239 ms at 0.85) or after a few rounds (113 ms at
     # 0.8): a price moved by a tenth decided which, as contig's scattered page moved
     # 101-155 µs run to run on the issue's grid (147-176 ms stops against 17-71)
     costs = Costs(t_doorbell=0.0, t_cmd=t_cmd, psp_bw=1e15)
@@ -635,6 +635,35 @@ def test_a_round_is_judged_by_where_the_next_rounds_lead(t_cmd: float) -> None:
     assert p.switchover == "converged"
     assert d._extra_rounds >= 6
     assert p.downtime < 0.1, p.downtime
+
+
+def _deciding(rate: float, harvest: float = 0.0) -> Driver:
+    """A driver about to decide on one more round: page mode, 120 µs a command (its
+    recent sends), 10 ms of fixed stop costs, nothing in flight, the guest at ``rate``."""
+    w = SimWorld(GuestModel(npages=64, dirty_rate=0, working_set=0), Costs())
+    d = Driver(w, MigrationParams(switchover_fixed_ms=10))
+    d._costs = [(100, 100 * PAGE_SIZE, 0.012, 0.012)]
+    d._in_flight, d._harvest_s = 0.0, harvest
+    d.progress.dirty_pages_rate = rate
+    return d
+
+
+def test_the_rounds_looked_ahead_to_fit_in_a_second_together() -> None:
+    # the guest writes 0.85 of what a round sends: three rounds take a 300 ms send to 184
+    # ms in 0.77 s; a 600 ms send has room for one within the second, which leaves 520 of
+    # 610 ms, not a fifth off
+    dirty = np.arange(8, dtype=np.int64)
+    assert _deciding(0.85 / 120e-6)._one_more(dirty, 0.010 + 0.3)
+    assert not _deciding(0.85 / 120e-6)._one_more(dirty, 0.010 + 0.6)
+
+
+def test_the_stops_harvest_is_not_promised_to_shrink() -> None:
+    # a big guest: the stop's harvest of the dirty log (100 ms) walks all of memory and no
+    # round shortens it; the pages' 50 ms would shrink to 31 in three rounds, 19 ms off a
+    # 160 ms stop, not a fifth. (Counted as pages to send, three rounds promised 102 ms.)
+    dirty = np.arange(8, dtype=np.int64)
+    assert not _deciding(0.85 / 120e-6, harvest=0.1)._one_more(dirty, 0.01 + 0.1 + 0.05)
+    assert _deciding(0.85 / 120e-6)._one_more(dirty, 0.01 + 0.05)
 
 
 class _StalledWorld(SimWorld):
