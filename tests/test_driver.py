@@ -657,15 +657,6 @@ def test_the_rounds_looked_ahead_to_fit_in_a_second_together() -> None:
     assert not _deciding(0.85 / 120e-6)._one_more(dirty, 0.010 + 0.6)
 
 
-def test_the_stops_harvest_is_not_promised_to_shrink() -> None:
-    # a big guest: the stop's harvest of the dirty log (100 ms) walks all of memory and no
-    # round shortens it; the pages' 50 ms would shrink to 31 in three rounds, 19 ms off a
-    # 160 ms stop, not a fifth. (Counted as pages to send, three rounds promised 102 ms.)
-    dirty = np.arange(8, dtype=np.int64)
-    assert not _deciding(0.85 / 120e-6, harvest=0.1)._one_more(dirty, 0.01 + 0.1 + 0.05)
-    assert _deciding(0.85 / 120e-6)._one_more(dirty, 0.01 + 0.05)
-
-
 class _StalledWorld(SimWorld):
     """The simulated guest, whose dirty-log harvests after the driver's ``after``-th extra
     round are held up ``stall`` s (frames in flight landing late): the guest writes on
