@@ -637,13 +637,13 @@ def test_a_round_is_judged_by_where_the_next_rounds_lead(t_cmd: float) -> None:
     assert p.downtime < 0.1, p.downtime
 
 
-def _deciding(rate: float, harvest: float = 0.0) -> Driver:
+def _deciding(rate: float) -> Driver:
     """A driver about to decide on one more round: page mode, 120 µs a command (its
     recent sends), 10 ms of fixed stop costs, nothing in flight, the guest at ``rate``."""
     w = SimWorld(GuestModel(npages=64, dirty_rate=0, working_set=0), Costs())
     d = Driver(w, MigrationParams(switchover_fixed_ms=10))
     d._costs = [(100, 100 * PAGE_SIZE, 0.012, 0.012)]
-    d._in_flight, d._harvest_s = 0.0, harvest
+    d._in_flight = 0.0
     d.progress.dirty_pages_rate = rate
     return d
 

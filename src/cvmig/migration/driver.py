@@ -613,9 +613,8 @@ class Driver:
         rounds send buys at most a fifth off the stop in one round (its ratio below 0.8
         to pay, while sending dominates; now about 0.9, where a round that does what was
         predicted still shortens its stop by the tenth the strikes ask), so one round's
-        priced
-        gain sat on the rule's edge, and the price of a scattered page moving by a third
-        run to run (101-155 µs, contig after its bulk) decided whether the stop came
+        priced gain sat on the rule's edge, and the price of a scattered page moving by a
+        third run to run (101-155 µs, contig after its bulk) decided whether the stop came
         straight after the bulk (147-176 ms) or rounds went on (32-83 ms).
 
         ``share``: of its present rate, what the throttle policy would leave the guest in
@@ -644,9 +643,9 @@ class Driver:
         while rounds < EXTRA_ROUND_AHEAD and spent + send * ratio**rounds <= EXTRA_ROUND_S:
             spent += send * ratio**rounds
             rounds += 1
-        # (the stop's harvest, in send, does not shrink: counted as fixed, or the rounds
-        # looked ahead capped by those left, the model stopped 1-10 ms higher at the floor
-        # in 15 of the issue grid's 63 cells, and its error grew: not kept)
+        # (send holds the stop's harvest, which no round shrinks. Counting it as fixed, or
+        # capping the rounds looked ahead by those left, was tried: the model stopped 1-10
+        # ms higher at the floor in 15 of the issue grid's 63 cells, and its error grew)
         after = fixed + send * ratio**rounds
         if after >= EXTRA_ROUND_GAIN * now:
             return False
@@ -742,7 +741,7 @@ class Driver:
     def _smallest_command(self) -> int:
         """The fewest pages per command among the sends the cost fit is made of."""
         data = self._probes + self._costs
-        return min((int(c[1] // max(c[0], 1)) // PAGE_SIZE for c in data if c[0] > 0),
+        return min((int(c[1] // c[0]) // PAGE_SIZE for c in data if c[0] > 0),
                    default=1)
 
     def _send_target(self, near_stop: bool) -> float:
