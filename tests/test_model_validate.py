@@ -374,7 +374,7 @@ def test_a_sync_takes_its_time_while_the_guest_writes_on_and_the_stops_is_downti
     assert got["sync_s"] == pytest.approx(1.2e-3 - npages * SYNC_PAGE_S)
     assert got["stop_sync_s"] == pytest.approx(0.6e-3 - npages * STOP_SYNC_PAGE_S)
     assert C.sync_cost(_run("idle", 700, 8, 20, 0.6)["report"]) == {}  # older: none
-    guest = GuestModel(npages=1000, dirty_rate=1000.0, working_set=1000)
+    guest = GuestModel(npages=1000, dirty_rate=1000.0, working_set=1000, timeslice=0)
     w = SimWorld(guest, Costs(sync=2e-3, sync_page=1e-6, stop_sync=1e-3))
     w.start_dirty_log()
     w.sleep(0.01)

@@ -90,7 +90,8 @@ def test_a_database_guest_rewrites_its_hot_pages_and_dirties_runs() -> None:
 
 
 def test_the_hot_pages_are_dirty_after_any_interval_the_guest_ran() -> None:
-    g = GuestModel(npages=1000, dirty_rate=100.0, working_set=200, hot_pages=30, run_pages=8)
+    g = GuestModel(npages=1000, dirty_rate=100.0, working_set=200, hot_pages=30, run_pages=8,
+                   timeslice=0)  # (evenly: its writes come as their time does)
     w = SimWorld(g, Costs())
     w.start_dirty_log()
     w.sleep(0.001)  # a write's tenth: no write yet, but the guest ran
@@ -255,9 +256,60 @@ def test_a_guests_io_ring_is_the_shared_pages_its_page_rounds_sent_without_comma
     assert guest_from_reports("idle", 128 << 20, [page], 2).io_pages == 0
 
 
+def _first_slice(w: SimWorld, step: float = 0.5e-3) -> float:
+    """Harvest in small steps until a slice's writes show; return the time (its slice
+    began at most ``step`` before)."""
+    while not len(w.harvest()):
+        w.sleep(step)
+    return w.now()
+
+
+def test_a_throttled_guest_writes_a_slice_at_once_and_sleeps_between() -> None:
+    # the engine's vCPUs write a 10 ms slice's pages as it begins and sleep p / (1 - p) of
+    # a slice after it: at 80 % a window shorter than the sleep mostly finds nothing,
+    # where an even writer at the same rate would leave a few pages in every one
+    g = GuestModel(npages=100_000, dirty_rate=2000.0, working_set=100_000, vcpus=1)
+    w = SimWorld(g, Costs())
+    w.start_dirty_log()
+    w.sleep(1.0)
+    assert len(w.harvest()) == pytest.approx(2000, rel=0.03)  # 100 slices of 20 pages
+    w.set_throttle(80)  # the next slice comes 50 ms after the last began
+    w.sleep(0.1)
+    w.harvest()
+    found = []
+    for _ in range(40):  # 200 ms in windows of 5 ms: four slices
+        w.sleep(0.005)
+        found.append(len(w.harvest()))
+    assert sorted(found)[-4:] == [20, 20, 20, 20] and sorted(found)[:-4] == [0] * 36
+    w.sleep(1.0)
+    assert len(w.harvest()) == pytest.approx(400, abs=20)  # 1 - p of the rate
+
+
+def test_a_new_throttle_is_read_as_the_slice_ends_or_at_the_sleeps_poll() -> None:
+    # guest.vcpu reads the throttle after each slice, and in a sleep only when its wait
+    # for commands times out (every 50 ms): a change does not wake a vCPU at once
+    g = GuestModel(npages=100_000, dirty_rate=1000.0, working_set=100_000, vcpus=1)
+    w = SimWorld(g, Costs())
+    w.start_dirty_log()
+    w.set_throttle(50)  # read as the first slice ends: 10 ms of sleep after it
+    t = _first_slice(w)  # a slice began in (t - 0.5 ms, t]
+
+    def at(ms: float) -> int:
+        w.sleep(t + ms / 1000 - w.now())
+        return len(w.harvest())
+
+    w.sleep(0.015 + t - w.now())
+    w.set_throttle(90)  # asleep for 10 ms (< 50): sleeps on; 90 ms after the next slice
+    assert at(18.5) == 0 and at(21) == 10
+    assert at(40) == 0
+    w.set_throttle(0)  # asleep for 90 ms since 30: wakes at the poll, 50 ms into it
+    assert at(78.5) == 0 and at(81) == 10
+    assert at(89.5) == 0 and at(91) == 10  # unthrottled: a slice every 10 ms
+
+
 def test_the_io_ring_is_written_in_turn_at_its_rate_and_goes_as_shared() -> None:
     g = GuestModel(npages=1000, dirty_rate=0.5, working_set=500, shared_pages=16, io_pages=16,
-                   io_rate=200.0)
+                   io_rate=200.0, timeslice=0)
     w = SimWorld(g, Costs())
     w.start_dirty_log()
     w.sleep(0.025)  # five records, no write to RAM yet

@@ -17,8 +17,10 @@ engine's data path (migration/source.py, sender.py, receiver.py, destination.py)
 - the stop: the measured fixed costs (`cvmig.migration.stopcost.StopCosts`) at the points
   where the engine pays them, the FINISH waiting behind every frame still in flight;
 - the guest writes ``dirty_rate`` pages/s at random over ``working_set`` pages while it
-  runs (``contiguous``: over its first pages in order), slowed by the throttle (it runs
-  1 - p of the time) or its dirty limit;
+  runs (``contiguous``: over its first pages in order), slowed by the throttle or its
+  dirty limit. It writes as the engine's vCPUs do (`cvmig.guest.vcpu`): each vCPU at the
+  start of its 10 ms timeslice, a slice's worth at once, and a throttle p puts it to
+  sleep p / (1 - p) of a slice after each, read as the slice ends;
 - on a host of ``cores`` CPUs (0: as many as needed, as on hardware, where the vCPUs
   have cores of their own and the PSP is a separate chip), the migration's own processes
   (``pipeline_cores`` of demand), the guest's vCPUs (``GuestModel.cpu``, less as the
@@ -43,6 +45,8 @@ from cvmig.psp.api import PACKET_HEADER_SIZE, PAGE_SIZE
 
 WINDOW = 3  # cvmig.wire.protocol.WINDOW (imported lazily would pull in the wire)
 SLOTS = 3  # cvmig.migration.source.SOURCE_SLOTS
+SLICE = 0.010  # cvmig.guest.vcpu.SLICE: a vCPU's timeslice, s
+THROTTLE_POLL = 0.05  # a throttle's sleep looks for a new throttle this often (guest.vcpu)
 
 
 @dataclass
@@ -169,6 +173,8 @@ class GuestModel:
     run_pages: int = 1  # the writes dirty runs of this many pages (a database's lie together)
     rate_under_load: bool = False  # dirty_rate was seen while a migration shared the host's
     # cores with it (not before): the model slows it only by what contention adds to that
+    timeslice: float = SLICE  # each vCPU writes a slice's worth as its slice begins (the
+    # engine's vCPUs); 0: the writes spread evenly over time
     seed: int = 1
 
 
@@ -186,6 +192,9 @@ class SimWorld:
     _carry: float = 0.0  # fractional page left over from the last harvest
     _io_writes: float = 0.0  # I/O records since the last harvest (a fraction carried over)
     _io_next: int = 0  # the ring's page the next record goes to
+    # per vCPU: when its current timeslice began, and when its next begins
+    _slice_began: np.ndarray = field(init=False)
+    _slice_next: np.ndarray = field(init=False)
     log: list[tuple[float, str]] = field(default_factory=list)
     # page versions on each side: a write bumps the source's, a send copies it across
     src_version: np.ndarray = field(init=False)
@@ -201,6 +210,9 @@ class SimWorld:
         self.src_version = np.zeros(self.guest.npages, dtype=np.int64)
         self.dst_version = np.full(self.guest.npages, -1, dtype=np.int64)
         self._rng = np.random.default_rng(self.guest.seed)
+        n = max(self.guest.vcpus, 1)
+        self._slice_began = np.full(n, -SLICE)
+        self._slice_next = np.zeros(n)
         self._ran_since_sync = False  # the guest ran since the last harvest (its hot pages are dirty)
         g = self.guest
         if not 1 <= g.hot_runs <= max(g.hot_pages, 1):
@@ -209,6 +221,8 @@ class SimWorld:
             raise ValueError("hot_pages (and the gaps between their runs) + working_set "
                              "exceed the guest's pages")
         self._hot = self._hot_layout()
+        if not g.timeslice >= 0:
+            raise ValueError(f"timeslice must be >= 0 s, got {g.timeslice}")
         if g.io_pages > g.shared_pages:
             raise ValueError("io_pages exceed the guest's shared pages")
 
@@ -245,15 +259,39 @@ class SimWorld:
         self._last_accrue = self.clock
         self._writes = 0.0
         self._io_writes = 0.0
+        # the vCPUs' slices run out of step with the migration and each other
+        ts = self.guest.timeslice
+        self._slice_next = self.clock + self._rng.uniform(0.0, ts, len(self._slice_next))
+        self._slice_began = self._slice_next - ts
+
+    def _cycle(self) -> float:
+        """A vCPU's timeslice and the throttle's sleep after it, s."""
+        return self.guest.timeslice / max(1.0 - self.throttle, 1e-3)
 
     def _accrue(self) -> None:
-        """Account the writes done at the current rate since the last change of rate."""
-        dt = self.clock - self._last_accrue
-        self._writes += self.write_rate() * dt
-        if not self.paused:
+        """Account the writes since the last change of rate. A vCPU writes its slice's
+        share at once as the slice begins, and an I/O record (`GuestModel.timeslice`; a
+        smooth rate never let a short round find nothing, where the engine's throttled
+        guests, asleep between slices, let most of their last rounds find none and its
+        stops came at the floor, the model's 1.5-2.5x above it)."""
+        if self.paused:
+            pass
+        elif not self.guest.timeslice:
+            dt = self.clock - self._last_accrue
+            self._writes += self.write_rate() * dt
             self._ran_since_sync |= dt > 0
-            # an I/O record per timeslice the vCPUs run
             self._io_writes += self.guest.io_rate * (1.0 - self.throttle) * dt
+        else:
+            cycle = self._cycle()
+            due = self._slice_next <= self.clock
+            if due.any():
+                k = np.floor((self.clock - self._slice_next[due]) / cycle) + 1
+                self._slice_began[due] = self._slice_next[due] + (k - 1) * cycle
+                self._slice_next[due] += k * cycle
+                per = float(k.sum()) / len(self._slice_next)  # slices per vCPU
+                self._writes += self.write_rate() * cycle * per
+                self._io_writes += self.guest.io_rate * self.guest.timeslice * per
+                self._ran_since_sync = True
         self._last_accrue = self.clock
 
     def write_rate(self) -> float:
@@ -295,7 +333,7 @@ class SimWorld:
     def harvest(self) -> np.ndarray:
         self._accrue()
         writes, self._writes = self._writes + self._carry, 0.0
-        n_writes = int(writes)
+        n_writes = int(writes + 1e-9)  # (a slice's 10 pages, not 9.999...)
         self._carry = writes - n_writes
         pfns = self._harvest_ws(n_writes)
         if self._ran_since_sync and self.guest.hot_pages:
@@ -465,6 +503,17 @@ class SimWorld:
         self._accrue()
         self.throttle = pct / 100
         self.log.append((self.clock, f"throttle {pct}"))
+        # a vCPU reads its throttle as its slice ends: one in its slice sleeps after it as
+        # the new one says; one asleep sleeps on (`cvmig.guest.vcpu.Vcpu._wait` looks at
+        # the throttle only when its wait for commands times out, every THROTTLE_POLL)
+        if not self.guest.timeslice:
+            return
+        end = self._slice_began + self.guest.timeslice
+        tick = end + THROTTLE_POLL * np.ceil((self.clock - end) / THROTTLE_POLL)
+        asleep = self.clock >= end
+        woken = np.where(self._slice_next - end > THROTTLE_POLL,
+                         np.minimum(self._slice_next, tick), self._slice_next)
+        self._slice_next = np.where(asleep, woken, self._slice_began + self._cycle())
 
     def set_dirty_limit(self, pages_per_s: float | None) -> None:
         self._accrue()
