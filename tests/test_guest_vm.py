@@ -208,29 +208,6 @@ def test_pause_resume_and_move(psp: Psp, workload: str) -> None:
                 g2.shutdown()
 
 
-def test_prepare_returns_before_the_vcpus_attach_and_their_failure_comes_at_await(
-        psp: Psp) -> None:
-    # a destination imports its first pages while its vCPUs attach (prepare waits for
-    # none of them); one that cannot attach fails await_standby, not prepare, and takes
-    # the others down with it: the migration fails before CONFIRM, the guest stays home
-    with launched(psp) as (mem, handle):
-        cfg = GuestConfig(memory=mem.size, vcpus=2, workload=parse_workload("idle"))
-        with GuestMemory.create(mem.size) as mem2:
-            mem2.unlink()  # its name gone: no vCPU can attach it
-            g2 = Guest(cfg, mem2, psp[0], handle)
-            try:
-                g2.prepare()  # the old prepare raised here, before any page came in
-                procs = list(g2._procs)
-                assert len(procs) == 2
-                with pytest.raises(RuntimeError, match="failed to attach"):
-                    g2.await_standby()
-                assert all(p.poll() is not None for p in procs)  # none left behind
-                with pytest.raises(RuntimeError):
-                    g2.restore()
-            finally:
-                g2.shutdown()
-
-
 def test_move_detects_corruption(psp: Psp) -> None:
     """The dirtier's check has teeth: one flipped ciphertext byte in a written page."""
     with running(psp, "dirtier:pattern=sequential,ws=0.5", vcpus=1) as g:

@@ -175,8 +175,6 @@ class Guest:
         # a Guest dropped without shutdown() still kills its vCPUs and unlinks its control shm
         self._finalizer = weakref.finalize(self, _release, self.control, self._procs, self._conns)
         self._standby = False
-        self._standby_owed = False  # prepare()d vCPUs whose "standby" is still to be read
-        self._fresh: list[int] = []  # spawned (not pooled) vCPUs whose "warm" is still owed
         self._pool = pool
         self._cpu_before: dict[int, float] = {}  # CPU-s each pooled vCPU had used when taken
 
@@ -221,7 +219,7 @@ class Guest:
         if self._procs:
             raise RuntimeError("vCPUs already started")
         try:
-            fresh = self._fresh = []
+            fresh = []
             for i in range(self.config.vcpus):
                 v = self._pool.take() if self._pool is not None else spawn_vcpu()
                 try:
@@ -239,22 +237,22 @@ class Guest:
                     self._cpu_before[v.proc.pid] = _cpu_seconds(v.proc.pid) or 0.0
                 else:
                     fresh.append(i)
+            for i in fresh:
+                kind, info = self._recv(i, self._conns[i], _START_TIMEOUT)
+                if kind != "warm":
+                    raise RuntimeError(str(info))
             if mode == "standby":
-                return  # their answers are awaited later (`await_standby`)
-            self._await_warm()
+                for i, conn in enumerate(self._conns):
+                    kind, info = self._recv(i, conn, _START_TIMEOUT)
+                    if kind != "standby":
+                        raise RuntimeError(str(info))
+                self.control.unlink()  # every vCPU has it mapped
+                return
             self._await_ready()
         except BaseException:
             self._kill()
             raise
         self._paused = mode == "restore"
-
-    def _await_warm(self) -> None:
-        """Freshly spawned vCPUs (not the pool's) say they are up."""
-        for i in self._fresh:
-            kind, info = self._recv(i, self._conns[i], _START_TIMEOUT)
-            if kind != "warm":
-                raise RuntimeError(str(info))
-        self._fresh = []
 
     def _await_ready(self) -> None:
         for i, conn in enumerate(self._conns):
@@ -270,37 +268,15 @@ class Guest:
 
     def prepare(self) -> None:
         """Start the vCPU processes in standby, memory attached but no key, while a
-        migration's pages still arrive; `restore` then only has to import the VMSAs. It
-        does not wait for them (`await_standby`): the first pages are imported meanwhile
-        (a destination that waited began importing 25-40 ms after the source began
-        sending, and stayed that far behind it through a small guest's whole bulk)."""
+        migration's pages still arrive; `restore` then only has to import the VMSAs."""
         self._start("standby")
-        self._standby = self._standby_owed = True
-
-    def await_standby(self) -> None:
-        """Until every vCPU `prepare` started has attached the guest's memory and control
-        block (each within _START_TIMEOUT): their shm names may be removed from then on."""
-        if not self._standby_owed:
-            return
-        try:
-            self._await_warm()
-            for i, conn in enumerate(self._conns):
-                kind, info = self._recv(i, conn, _START_TIMEOUT)
-                if kind != "standby":
-                    raise RuntimeError(str(info))
-        except BaseException:
-            self._kill()
-            self._standby = self._standby_owed = False  # a restore would start afresh
-            raise
-        self._standby_owed = False
-        self.control.unlink()  # every vCPU has it mapped
+        self._standby = True
 
     def restore(self) -> None:
         """Start the vCPUs PAUSED from the state in their VMSA pages (after a migration)."""
         if not self._standby:
             self._start("restore")
             return
-        self.await_standby()
         self._standby = False
         try:
             for conn in self._conns:

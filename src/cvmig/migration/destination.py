@@ -141,7 +141,8 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         # the vCPU processes (warm from the host's pool, or started now) attach now,
         # while the pages arrive, not in the downtime
         guest = Guest(config, memory, hostobj.psp_socket, handle, pool=hostobj.vcpu_pool)
-        guest.prepare()  # not awaited: the import begins while they attach
+        guest.prepare()
+        memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
         rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages, ENDGAME_TIMEOUT_S).start()
         try:
             trailer, finish = _import_stream(rx, psp, handle, trans.region, memory)
@@ -152,10 +153,6 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         finally:
             rx.stop()
         finish_in = time.monotonic()  # the stop's part here begins (migration/stopcost.py)
-        # (long since attached: a vCPU that failed to fails the migration here, before
-        # CONFIRM, and the guest stays at the source)
-        guest.await_standby()
-        memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
         populator.stop()  # whatever it has not reached was faulted in by the import
         # what readying this host cost while the pages streamed in (the model's contention)
         start_cpu_s = guest.cpu_seconds() + populator.cpu_s
