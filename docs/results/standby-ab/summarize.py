@@ -1,9 +1,10 @@
 """The destination's deferred vCPU standby: its A/B (runs.jsonl beside this file, from
-../precopy-ab/ab.py), the engine before (5360339) and after (5166dd9), run by run in turn, on the
-2-core VM of docs/results. The destination used to wait for its vCPU processes to attach
-(25-40 ms here) before importing the first frame; now they attach while it imports. Per
-cell (size, mode, workload; no throttle) the median migration time and downtime of each;
-over all, the cells' ratios. summary.txt is its output; ab.log the runs as they went:
+../precopy-ab/ab.py), the engine before (5360339) and after (5166dd9), run by run in
+turn, on the 2-core VM of docs/results. The destination waits for its vCPU processes to
+attach (25-40 ms here) before it imports the first frame; 5166dd9 let them attach while it
+imported, and was reverted on this A/B (no shorter migration: the two share the cores).
+Per cell (size, mode, workload; no throttle) the median migration time and downtime of
+each; over all, the cells' ratios. summary.txt is its output; ab.log the runs as they went:
 
     python docs/results/precopy-ab/ab.py BEFORE 'idle;dirtier:rate=3000,pattern=uniform' \
         3 16,64,128 page,contig,sg docs/results/standby-ab/runs.jsonl none
