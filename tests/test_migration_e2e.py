@@ -56,6 +56,10 @@ def _assert_good(rep: dict, memory: int) -> None:
     m = rep["x-stop"]["costs-measured-ms"]
     seen = rep["guest"]["observed-gap-ms"]
     assert seen >= rep["x-downtime-ms"] - m["pause"] - m["grant"], (seen, rep["x-stop"])
+    # how long the destination readied itself before its first import (the model's
+    # dst_start): some time, and over well before the migration was
+    ready = rep["x-host-cpu"]["destination-ready-s"]
+    assert 0 < ready * 1000 < rep["total-time"], (ready, rep["total-time"])
 
 
 @pytest.mark.parametrize("mode", [Batching.PAGE, Batching.CONTIG, Batching.SG])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cvmig.migration.driver import MigrationParams
+from cvmig.migration.driver import Driver, MigrationParams
 from cvmig.model.cli import costs_from_profile, model, predict
 from cvmig.model.world import GuestModel
 from cvmig.psp.api import Batching
@@ -136,6 +136,28 @@ def test_the_destinations_start_work_slows_only_the_first_part_of_the_bulk() -> 
     # 1 core and is done after 0.2 s, in which the migration did half its work
     slowed = _bulk_s(replace(c, start_cpu=0.2))
     assert slowed == pytest.approx(base + 0.1, rel=0.05)
+
+
+def test_a_destination_that_readies_itself_first_is_behind_at_the_end_of_a_small_bulk(
+) -> None:
+    # the engine's destination maps the memory, runs RECEIVE_START and waits for its
+    # vCPUs before it imports (`destination-ready-s`, 25-50 ms here): the source's first
+    # frames wait in the window, and a small guest's bulk ends with the destination still
+    # that far behind, which the stop waits for (or carries)
+    from cvmig.model.world import Costs, GuestModel, SimWorld
+
+    def idle(dst_start: float) -> tuple[SimWorld, float]:
+        c = Costs(t_doorbell=0.0, t_cmd=100e-6, psp_bw=1e15, link_bw=1e12,
+                  dst_start=dst_start)
+        w = SimWorld(GuestModel(npages=4096, dirty_rate=0.0, working_set=0), c)
+        p = Driver(w, MigrationParams(batching=Batching.SG)).run()
+        end = p.rounds[0].start + p.rounds[0].duration
+        return w, p.total_time - end
+
+    now, late = idle(0.0), idle(0.04)
+    assert late[0]._dst_done[0] >= 0.04  # nothing imported before it is ready
+    assert now[0]._dst_done[0] < 0.01
+    assert late[1] > now[1] + 0.02  # its last frames land (or are waited for) later
 
 
 def test_a_queue_shares_the_doorbell_at_both_ends() -> None:

@@ -279,6 +279,16 @@ def test_a_modes_calibration_takes_the_medians_of_its_idle_runs() -> None:
     bulk, wait = C._model_idle(costs, NPAGES, MODES["page"])
     # (fitted with the pace in turn: two passes get both close)
     assert wait == pytest.approx(0.100, abs=0.015) and bulk == pytest.approx(0.6, rel=0.02)
+    # where the reports measured how long the destination readied itself, the median is
+    # its start in the model (older reports: it starts at once), and the lag is fitted
+    # to what that start leaves of the wait
+    assert costs.dst_start == 0.0
+    for r, ready in zip(reps, (0.030, 0.090, 0.050), strict=True):
+        r["x-host-cpu"]["destination-ready-s"] = ready
+    cell = C.calibration_cell(C.median_report(reps), MODES["page"], PSP["none"])
+    late = C.costs_from_cell(cell, C.LOOPBACK_BW, C.LOOPBACK_LATENCY)
+    assert late.dst_start == pytest.approx(0.050) and cell["rx_lag"] < costs.rx_lag
+    assert C._model_idle(late, NPAGES, MODES["page"])[1] == pytest.approx(0.100, abs=0.015)
 
 
 def test_a_calibration_leaves_the_firmwares_measured_prices_as_they_were() -> None:

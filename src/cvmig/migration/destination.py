@@ -115,6 +115,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
             raise ProtocolError("peer is not a cvmig source")
         chan.send(FrameType.CERTS, psp.export_certs().to_bytes())
         start = chan.expect(FrameType.START, max_data=1 << 16)
+        started = time.monotonic()
         info = parse_json(start.header, start.meta[: start.header.meta_len])
         config = config_from_json(info["config"])
         npages = int(info["npages"])  # type: ignore[call-overload]
@@ -144,6 +145,8 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
         guest.prepare()
         memory.unlink()  # the PSP and the vCPUs have it mapped; a killed host leaks nothing
         rx = Receiver(chan, trans.view, WINDOW, slot_size(), npages, ENDGAME_TIMEOUT_S).start()
+        # how long the source's first frames waited for us (the model's dst_start)
+        ready_s = time.monotonic() - started
         try:
             trailer, finish = _import_stream(rx, psp, handle, trans.region, memory)
         except BaseException:
@@ -197,6 +200,7 @@ def migrate_in(hostobj: Host, conn: socket.socket, io_timeout: float = IO_TIMEOU
             vm.report["stop_costs"] = {"finish": round((confirmed_at - finish_in) * 1000, 3),
                                        "grant": round((resumed_at - confirmed_at) * 1000, 3)}
             vm.report["start_cpu_s"] = round(start_cpu_s, 3)
+            vm.report["ready_s"] = round(ready_s, 4)
             with contextlib.suppress(PeerGone, OSError):
                 chan.send_json(FrameType.CONFIRM, vm.report)
         else:

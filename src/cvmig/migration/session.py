@@ -248,5 +248,7 @@ def _report(opts: MigrateOptions, out: Outcome, tracker: str,
         "busy-cores-precopy": round((out.busy_at_pause - cpu[2]) / during_s, 3)
         if during_s and out.busy_at_pause else None,
         "destination-start-cpu-s": verified.get("start_cpu_s"),
+        # from START to its first import: the destination readying itself
+        "destination-ready-s": verified.get("ready_s"),
     }
     return rep

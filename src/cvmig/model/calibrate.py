@@ -333,7 +333,10 @@ def host_share(rep: dict[str, Any]) -> dict[str, Any]:
     """How an idle migration shared this host's cores: their number, what the migration's
     own processes kept busy (the host's busy cores less the guest's and the destination's
     start work), the start work, and whether the PSP's costs were CPU work here (the
-    emulator's) or a hardware profile's wall time. Empty for reports that lack it."""
+    emulator's) or a hardware profile's wall time; where the report has it, how long the
+    destination took to ready itself before its first import (``dst_start``: older reports
+    lack it, and the model's destination then begins at once). Empty for reports that lack
+    the shares."""
     h = rep.get("x-host-cpu") or {}
     busy, start = h.get("busy-cores-precopy"), h.get("destination-start-cpu-s")
     if not busy or start is None:
@@ -342,8 +345,11 @@ def host_share(rep: dict[str, Any]) -> dict[str, Any]:
     guest = float(rep["guest"].get("cpu-cores-during") or 0.0)
     cores = float(h["cores"])
     pipeline = min(max(busy - guest - start / max(pre, 1e-3), 0.05), cores)
-    return {"cores": cores, "pipeline_cores": round(pipeline, 3), "start_cpu": float(start),
-            "psp_cpu": parse(rep["psp"]["profile"]).is_free}
+    out = {"cores": cores, "pipeline_cores": round(pipeline, 3), "start_cpu": float(start),
+           "psp_cpu": parse(rep["psp"]["profile"]).is_free}
+    if h.get("destination-ready-s") is not None:
+        out["dst_start"] = float(h["destination-ready-s"])
+    return out
 
 
 def sync_cost(rep: dict[str, Any]) -> dict[str, float]:
@@ -401,6 +407,10 @@ def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "busy-cores-precopy": statistics.median(h["busy-cores-precopy"] for h in hosts),
             "destination-start-cpu-s": statistics.median(
                 h["destination-start-cpu-s"] for h in hosts)}
+        ready = [h["destination-ready-s"] for h in hosts
+                 if h.get("destination-ready-s") is not None]
+        if ready:
+            base["x-host-cpu"]["destination-ready-s"] = statistics.median(ready)
     base["downtime"] = med(lambda r: r["downtime"])
     base["x-downtime-ms"] = med(downtime_ms)
     return base

@@ -99,7 +99,7 @@ def costs_from_cell(cell: dict[str, Any], link_bw: float, latency: float) -> Cos
                   rx_t_doorbell=recv.get("t_doorbell", 0.0), rx_psp_bw=recv["bw"],
                   t_send=cell.get("t_send", 0.0), t_page=cell.get("t_page", 0.0),
                   setup=cell.get("setup_s", 0.0), digest_page=cell.get("digest_page", 0.0),
-                  rx_lag=cell.get("rx_lag", 0.0),
+                  rx_lag=cell.get("rx_lag", 0.0), dst_start=host.get("dst_start", 0.0),
                   stop_rest=cell.get("stop_rest_ms", 0.0) / 1000,
                   cmd_table=_table(send), rx_cmd_table=_table(recv),
                   link_bw=link_bw, latency=latency, stop=stop,

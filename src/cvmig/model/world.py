@@ -12,8 +12,9 @@ engine's data path (migration/source.py, sender.py, receiver.py, destination.py)
   the destination's ``window`` of unacknowledged frames, and frees its slot;
 - the destination's secure processor imports it (``rx_t_cmd``, ``rx_psp_bw``, and the
   destination's own work beyond them, ``rx_lag``), one frame at a time, and acknowledges
-  it. Each PSP serves one command at a time, as hardware does;
-  the three stages overlap, so a round costs its slowest stage;
+  it; it imports none before ``dst_start`` (it readies itself first). Each PSP serves
+  one command at a time, as hardware does; the three stages overlap, so a round costs its
+  slowest stage;
 - the stop: the measured fixed costs (`cvmig.migration.stopcost.StopCosts`) at the points
   where the engine pays them, the FINISH waiting behind every frame still in flight;
 - the guest writes ``dirty_rate`` pages/s at random over ``working_set`` pages while it
@@ -78,6 +79,9 @@ class Costs:
     pipeline_cores: float = 0.0  # cores the migration's processes keep busy on their own
     psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
     start_cpu: float = 0.0  # CPU-s the destination spends starting its vCPUs, during pre-copy
+    dst_start: float = 0.0  # s after the dirty log starts before the destination imports a
+    # frame: it maps the memory, runs RECEIVE_START and waits for its vCPUs to attach
+    # (`cvmig.migration.destination`; its first ACK came 23-53 ms after the first frame)
     start_cores: float = 2.0  # ... by this many processes at once
     guest_weight: float = 1.0  # a busy guest's demand counts this many times: the
     # migration's stages hand work on to each other, and each waits while another is
@@ -204,6 +208,7 @@ class SimWorld:
     _dst_done: list[float] = field(default_factory=list)
     _submitted: list[float] = field(default_factory=list)  # when the source handed it over
     _link_free: float = 0.0
+    _dst_ready: float = 0.0  # when the destination imports its first frame
 
     def __post_init__(self) -> None:
         self._start_left = self.costs.start_cpu
@@ -257,6 +262,7 @@ class SimWorld:
     def start_dirty_log(self) -> None:
         self.clock += self.costs.setup
         self._last_accrue = self.clock
+        self._dst_ready = self.clock + self.costs.dst_start
         self._writes = 0.0
         self._io_writes = 0.0
         # the vCPUs' slices run out of step with the migration and each other
@@ -432,7 +438,7 @@ class SimWorld:
         wire = max(self.clock, self._link_free, acked) + nbytes / c.link_bw
         self._link_free = wire
         lag = c.rx_lag * (src_cost if lag_base is None else lag_base)
-        done = max(wire + c.latency, self._dst_free) + dst_cost + lag
+        done = max(wire + c.latency, self._dst_free, self._dst_ready) + dst_cost + lag
         self._wire_done.append(wire)
         self._dst_done.append(done)
         self._submitted.append(self.clock)
