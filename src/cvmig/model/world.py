@@ -79,10 +79,10 @@ class Costs:
     pipeline_cores: float = 0.0  # cores the migration's processes keep busy on their own
     psp_cpu: bool = True  # the PSP costs are CPU work on those cores (the emulator)
     start_cpu: float = 0.0  # CPU-s the destination spends starting its vCPUs, during pre-copy
+    start_cores: float = 2.0  # ... by this many processes at once
     dst_start: float = 0.0  # s after the dirty log starts before the destination imports a
     # frame: it maps the memory, runs RECEIVE_START and waits for its vCPUs to attach
     # (`cvmig.migration.destination`; its first ACK came 23-53 ms after the first frame)
-    start_cores: float = 2.0  # ... by this many processes at once
     guest_weight: float = 1.0  # a busy guest's demand counts this many times: the
     # migration's stages hand work on to each other, and each waits while another is
     # descheduled, so a guest slows them more than its share of the cores says
@@ -280,14 +280,12 @@ class SimWorld:
         smooth rate never let a short round find nothing, where the engine's throttled
         guests, asleep between slices, let most of their last rounds find none and its
         stops came at the floor, the model's 1.5-2.5x above it)."""
-        if self.paused:
-            pass
-        elif not self.guest.timeslice:
+        if not self.paused and not self.guest.timeslice:
             dt = self.clock - self._last_accrue
             self._writes += self.write_rate() * dt
             self._ran_since_sync |= dt > 0
             self._io_writes += self.guest.io_rate * (1.0 - self.throttle) * dt
-        else:
+        elif not self.paused:
             cycle = self._cycle()
             due = self._slice_next <= self.clock
             if due.any():
