@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cvmig.migration.driver import Driver, MigrationParams
+from cvmig.migration.driver import MigrationParams
 from cvmig.model.cli import costs_from_profile, model, predict
 from cvmig.model.world import GuestModel
 from cvmig.psp.api import Batching
@@ -144,7 +144,8 @@ def test_a_destination_that_readies_itself_first_is_behind_at_the_end_of_a_small
     # vCPUs before it imports (`destination-ready-s`, 25-50 ms here): the source's first
     # frames wait in the window, and a small guest's bulk ends with the destination still
     # that far behind, which the stop waits for (or carries)
-    from cvmig.model.world import Costs, GuestModel, SimWorld
+    from cvmig.migration.driver import Driver
+    from cvmig.model.world import Costs, SimWorld
 
     def idle(dst_start: float) -> tuple[SimWorld, float]:
         c = Costs(t_doorbell=0.0, t_cmd=100e-6, psp_bw=1e15, link_bw=1e12,
