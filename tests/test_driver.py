@@ -498,6 +498,40 @@ def test_after_the_frames_in_flight_land_the_one_more_rule_prices_the_stop_witho
     assert d.progress.downtime < 0.2 * d.params.downtime_limit_ms / 1000
 
 
+def test_a_stop_behind_frames_in_flight_lets_them_land_first_when_that_pays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # sg's last frames are large: an idle guest whose stop fits would stop behind two of
+    # them, most of its downtime; waiting for them, as an extra round would, costs the
+    # idle guest nothing and leaves the stop its fixed costs
+    from cvmig.migration.stopcost import StopCosts
+
+    stop = StopCosts(pause=0.0005, finish=0.004, grant=0.001)
+
+    def migrate(rate: float, waits: bool) -> tuple[float, float, int]:
+        if not waits:
+            monkeypatch.setattr(Driver, "_lands_first", lambda self, expected: False)
+        else:
+            monkeypatch.undo()
+        costs = Costs(t_doorbell=150e-6, t_cmd=30e-6, psp_bw=4e8, t_page=5e-6, rx_lag=0.2,
+                      stop=stop)
+        w = SimWorld(GuestModel(npages=4094, dirty_rate=rate, working_set=4094), costs)
+        at_pause: list[int] = []
+        d = Driver(w, MigrationParams(batching=Batching.SG),
+                   observer=lambda ev, p: at_pause.append(w.frames_in_flight())
+                   if ev == "paused" else None)
+        p = d.run()
+        assert w.destination_matches()
+        return p.downtime, p.total_time, at_pause[0]
+
+    for rate in (0.0, 300.0):  # idle, and a guest that writes little meanwhile
+        down0, total0, flying0 = migrate(rate, waits=False)
+        down1, total1, flying1 = migrate(rate, waits=True)
+        assert flying0 >= 2 and flying1 == 0
+        assert down1 <= 0.5 * down0  # the drain left the stop
+        assert down1 <= stop.total() + 0.001  # what is left is the fixed costs
+        assert total1 <= total0 + 0.01  # the wait overlapped what was left of the bulk
+
+
 def test_the_driver_waits_for_the_frames_to_land_not_for_its_estimate_of_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # the same slow destination; its frames land before the driver's estimate (the sum of

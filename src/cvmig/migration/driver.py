@@ -385,6 +385,19 @@ class Driver:
             if extra:
                 fits = False  # a short round now buys a clearly shorter stop
                 self._extra_rounds += 1
+            elif fits and p.switchover is Switchover.FIRMWARE and self._lands_first(expected):
+                # about to stop behind frames in flight that are a good share of the stop:
+                # they land first, while the guest runs, on the extra round's terms (a
+                # wait is a round with nothing to send); what it wrote meanwhile goes in
+                # the stop, priced again
+                landing = w.now()
+                self._await_landed(self._in_flight)
+                waited += w.now() - landing
+                dirty = np.union1d(dirty, self._harvest())
+                sync_time = last_sync = self._synced(dirty, prev_sync)
+                expected = self.expected_downtime(dirty)
+                fits = self._fits(expected)
+                prog.expected_downtime_ms = expected * 1000
             prog.sync_seconds.append(w.now() - began - waited)
             if fits:
                 prog.switchover = "converged"
@@ -651,6 +664,19 @@ class Driver:
             return False
         self._put_off = now
         return True
+
+    def _lands_first(self, expected: float) -> bool:
+        """Whether a stop predicted at ``expected`` seconds should wait for the frames in
+        flight first: the stop after them, with what the guest writes meanwhile, at most
+        EXTRA_ROUND_GAIN of this one, for a wait within EXTRA_ROUND_S. (The wait before
+        the one-more rule asks more, a send's share of the limit: there a round would
+        follow and overlap them anyway. Before, an idle sg guest stopped behind its last
+        1 MiB frames in 4 of 9 runs of the issue grid: 13-16 ms against 7-9.)"""
+        wait = self._in_flight
+        if wait <= 0 or wait > EXTRA_ROUND_S:
+            return False
+        later = expected - wait + self.progress.dirty_pages_rate * wait * self._page_cost()
+        return later <= EXTRA_ROUND_GAIN * expected and self._fits(later)
 
     def _page_cost(self) -> float:
         """Seconds one more scattered page adds to the stop (a command of its own unless
