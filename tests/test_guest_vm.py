@@ -159,6 +159,11 @@ def test_pause_resume_and_move(psp: Psp, workload: str) -> None:
         wait_progress(g, 600)
         if workload.startswith("sqlite"):  # every vCPU past 2 x keep: its ledger folded
             wait_for(lambda: min(s.ops for s in g.stats()) >= 300, what="300 txns per vCPU")
+            # ... as the next slice begins (one slice may commit all 300): two more each
+            seen = [s.heartbeats for s in g.stats()]
+            wait_for(lambda: all(s.heartbeats >= h + 2 for s, h in zip(g.stats(), seen,
+                                                                        strict=True)),
+                     what="two more slices per vCPU")
         g.pause()
         assert all(s.state == "paused" for s in g.stats())
         before = progress(g)
