@@ -119,12 +119,15 @@ def test_a_rate_seen_under_load_is_not_slowed_again_by_the_same_load() -> None:
     assert before.write_rate() == pytest.approx(100.0 / 2.0)
 
 
-def test_a_workloads_stop_costs_are_the_medians_its_stops_measured() -> None:
+def test_a_workloads_stop_costs_add_up_to_its_median_stop() -> None:
     idle = StopCosts(pause=1e-3, vcpu_state=1e-3, trailer=1e-3, finish=5e-3, grant=1e-3)
+    # stops of 17, 21 and 38 ms; the parts' medians (8 and 12 ms) add up to 20
     reps = [_report([], stop={"pause": p, "finish": f}) for p, f in ((7, 10), (9, 12), (8, 30))]
     got = workload_stop(idle, reps)
-    assert got.pause == pytest.approx(8e-3) and got.finish == pytest.approx(12e-3)
+    assert got.pause + got.finish == pytest.approx(21e-3)  # the median stop
+    assert got.pause / got.finish == pytest.approx(8 / 12)  # shared as the medians are
     assert got.grant == idle.grant  # not measured: the calibration's
+    assert workload_stop(idle, []) == idle
 
 
 def test_a_busy_guests_weight_makes_the_models_bulk_as_long_as_the_engines() -> None:

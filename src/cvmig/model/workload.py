@@ -214,7 +214,17 @@ def stop_samples(reports: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def workload_stop(calibrated: StopCosts, reports: list[dict[str, Any]]) -> StopCosts:
-    """The stop costs this workload's stops measured (the medians of its reports, part by
-    part); the calibrated (idle) ones where they did not measure a part."""
-    return replace(calibrated, **{k: statistics.median(v)
-                                  for k, v in stop_samples(reports).items()})
+    """The stop costs this workload's stops measured: the medians of its reports, part by
+    part, scaled so that together they are the median stop, not the sum of the parts'
+    medians (a stall lengthens one part of one stop, so the parts' medians add up short:
+    the model's downtime ran 9.5 % short at the median on the issue's fifth grid); the
+    calibrated (idle) ones where they did not measure a part."""
+    samples = stop_samples(reports)
+    if not samples:
+        return calibrated
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    stops = [sum(float(r["x-stop"]["costs-measured-ms"].get(k) or 0.0) / 1000 for k in samples)
+             for r in reports if r.get("x-stop") and r["x-stop"].get("costs-measured-ms")]
+    parts = sum(medians.values())
+    f = statistics.median(stops) / parts if parts > 0 else 1.0
+    return replace(calibrated, **{k: v * f for k, v in medians.items()})
