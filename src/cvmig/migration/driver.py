@@ -354,19 +354,11 @@ class Driver:
                 fits = self._fits(expected)
                 # frames in flight in the way, or a good share of the stop? let them land
                 # while the guest still runs (no empty rounds spinning)
-                wait = self._in_flight
-                later = expected - wait + prog.dirty_pages_rate * wait * self._page_cost()
+                later = self._after_landing(expected)
                 shorter = later < expected - STOP_SEND_SHARE * p.downtime_limit_ms / 1000
-                if wait > 0 and self._fits(later) and (not fits or shorter):
-                    landing = w.now()
-                    self._await_landed(wait)
-                    waited = w.now() - landing
-                    # what the guest wrote meanwhile is harvested now, so that the stop
-                    # or the round that comes next, and its price, see the whole dirty
-                    # set (priced by the rate, it went uncounted in a round's send and
-                    # made the round after it look no shorter)
-                    dirty = np.union1d(dirty, self._harvest())
-                    sync_time = last_sync = self._synced(dirty, prev_sync)
+                if self._in_flight > 0 and self._fits(later) and (not fits or shorter):
+                    dirty, sync_time, waited = self._land(dirty, prev_sync)
+                    last_sync = sync_time
                     expected = self.expected_downtime(dirty)
                     fits = self._fits(expected)
             else:
@@ -390,11 +382,8 @@ class Driver:
                 # they land first, while the guest runs, on the extra round's terms (a
                 # wait is a round with nothing to send); what it wrote meanwhile goes in
                 # the stop, priced again
-                landing = w.now()
-                self._await_landed(self._in_flight)
-                waited += w.now() - landing
-                dirty = np.union1d(dirty, self._harvest())
-                sync_time = last_sync = self._synced(dirty, prev_sync)
+                dirty, sync_time, more = self._land(dirty, prev_sync)
+                last_sync, waited = sync_time, waited + more
                 expected = self.expected_downtime(dirty)
                 fits = self._fits(expected)
                 prog.expected_downtime_ms = expected * 1000
@@ -672,11 +661,27 @@ class Driver:
         the one-more rule asks more, a send's share of the limit: there a round would
         follow and overlap them anyway. Before, an idle sg guest stopped behind its last
         1 MiB frames in 4 of 9 runs of the issue grid: 13-16 ms against 7-9.)"""
-        wait = self._in_flight
-        if wait <= 0 or wait > EXTRA_ROUND_S:
+        if self._in_flight <= 0 or self._in_flight > EXTRA_ROUND_S:
             return False
-        later = expected - wait + self.progress.dirty_pages_rate * wait * self._page_cost()
+        later = self._after_landing(expected)
         return later <= EXTRA_ROUND_GAIN * expected and self._fits(later)
+
+    def _after_landing(self, expected: float) -> float:
+        """The stop predicted at ``expected`` seconds, once the frames in flight have
+        landed: without them, and with what the guest writes while they do."""
+        wait = self._in_flight
+        return expected - wait + self.progress.dirty_pages_rate * wait * self._page_cost()
+
+    def _land(self, dirty: np.ndarray, since: float) -> tuple[np.ndarray, float, float]:
+        """Let the frames in flight land while the guest runs, then harvest what it wrote
+        meanwhile, so that the stop or the round that comes next, and its price, see the
+        whole dirty set (priced by the rate, it went uncounted in a round's send and made
+        the round after it look no shorter): the dirty set, the sync's time, the wait."""
+        landing = self.world.now()
+        self._await_landed(self._in_flight)
+        waited = self.world.now() - landing
+        dirty = np.union1d(dirty, self._harvest())
+        return dirty, self._synced(dirty, since), waited
 
     def _page_cost(self) -> float:
         """Seconds one more scattered page adds to the stop (a command of its own unless

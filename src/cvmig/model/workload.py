@@ -201,12 +201,17 @@ def guest_from_reports(workload: str, memory: int, reports: list[dict[str, Any]]
                    rate_under_load=True)
 
 
+def _measured_stops(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stop costs (ms, part by part) of each report that measured its stop."""
+    return [r["x-stop"]["costs-measured-ms"] for r in reports
+            if r.get("x-stop") and r["x-stop"].get("costs-measured-ms")]
+
+
 def stop_samples(reports: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Seconds each part of the stop took in each of the reports that measured it."""
     out: dict[str, list[float]] = {}
     for name in MEASURED_PARTS:
-        xs = [r["x-stop"]["costs-measured-ms"].get(name) for r in reports
-              if r.get("x-stop") and r["x-stop"].get("costs-measured-ms")]
+        xs = [m.get(name) for m in _measured_stops(reports)]
         got = [float(x) / 1000 for x in xs if x is not None]
         if got:
             out[name] = got
@@ -223,8 +228,8 @@ def workload_stop(calibrated: StopCosts, reports: list[dict[str, Any]]) -> StopC
     if not samples:
         return calibrated
     medians = {k: statistics.median(v) for k, v in samples.items()}
-    stops = [sum(float(r["x-stop"]["costs-measured-ms"].get(k) or 0.0) / 1000 for k in samples)
-             for r in reports if r.get("x-stop") and r["x-stop"].get("costs-measured-ms")]
+    stops = [sum(float(m.get(k) or 0.0) / 1000 for k in samples)
+             for m in _measured_stops(reports)]
     parts = sum(medians.values())
     f = statistics.median(stops) / parts if parts > 0 else 1.0
     return replace(calibrated, **{k: v * f for k, v in medians.items()})
